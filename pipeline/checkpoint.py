@@ -1,0 +1,72 @@
+"""Checkpoints are plain data: ``{arch, arch_config, state_dict, meta}``.
+
+``arch_config`` holds every constructor argument (``num_classes`` and ``in_channels`` included),
+so loading rebuilds the module from the registry and loads the weights strictly. Nothing is
+pickled: loading uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import build_model
+from pipeline.errors import CheckpointError
+from pipeline.io import torch_save
+
+REQUIRED_KEYS = ("arch", "arch_config", "state_dict", "meta")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | Path,
+    arch: str,
+    arch_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write atomically. ``arch_config`` must contain ``num_classes`` and ``in_channels``."""
+    for key in ("num_classes", "in_channels"):
+        if key not in arch_config:
+            raise ValueError(f"arch_config needs {key!r} to rebuild the model")
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    torch_save({"arch": arch, "arch_config": dict(arch_config), "state_dict": state, "meta": meta or {}}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; run the stage that writes it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a slimdeploy checkpoint (missing {missing})")
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the checkpoint's model from the registry and load its weights strictly (eval mode)."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["arch"], **ckpt["arch_config"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match {ckpt['arch']} {ckpt['arch_config']}: {err}") from err
+    return model.eval(), ckpt

@@ -1,0 +1,162 @@
+"""Typed, frozen configs, one per params.yaml section. Unknown keys, wrong types and
+out-of-range values are rejected before any work, with the offending key named."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+Device = Literal["auto", "cpu", "cuda"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareConfig(Section):
+    """`prepare`: where images come from and how they are split."""
+
+    source: Literal["digits", "imagefolder", "cifar10", "cifar100"] = Field(
+        "digits", description="digits: scikit-learn's embedded 8x8 digits; imagefolder: "
+        "root/train/<class>/* (+ optional root/test/<class>/*); cifar10/cifar100: torchvision"
+    )
+    root: str = Field("data", description="imagefolder: directory or .tar/.tar.gz; cifar: dataset root")
+    image_size: int | None = Field(16, ge=4, le=1024, description="resize to this square size; null keeps the source size")
+    channels: Literal[1, 3] | None = Field(None, description="1 (grey) or 3 (RGB); null: the source's own")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="of train, per class")
+    test_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="of train, per class, when the source has no test split")
+    seed: int = Field(0, ge=0, description="seed of the stratified split")
+    max_per_class: int | None = Field(None, ge=2, description="cap on training-pool images per class (reduced runs)")
+    skip_corrupt: bool = Field(False, description="skip unreadable images (counted in metrics) instead of failing")
+    download: bool = Field(False, description="cifar10/cifar100: download into root when missing")
+
+
+class OptimizerConfig(Section):
+    """SGD with momentum and a per-step learning-rate schedule."""
+
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    milestones: tuple[float, ...] = Field((0.5, 0.75), description="multistep: fractions of training")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="multistep: lr factor at each milestone")
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 < m < 1.0 for m in v) or list(v) != sorted(v):
+            raise ValueError("milestones must be increasing fractions in (0, 1)")
+        return v
+
+
+class TrainConfig(Section):
+    """`train`: settings shared by every training stage (teachers now, the student later)."""
+
+    device: Device = "auto"
+    batch_size: int = Field(64, ge=1, le=65536, description="global batch (split across DDP ranks)")
+    eval_batch_size: int = Field(512, ge=1, le=65536)
+    augment: Literal["none", "padcrop_flip"] = Field("none", description="padcrop_flip for natural 32x32 images")
+    crop_padding: int = Field(4, ge=0, le=64)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
+    num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch; null: torch's default")
+    progress: bool = Field(True, description="show progress bars")
+
+
+class TeacherConfig(Section):
+    """One entry of `teachers`: a model and how to train it."""
+
+    arch: str = Field(description="registry name (see models/) or torchvision:<name>")
+    arch_config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the architecture")
+    seed: int = Field(0, ge=0)
+    epochs: int = Field(ge=1, le=100000)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, v: str) -> str:
+        from models.registry import is_known, unknown_arch_message
+
+        if not is_known(v):
+            raise ValueError(unknown_arch_message(v))
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> TeacherConfig:
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be < epochs ({self.epochs})"
+            )
+        return self
+
+
+class EnsembleConfig(Section):
+    """`ensemble`: evaluation of the teachers on the test split."""
+
+    device: Device = "auto"
+    batch_size: int = Field(512, ge=1, le=65536)
+
+
+def parse_section(params: dict[str, Any], section: str, model: type[T]) -> T:
+    """Validate ``params[section]`` into ``model``; ConfigError lists every bad key as
+    ``section.key: problem (got value)``."""
+    if section not in params:
+        raise ConfigError(f"params.yaml has no '{section}' section")
+    return validate(params[section] if params[section] is not None else {}, model, section)
+
+
+def validate(data: Any, model: type[T], prefix: str) -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, model, prefix)) from None
+
+
+def parse_teachers(params: dict[str, Any]) -> dict[str, TeacherConfig]:
+    """`teachers` is a mapping name -> TeacherConfig; names become stage and directory names."""
+    raw = params.get("teachers")
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            "params.yaml: 'teachers' must be a non-empty mapping of name -> "
+            "{arch, arch_config, seed, epochs, optimizer}"
+        )
+    out = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"teachers: name {name!r} is not allowed; use letters, digits, '_', '-', '.'"
+            )
+        out[name] = validate(entry, TeacherConfig, f"teachers.{name}")
+    return out
+
+
+def _format(err: ValidationError, model: type[BaseModel], prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            owner = _owner(model, e["loc"][:-1])
+            msg = f"unknown key; allowed: {', '.join(owner.model_fields)}" if owner else msg
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+    return "invalid params.yaml:\n" + "\n".join(lines)
+
+
+def _owner(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model

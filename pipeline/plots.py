@@ -1,0 +1,57 @@
+"""PNG renderings of what DVC also gets as CSV/JSON (``dvc plots show`` needs a CDN offline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.io import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_png(cm: torch.Tensor, classes: Sequence[str], path: str | Path, title: str) -> None:
+    """Row-normalised confusion matrix with counts written in each cell."""
+    k = len(classes)
+    norm = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    _save(fig, path)
+
+
+def history_png(history: Sequence[dict[str, float]], path: str | Path, title: str) -> None:
+    """Loss and accuracy per epoch (train and validation)."""
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    a.plot(ep, [h["val_loss"] for h in history], label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(ep, [h["train_acc"] for h in history], label="train")
+    b.plot(ep, [h["val_acc"] for h in history], label="val")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.legend()
+    fig.suptitle(title)
+    _save(fig, path)

@@ -1,0 +1,59 @@
+"""Print a short results table from the pipeline's metrics files.
+
+Usage: ``python -m pipeline.report [--metrics-dir metrics]`` (``make run`` calls it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import read_json
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def rows(metrics_dir: Path) -> list[tuple[str, str, str, str, str]]:
+    """(model, arch, params, test accuracy, seconds per epoch) rows for what exists."""
+    out = []
+    for f in sorted((metrics_dir / "teachers").glob("*.json")):
+        m: dict[str, Any] = read_json(f)
+        out.append((f"teacher {m['name']}", m["arch"], f"{m['params']:,}", _pct(m["test_acc"]),
+                    f"{m['epoch_seconds_median']:.2f}"))
+    ens = metrics_dir / "ensemble.json"
+    if ens.is_file():
+        e = read_json(ens)
+        out.append(("ensemble (mean softmax)", "-", "-", _pct(e["ensemble_acc"]), "-"))
+        out.append(("oracle (any teacher right)", "-", "-", _pct(e["oracle_acc"]), "-"))
+    return out
+
+
+def format_table(table: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, table)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--metrics-dir", default="metrics", type=Path)
+    args = p.parse_args(argv)
+    table = rows(args.metrics_dir)
+    if not table:
+        print(f"no metrics under {args.metrics_dir}; run `dvc repro` first", file=sys.stderr)
+        return 1
+    print(format_table(table, ("model", "arch", "params", "test acc", "s/epoch")))
+    prep = args.metrics_dir / "prepare.json"
+    if prep.is_file():
+        m = read_json(prep)
+        print(f"\ndata: {m['source']}, {m['num_classes']} classes, train/val/test = "
+              f"{m['train_images']}/{m['val_images']}/{m['test_images']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

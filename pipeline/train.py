@@ -1,0 +1,229 @@
+"""Supervised training loop shared by every training stage.
+
+Data stays in memory as uint8 tensors on the training device; each step indexes a batch,
+augments and normalises it there (no DataLoader workers, no per-batch host round trips on GPU).
+Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its share of
+every epoch's permutation (torch's DistributedSampler). A resume file written after every epoch
+lets an interrupted run continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from pipeline.config import OptimizerConfig, TrainConfig
+from pipeline.data import PreparedData, Split, augment_batch, normalize
+from pipeline.io import torch_save
+from pipeline.runtime import DistContext
+
+log = logging.getLogger(__name__)
+
+# criterion(logits (B, K), labels (B,), inputs (B, C, H, W) normalised) -> scalar loss.
+# The inputs are passed so that distillation losses can run teachers on the same batch.
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_acc: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimizerConfig) -> float:
+    """Multiplier of the base learning rate after ``step`` optimiser steps (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    return 1.0
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
+    loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return lambda logits, labels, _inputs: loss(logits, labels)
+
+
+def _autocast(device: torch.device, amp: bool):  # noqa: ANN202
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _stats(x: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    split: Split,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 512,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Eval-mode logits (N, K) as float32 on the CPU. ``model`` is put in eval mode."""
+    model.eval()
+    mean, std = mean.to(device), std.to(device)
+    out = []
+    for i in range(0, len(split), batch_size):
+        xb = normalize(split.x[i : i + batch_size].to(device, non_blocking=True), mean, std)
+        if channels_last and device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out.append(model(xb).float().cpu())
+    return torch.cat(out)
+
+
+def train_classifier(
+    model: nn.Module,
+    data: PreparedData,
+    cfg: TrainConfig,
+    optim: OptimizerConfig,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    ctx: DistContext = DistContext(),
+    criterion: Criterion | None = None,
+    resume_path: str | Path | None = None,
+    fingerprint: str = "",
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` (modified in place) and return the best-by-validation weights.
+
+    ``device`` is this rank's device. ``resume_path``: after every epoch the full training state
+    is written there; if it exists at the start with the same ``fingerprint`` (a digest of
+    everything that determines the run), training resumes from it. Only rank 0 writes it.
+    """
+    criterion = criterion or cross_entropy(cfg.label_smoothing)
+    use_cl = cfg.channels_last and device.type == "cuda"
+    model.to(device)
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    mean = _stats(data.meta["mean"], device).float()
+    std = _stats(data.meta["std"], device).float()
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} DDP ranks")
+    per_rank = cfg.batch_size // ctx.world_size
+    sampler = DistributedSampler(
+        range(len(train_y)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
+    )
+    steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=optim.lr, momentum=optim.momentum,
+        nesterov=optim.nesterov and optim.momentum > 0, weight_decay=optim.weight_decay,
+    )
+    total, warm = epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, optim))
+
+    start, best_epoch, best_acc = 0, -1, -1.0
+    best_state: dict[str, torch.Tensor] = {}
+    history: list[dict[str, float]] = []
+    resume_path = Path(resume_path) if resume_path else None
+    if resume_path and resume_path.is_file():
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_val_acc"]
+            best_state, history = state["best_state"], state["history"]
+            log.info("resuming %s from %s after epoch %d", desc, resume_path, start)
+        else:
+            log.warning("ignoring %s: it belongs to a different configuration", resume_path)
+
+    net: nn.Module = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    show = cfg.progress and ctx.is_main
+    epoch_bar = tqdm(range(start, epochs), desc=desc, unit="epoch", disable=not show, initial=start, total=epochs)
+    for epoch in epoch_bar:
+        t0 = time.perf_counter()
+        net.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        batches = [order[i : i + per_rank] for i in range(0, len(order), per_rank)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
+            batches.pop()
+        for idx in tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
+            xb, yb = train_x[idx], train_y[idx]
+            if cfg.augment == "padcrop_flip":
+                xb = augment_batch(xb, cfg.crop_padding, gen)
+            xb = normalize(xb, mean, std)
+            if use_cl:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, cfg.amp):
+                logits = net(xb)
+                loss = criterion(logits.float(), yb, xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                n = yb.numel()
+                sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == yb).sum().double(),
+                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if ctx.enabled:
+            dist.all_reduce(sums)
+        train_seconds = time.perf_counter() - t0
+        # Every rank evaluates the full validation split with identical weights: same decision.
+        val_logits = predict_logits(model, data.val, mean, std, device, cfg.eval_batch_size, cfg.amp, use_cl)
+        val_loss = nn.functional.cross_entropy(val_logits, data.val.y).item()
+        val_acc = (val_logits.argmax(1) == data.val.y).float().mean().item()
+        loss_sum, correct, count = sums.tolist()
+        record = {
+            "epoch": epoch + 1,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "epoch_seconds": train_seconds,
+        }
+        history.append(record)
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch + 1
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        epoch_bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.4f}")
+        if resume_path and ctx.is_main:
+            torch_save(
+                {
+                    "fingerprint": fingerprint, "epoch": epoch + 1,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "best_state": best_state,
+                    "best_epoch": best_epoch, "best_val_acc": best_acc, "history": history,
+                },
+                resume_path,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return TrainResult(copy.copy(best_state), best_epoch, best_acc, history)

@@ -1,0 +1,62 @@
+"""What every entry point shares: params loading, logging, and turning user errors into exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError, SlimdeployError
+
+log = logging.getLogger("slimdeploy")
+EXIT_USER_ERROR = 2
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of sections")
+    return data
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    fmt = "%(levelname)s %(name)s: %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def run(body: Callable[[], None]) -> int:
+    """Run a stage body; a SlimdeployError is printed without a traceback and gives exit 2."""
+    setup_logging()
+    try:
+        body()
+    except SlimdeployError as err:
+        log.error("%s", err)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def digest(*parts: Any) -> str:
+    """Stable sha256 of JSON-serialisable parts (configs, hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

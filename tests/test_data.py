@@ -1,0 +1,169 @@
+"""Data preparation: splits, image folders (directory and archive), bad inputs, augmentation."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import (
+    augment_batch, channel_stats, load_prepared, load_source, normalize, prepare_splits, save_prepared, split_indices,
+)
+from pipeline.errors import DataError
+from tests.conftest import make_imagefolder, prepare_cfg, write_image
+
+
+def test_split_is_deterministic_disjoint_and_stratified() -> None:
+    y = np.repeat(np.arange(5), 40)
+    a = split_indices(y, 0.2, 0.1, seed=3)
+    b = split_indices(y, 0.2, 0.1, seed=3)
+    c = split_indices(y, 0.2, 0.1, seed=4)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    sets = [set(a[k].tolist()) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(range(len(y)))
+    assert np.bincount(y[a["test"]]).tolist() == [4] * 5  # 10% of each class
+    assert np.bincount(y[a["val"]]).tolist() == [8] * 5
+
+
+def test_digits_prepared(digits) -> None:  # noqa: ANN001
+    m = digits.meta
+    assert m["num_classes"] == 10 and m["channels"] == 1 and m["image_size"] == [8, 8]
+    assert sum(m["split_sizes"].values()) == 1797
+    assert digits.train.x.dtype == torch.uint8 and digits.train.x.shape[1:] == (1, 8, 8)
+    mean, std = channel_stats(digits.train.x.numpy())
+    assert m["mean"] == pytest.approx(mean) and 0 < m["std"][0] < 1
+
+
+def test_digits_prepare_is_reproducible(tmp_path: Path) -> None:
+    cfg = prepare_cfg(image_size=16, seed=5)
+    _, m1 = prepare_splits(load_source(cfg), cfg)
+    _, m2 = prepare_splits(load_source(cfg), cfg)
+    assert m1["split_hashes"] == m2["split_hashes"] and m1["image_size"] == [16, 16]
+
+
+def test_imagefolder_directory_without_test(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=10)
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None, val_fraction=0.2, test_fraction=0.2)
+    raw = load_source(cfg)
+    assert raw.classes == ["cat", "dog", "eel"] and raw.train_x.shape == (30, 3, 12, 12)
+    splits, meta = prepare_splits(raw, cfg)
+    assert meta["split_sizes"] == {"train": 18, "val": 6, "test": 6}
+    save_prepared(tmp_path / "out", splits, meta)
+    data = load_prepared(tmp_path / "out")
+    assert data.meta["classes"] == ["cat", "dog", "eel"] and len(data.test) == 6
+
+
+def test_imagefolder_with_test_folder_and_resize(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=6, splits=("train", "test"), size=20, fmt="PNG")
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=10, channels=1)
+    splits, meta = prepare_splits(load_source(cfg), cfg)
+    assert meta["split_sizes"]["test"] == 18 and meta["test_from"] == "source test split"
+    assert splits["train"][0].shape[1:] == (1, 10, 10)
+
+
+def test_imagefolder_tar_archive_matches_directory(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=5)
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+    a = load_source(prepare_cfg(source="imagefolder", root=str(root), image_size=None))
+    b = load_source(prepare_cfg(source="imagefolder", root=str(archive), image_size=None))
+    assert a.classes == b.classes
+    order_a, order_b = np.lexsort((a.train_x.reshape(15, -1).sum(1), a.train_y)), np.lexsort((b.train_x.reshape(15, -1).sum(1), b.train_y))
+    np.testing.assert_array_equal(a.train_x[order_a], b.train_x[order_b])
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="prepare.root: .*does not exist"):
+        load_source(prepare_cfg(source="imagefolder", root=str(tmp_path / "nope")))
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=4)
+    (root / "train" / "fox").mkdir()
+    (root / "train" / "fox" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="empty class folder.*train/fox"):
+        load_source(prepare_cfg(source="imagefolder", root=str(root), image_size=None))
+
+
+def test_mismatched_train_test_classes_are_an_error(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=4, splits=("train", "test"))
+    write_image(root / "test" / "fox" / "000.jpg", fmt="JPEG")
+    with pytest.raises(DataError, match=r"only in test: \['fox'\]"):
+        load_source(prepare_cfg(source="imagefolder", root=str(root), image_size=None))
+
+
+def _corrupt(root: Path) -> Path:
+    bad = root / "train" / "dog" / "broken.jpg"
+    good = (root / "train" / "dog" / "000.jpg").read_bytes()
+    bad.write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (root / "train" / "cat" / "garbage.png").write_bytes(b"\x89PNG not really")
+    return bad
+
+
+def test_corrupt_images_are_listed(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=4)
+    _corrupt(root)
+    with pytest.raises(DataError) as err:
+        load_source(prepare_cfg(source="imagefolder", root=str(root), image_size=None))
+    msg = str(err.value)
+    assert "2 unreadable image(s)" in msg and "broken.jpg" in msg and "garbage.png" in msg
+    assert "prepare.skip_corrupt" in msg
+
+
+def test_corrupt_images_skipped_when_allowed(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=4)
+    _corrupt(root)
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None, skip_corrupt=True,
+                      val_fraction=0.25, test_fraction=0.25)
+    raw = load_source(cfg)
+    assert len(raw.skipped) == 2 and len(raw.train_y) == 12
+    _, meta = prepare_splits(raw, cfg)
+    assert len(meta["skipped_corrupt"]) == 2
+
+
+def test_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=4)
+    write_image(root / "train" / "cat" / "big.jpg", size=16, fmt="JPEG")
+    with pytest.raises(DataError, match="set prepare.image_size"):
+        load_source(prepare_cfg(source="imagefolder", root=str(root), image_size=None))
+
+
+def test_too_few_images_per_class(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=2)
+    with pytest.raises(DataError, match="at least 3"):
+        cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None)
+        prepare_splits(load_source(cfg), cfg)
+
+
+def test_load_prepared_names_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="missing .*train.npz.*run the prepare stage"):
+        load_prepared(tmp_path)
+
+
+def test_augment_batch_is_a_padded_crop_or_its_mirror() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    out = augment_batch(x, 2, gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for b in range(2):
+        candidates = [padded[b, :, i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(2)) for c in candidates)
+    # Different seeds give different crops somewhere in a larger batch.
+    big = torch.rand(64, 1, 8, 8)
+    a = augment_batch(big, 4, torch.Generator().manual_seed(1))
+    b = augment_batch(big, 4, torch.Generator().manual_seed(2))
+    assert not torch.equal(a, b)
+
+
+def test_normalize() -> None:
+    x = torch.full((1, 2, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(x, torch.tensor([0.5, 1.0]), torch.tensor([0.25, 1.0]))
+    assert torch.allclose(out[0, 0], torch.full((2, 2), 2.0)) and torch.allclose(out[0, 1], torch.zeros(2, 2))

@@ -1,0 +1,71 @@
+"""Registry models build from (arch, arch_config), run forward/backward, and reject bad configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model, list_models
+from pipeline.errors import ConfigError
+
+CASES = [
+    ("resnet_tiny", {}, 1, 8),
+    ("resnet20", {"width_mult": 0.25}, 3, 16),
+    ("cifar_resnet", {"blocks": [2, 1], "stage_widths": [6, 10], "stem_width": 4,
+                      "mid_widths": [[3, 5], [7]]}, 3, 8),
+    ("mobilenetv2_tiny", {}, 1, 16),
+    ("mobilenetv2", {"width_mult": 0.25}, 3, 32),
+    ("torchvision:resnet18", {}, 1, 32),
+    ("torchvision:mobilenet_v3_small", {}, 3, 32),
+]
+
+
+@pytest.mark.parametrize(("arch", "config", "channels", "size"), CASES)
+def test_forward_backward(arch: str, config: dict, channels: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=7, in_channels=channels, **config)
+    x = torch.randn(4, channels, size, size)
+    out = model(x)
+    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_resnet_presets_have_the_published_depths() -> None:
+    def convs(arch: str) -> int:
+        m = build_model(arch, num_classes=10, in_channels=3)
+        # stem + 2 per block + FC = depth (projection shortcuts are not counted in the depth)
+        blocks = sum(len(s) for s in m.stages)
+        return 1 + 2 * blocks + 1
+
+    for depth in (20, 32, 56, 110):
+        assert convs(f"resnet{depth}") == depth
+    n = sum(p.numel() for p in build_model("resnet56", num_classes=10, in_channels=3).parameters())
+    assert 0.85e6 < n < 0.9e6  # ResNet-56 on CIFAR-10 has ~0.85M parameters (plus 1x1 projections)
+
+
+def test_cifar_resnet_explicit_widths_are_used() -> None:
+    m = build_model("cifar_resnet", num_classes=3, in_channels=1, blocks=[1, 2], stage_widths=[8, 12],
+                    mid_widths=[[5], [3, 9]])
+    assert m.stages[0][0].conv1.out_channels == 5
+    assert [b.conv1.out_channels for b in m.stages[1]] == [3, 9]
+    assert m.fc.in_features == 12
+
+
+def test_unknown_arch_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet21'.*resnet20"):
+        build_model("resnet21", num_classes=10, in_channels=3)
+    with pytest.raises(ConfigError, match="unknown architecture 'torchvision:nope'"):
+        build_model("torchvision:nope", num_classes=10, in_channels=3)
+
+
+def test_bad_arch_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['widht_mult'\]; allowed: .*width_mult"):
+        build_model("resnet20", num_classes=10, in_channels=3, widht_mult=0.5)
+    with pytest.raises(ConfigError, match="mid_widths"):
+        build_model("cifar_resnet", num_classes=10, in_channels=3, blocks=[1], stage_widths=[4], mid_widths=[[1, 2]])
+    with pytest.raises(ConfigError, match="stage_widths.*same non-zero length"):
+        build_model("resnet20", num_classes=10, in_channels=3, stage_widths=[4, 4])
+    assert "resnet_tiny" in list_models() and "mobilenetv2_tiny" in list_models()

@@ -1,0 +1,74 @@
+"""End to end through real DVC on a tiny preset, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+
+
+def _tiny_params(path: Path, seed_b: int = 1) -> None:
+    params = yaml.safe_load(path.read_text())
+    params["prepare"]["image_size"] = 8
+    params["train"].update(progress=False, batch_size=128)
+    params["teachers"] = {
+        "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 1},
+        "b": {"arch": "resnet_tiny", "seed": seed_b, "epochs": 1},
+    }
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    _tiny_params(repo / "params.yaml")
+    _sh(["git", "init", "-q"], repo)
+    assert "analytics = false" in (repo / ".dvc" / "config").read_text()
+
+    out = _sh(["dvc", "repro"], repo)
+    for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble"):
+        assert f"Running stage '{stage}'" in out
+    ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
+    assert set(ens["members"]) == {"a", "b"} and ens["oracle_acc"] >= ens["ensemble_acc"]
+    for name in ("prepare.json", "teachers/a.json", "teachers/b.json"):
+        assert (repo / "metrics" / name).is_file()
+
+    again = _sh(["dvc", "repro"], repo)
+    assert "Running stage" not in again and "up to date" in again
+    assert "up to date" in _sh(["dvc", "status"], repo)
+
+    # Changing one teacher's seed re-runs that teacher and the ensemble, nothing else.
+    _tiny_params(repo / "params.yaml", seed_b=5)
+    status = _sh(["dvc", "status"], repo)
+    assert "train_teacher@b" in status and "ensemble" in status
+    assert "train_teacher@a" not in status and "prepare:" not in status
+    rerun = _sh(["dvc", "repro"], repo)
+    ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
+    assert ran == ["ensemble", "train_teacher@b"]

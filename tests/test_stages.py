@@ -1,0 +1,130 @@
+"""Stage entry points: bad input gives a clear error, exit code 2, and no output that looks valid."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import ensemble, prepare, train_teacher
+from tests.conftest import REPO, make_imagefolder
+
+TINY = yaml.safe_load((REPO / "params.yaml").read_text())
+TINY["prepare"]["image_size"] = 8
+TINY["train"].update(progress=False, batch_size=128)
+TINY["teachers"] = {
+    "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 2},
+    "b": {"arch": "mobilenetv2_tiny", "seed": 1, "epochs": 1, "optimizer": {"lr": 0.05}},
+}
+
+
+def write_params(tmp_path: Path, **sections: dict) -> Path:
+    params = copy.deepcopy(TINY)
+    for name, values in sections.items():
+        if name == "teachers":
+            params[name] = values
+        else:
+            params[name].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_prepare(tmp_path: Path, params: Path) -> int:
+    return prepare.main(["--params", str(params), "--out", str(tmp_path / "prep"),
+                         "--metrics", str(tmp_path / "m" / "prepare.json")])
+
+
+def run_teacher(tmp_path: Path, params: Path, name: str, data: Path | None = None) -> int:
+    return train_teacher.main([
+        "--params", str(params), "--name", name, "--data", str(data or tmp_path / "prep"),
+        "--out", str(tmp_path / "t" / f"{name}.pt"), "--metrics", str(tmp_path / "m" / f"{name}.json"),
+        "--plots", str(tmp_path / "p" / f"{name}.csv"), "--resume-dir", str(tmp_path / "resume"),
+    ])
+
+
+def outputs(tmp_path: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file() and p.name != "params.yaml" and "ds" not in p.parts)
+
+
+def test_stages_run_end_to_end(tmp_path: Path) -> None:
+    params = write_params(tmp_path)
+    assert run_prepare(tmp_path, params) == 0
+    assert run_teacher(tmp_path, params, "a") == 0
+    assert run_teacher(tmp_path, params, "b") == 0
+    assert not list((tmp_path / "resume").rglob("*.pt"))  # resume state removed after success
+    code = ensemble.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers",
+                          str(tmp_path / "t"), "--metrics", str(tmp_path / "m" / "ensemble.json"),
+                          "--plots-dir", str(tmp_path / "p" / "ensemble")])
+    assert code == 0
+    assert {"prep/meta.json", "t/a.pt", "t/b.pt", "m/ensemble.json", "p/a.csv", "p/a.png",
+            "p/ensemble/confusion.png", "p/ensemble/confusion.csv"} <= set(outputs(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("make", "prepare_values", "message"),
+    [
+        (None, {"source": "imagefolder", "root": "missing_dir"}, "does not exist"),
+        ("empty_class", {"source": "imagefolder", "root": "ds", "image_size": None}, "empty class folder"),
+        ("corrupt", {"source": "imagefolder", "root": "ds", "image_size": None}, "unreadable image"),
+        (None, {"val_fraction": -0.1}, "prepare.val_fraction"),
+    ],
+)
+def test_prepare_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture, make: str | None,
+                           prepare_values: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if make:
+        root = make_imagefolder(tmp_path / "ds", per_class=4)
+        if make == "empty_class":
+            (root / "train" / "empty").mkdir()
+        else:
+            (root / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    params = write_params(tmp_path, prepare=prepare_values)
+    assert run_prepare(tmp_path, params) == 2
+    assert message in caplog.text
+    assert outputs(tmp_path) == []  # nothing written, not even a partial split
+
+
+@pytest.mark.parametrize(
+    ("teachers", "message"),
+    [
+        ({"a": {"arch": "resnet_huge", "epochs": 1}}, "unknown architecture 'resnet_huge'"),
+        ({"a": {"arch": "resnet_tiny", "epochs": -1}}, "teachers.a.epochs"),
+        ({"a": {"arch": "resnet20", "epochs": 1, "arch_config": {"depth": 3}}}, "teachers.a.arch_config"),
+    ],
+)
+def test_teacher_bad_params(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture,
+                            teachers: dict, message: str) -> None:
+    params = write_params(tmp_path, teachers=teachers)
+    assert run_teacher(tmp_path, params, "a", data=digits_dir) == 2
+    assert message in caplog.text
+    assert outputs(tmp_path) == []
+
+
+def test_teacher_needs_prepared_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path)
+    assert run_teacher(tmp_path, params, "a") == 2
+    assert "run the prepare stage first" in caplog.text
+    assert run_teacher(tmp_path, params, "zzz") == 2
+    assert "--name 'zzz' is not under teachers" in caplog.text
+    assert outputs(tmp_path) == []
+
+
+def test_cuda_request_without_gpu(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the error path is for machines without one")
+    params = write_params(tmp_path, train={"device": "cuda"})
+    assert run_teacher(tmp_path, params, "a", data=digits_dir) == 2
+    assert "device: cuda was requested" in caplog.text
+
+
+def test_ensemble_missing_teacher(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path)
+    code = ensemble.main(["--params", str(params), "--data", str(digits_dir), "--teachers", str(tmp_path / "t"),
+                          "--metrics", str(tmp_path / "m.json"), "--plots-dir", str(tmp_path / "p")])
+    assert code == 2 and "a.pt does not exist" in caplog.text
+    assert outputs(tmp_path) == []
