@@ -3,7 +3,7 @@
 Runs the real `prepare` and `train_teacher` entry points on a generated params file and prints
 a Markdown table: prepare time, test accuracy, median seconds per epoch (with min-max), device.
 
-    python benchmarks/cifar10_teacher.py --root ../shared/data/cifar10-jpeg/train.tar.gz \
+    python -m benchmarks.cifar10_teacher --root ../shared/data/cifar10-jpeg/train.tar.gz \
         --arch resnet20 --epochs 10 --workdir /tmp/cifar-bench
 """
 

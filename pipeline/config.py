@@ -107,6 +107,44 @@ class EnsembleConfig(Section):
     batch_size: int = Field(512, ge=1, le=65536)
 
 
+class TargetConfig(Section):
+    """`target`: the deployment runtime and device latency is measured on (profile, prune, engine)."""
+
+    backend: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: int = Field(1, ge=1, le=4096, description="deployment batch size")
+    precision: Literal["fp32", "fp16"] = "fp32"
+    threads: int = Field(1, ge=1, le=256, description="CPU threads of the runtime")
+    cuda_graph: bool = Field(False, description="torch backend on CUDA: replay a CUDA graph")
+
+
+class ProfileConfig(Section):
+    """`profile`: the latency lookup table of the network to be pruned."""
+
+    arch: str = Field("resnet20", description="registry architecture to profile")
+    arch_config: dict[str, Any] = Field(default_factory=dict)
+    multiple: int | None = Field(None, ge=1, le=512, description="channel step; null: detect from the staircase")
+    min_fraction: float = Field(0.25, gt=0.0, le=1.0, description="smallest width, as a fraction of the full width")
+    min_run_time: float = Field(0.05, gt=0.0, le=10.0, description="seconds of timing per measurement")
+    warmup: int = Field(5, ge=0, le=1000)
+    max_seconds: float = Field(300.0, gt=0.0, description="time cap for the table; the step is doubled to fit")
+    staircase_channels: int = Field(64, ge=2, le=4096, description="output counts 1..N measured for the staircase")
+    validation_samples: int = Field(24, ge=20, le=1000, description="random sub-networks measured end to end")
+    validation_seed: int = Field(0, ge=0)
+    noise_repeats: int = Field(10, ge=2, le=1000, description="repeated measurements of the full network")
+    max_mape: float = Field(0.10, gt=0.0, le=1.0, description="the stage fails above this mean abs % error")
+    progress: bool = True
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, v: str) -> str:
+        from models.registry import is_known, unknown_arch_message
+
+        if not is_known(v):
+            raise ValueError(unknown_arch_message(v))
+        return v
+
+
 def parse_section(params: dict[str, Any], section: str, model: type[T]) -> T:
     """Validate ``params[section]`` into ``model``; ConfigError lists every bad key as
     ``section.key: problem (got value)``."""

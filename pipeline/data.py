@@ -165,7 +165,7 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
     class sets in train and test, images of different sizes when ``image_size`` is None, and
     unreadable images unless ``skip_corrupt`` (then they are listed in ``skipped``).
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.exists():
         raise DataError(
             f"prepare.root: {root} does not exist; expected a directory or .tar/.tar.gz with "
@@ -248,6 +248,7 @@ def load_cifar(name: str, root: str | Path, download: bool, image_size: int | No
     datasets = import_torchvision().datasets
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
+        root = Path(root).expanduser()
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
     except RuntimeError as err:

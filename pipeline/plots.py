@@ -55,3 +55,36 @@ def history_png(history: Sequence[dict[str, float]], path: str | Path, title: st
     b.legend()
     fig.suptitle(title)
     _save(fig, path)
+
+
+def predicted_vs_measured_png(pred: Sequence[float], meas: Sequence[float], path: str | Path, title: str,
+                              extra: tuple[Sequence[float], Sequence[float], str] | None = None) -> None:
+    """Scatter of predicted against measured latency (ms) with the y = x line."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.scatter(meas, pred, s=18, label="on the channel lattice")
+    pts = [*pred, *meas]
+    if extra is not None:
+        ax.scatter(extra[1], extra[0], s=14, marker="x", label=extra[2])
+        pts += [*extra[0], *extra[1]]
+    lo, hi = min(pts), max(pts)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def staircase_png(ms: Sequence[float], path: str | Path, title: str, multiple: int) -> None:
+    """Latency of one layer against its output channels, with the detected step marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ch = list(range(1, len(ms) + 1))
+    ax.step(ch, [m * 1e3 for m in ms], where="mid")
+    ax.plot(ch, [m * 1e3 for m in ms], ".", ms=3)
+    if multiple > 1:
+        for c in range(multiple, len(ms) + 1, multiple):
+            ax.axvline(c + 0.5, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("output channels")
+    ax.set_ylabel("latency (us)")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -214,6 +214,9 @@ def train_classifier(
             best_acc, best_epoch = val_acc, epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         epoch_bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.4f}")
+        if not show and ctx.is_main:
+            log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f, %.1f s", desc, epoch + 1,
+                     epochs, record["train_loss"], record["train_acc"], val_acc, train_seconds)
         if resume_path and ctx.is_main:
             torch_save(
                 {

@@ -167,3 +167,10 @@ def test_normalize() -> None:
     x = torch.full((1, 2, 2, 2), 255, dtype=torch.uint8)
     out = normalize(x, torch.tensor([0.5, 1.0]), torch.tensor([0.25, 1.0]))
     assert torch.allclose(out[0, 0], torch.full((2, 2), 2.0)) and torch.allclose(out[0, 1], torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar100"])
+def test_cifar_missing_without_download_is_a_clear_error(tmp_path: Path, source: str) -> None:
+    with pytest.raises(DataError, match=f"prepare.root: {source} not found .*prepare.download: true"):
+        load_source(prepare_cfg(source=source, root=str(tmp_path), image_size=None))
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or half-written
