@@ -38,6 +38,8 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params = yaml.safe_load(path.read_text())
     params["prepare"]["image_size"] = 8
     params["train"].update(progress=False, batch_size=128)
+    params["profile"].update(arch="resnet_tiny", min_run_time=0.002, warmup=1, validation_samples=20,
+                             noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
     params["teachers"] = {
         "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 1},
         "b": {"arch": "resnet_tiny", "seed": seed_b, "epochs": 1},
@@ -53,11 +55,11 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     assert "analytics = false" in (repo / ".dvc" / "config").read_text()
 
     out = _sh(["dvc", "repro"], repo)
-    for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble"):
+    for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "profile"):
         assert f"Running stage '{stage}'" in out
     ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
     assert set(ens["members"]) == {"a", "b"} and ens["oracle_acc"] >= ens["ensemble_acc"]
-    for name in ("prepare.json", "teachers/a.json", "teachers/b.json"):
+    for name in ("prepare.json", "teachers/a.json", "teachers/b.json", "profile.json"):
         assert (repo / "metrics" / name).is_file()
 
     again = _sh(["dvc", "repro"], repo)

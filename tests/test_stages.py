@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from stages import ensemble, prepare, train_teacher
+from stages import ensemble, prepare, profile, train_teacher
 from tests.conftest import REPO, make_imagefolder
 
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
 TINY["prepare"]["image_size"] = 8
 TINY["train"].update(progress=False, batch_size=128)
+TINY["profile"].update(arch="resnet_tiny", min_run_time=0.002, warmup=1, validation_samples=20,
+                       noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
 TINY["teachers"] = {
     "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 2},
     "b": {"arch": "mobilenetv2_tiny", "seed": 1, "epochs": 1, "optimizer": {"lr": 0.05}},
@@ -128,3 +131,32 @@ def test_ensemble_missing_teacher(tmp_path: Path, digits_dir: Path, caplog: pyte
                           "--metrics", str(tmp_path / "m.json"), "--plots-dir", str(tmp_path / "p")])
     assert code == 2 and "a.pt does not exist" in caplog.text
     assert outputs(tmp_path) == []
+
+
+def run_profile(tmp_path: Path, params: Path, data: Path) -> int:
+    return profile.main(["--params", str(params), "--data", str(data), "--out", str(tmp_path / "prof" / "table.json"),
+                         "--metrics", str(tmp_path / "m" / "profile.json"), "--plots-dir", str(tmp_path / "p")])
+
+
+def test_profile_stage_writes_table_metrics_and_plots(tmp_path: Path, digits_dir: Path) -> None:
+    params = write_params(tmp_path)
+    assert run_profile(tmp_path, params, digits_dir) == 0
+    files = set(outputs(tmp_path))
+    assert {"prof/table.json", "m/profile.json", "p/validation.csv", "p/validation.png"} <= files
+    m = json.loads((tmp_path / "m" / "profile.json").read_text())
+    assert m["predictor"]["lattice_samples"] >= 20 and m["device"]["type"] == "cpu"
+    assert m["noise_floor"]["repeats"] == 2
+
+
+def test_profile_contract_failure_writes_no_table(tmp_path: Path, digits_dir: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, profile={"max_mape": 1e-9})
+    assert run_profile(tmp_path, params, digits_dir) == 2
+    assert "exceeds profile.max_mape" in caplog.text
+    assert not (tmp_path / "prof" / "table.json").exists()
+
+
+def test_profile_missing_backend(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, target={"backend": "tensorrt", "device": "cuda"})
+    assert run_profile(tmp_path, params, digits_dir) == 2
+    assert "tensorrt" in caplog.text and outputs(tmp_path) == []
