@@ -38,13 +38,21 @@ def save_checkpoint(
     arch_config: dict[str, Any],
     state_dict: dict[str, torch.Tensor],
     meta: dict[str, Any] | None = None,
+    channel_manifest: dict[str, Any] | None = None,
 ) -> None:
-    """Write atomically. ``arch_config`` must contain ``num_classes`` and ``in_channels``."""
+    """Write atomically. ``arch_config`` must contain ``num_classes`` and ``in_channels``.
+
+    ``channel_manifest`` (slimmed models): ``{"input_shape": [C, H, W], "kept": {group: [idx]}}``;
+    the model is then rebuilt as ``arch`` with those channels removed before the weights load.
+    """
     for key in ("num_classes", "in_channels"):
         if key not in arch_config:
             raise ValueError(f"arch_config needs {key!r} to rebuild the model")
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    torch_save({"arch": arch, "arch_config": dict(arch_config), "state_dict": state, "meta": meta or {}}, path)
+    ckpt = {"arch": arch, "arch_config": dict(arch_config), "state_dict": state, "meta": meta or {}}
+    if channel_manifest is not None:
+        ckpt["channel_manifest"] = channel_manifest
+    torch_save(ckpt, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -62,9 +70,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the checkpoint's model from the registry and load its weights strictly (eval mode)."""
+    """Rebuild the checkpoint's model from the registry and load its weights strictly (eval mode).
+    Slimmed checkpoints (with a channel manifest) load through ``pipeline.slim.load_slimmed_model``."""
     ckpt = load_checkpoint(path)
+    if "channel_manifest" in ckpt:
+        raise CheckpointError(f"{path} is a slimmed checkpoint; load it with pipeline.slim.load_slimmed_model")
     model = build_model(ckpt["arch"], **ckpt["arch_config"])
+    return _load_weights(model, ckpt, path)
+
+
+def _load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -145,6 +145,74 @@ class ProfileConfig(Section):
         return v
 
 
+class SlimConfig(Section):
+    """`slim`: turn channel masks into a smaller dense network, verified equal to the masked one."""
+
+    teacher: str = Field("t0", description="teachers.<name> whose checkpoint is slimmed (until pruning lands)")
+    mask_source: Literal["magnitude"] = Field("magnitude", description="L1 norm of each group's root filters")
+    keep_fraction: float = Field(0.5, gt=0.0, le=1.0, description="channels kept per group")
+    multiple: int = Field(1, ge=1, le=512, description="kept counts rounded to a multiple of this")
+    atol: float = Field(1e-4, gt=0.0, le=1.0, description="max abs output difference slimmed vs masked (fp32)")
+    check_samples: int = Field(64, ge=1, le=100000, description="test images in the equivalence check")
+    latency_min_run_time: float = Field(0.2, gt=0.0, le=60.0, description="seconds of timing per model")
+
+
+class DistillConfig(Section):
+    """`distill`: oracle knowledge distillation from the teacher ensemble (search and student)."""
+
+    mode: Literal["oracle", "ensemble", "none"] = Field("oracle", description="oracle: only right teachers; "
+                                                        "ensemble: all teachers; none: cross-entropy only")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term")
+    average: Literal["logits", "probs"] = Field("logits", description="how the right teachers are combined")
+
+
+class SearchConfig(Section):
+    """`search`: TAS width/depth search of the student under a parameter budget."""
+
+    blocks: tuple[int, ...] | None = Field(None, description="max blocks per stage; null: largest ResNet teacher")
+    stage_widths: tuple[int, ...] | None = Field(None, description="max stage widths; null: largest ResNet teacher")
+    width_ratios: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    align: Literal["pad", "cwi"] = Field("pad", description="how candidate widths are aligned: zero padding or "
+                                         "TAS channel-wise interpolation")
+    budget_ratio: float = Field(0.25, gt=0.0, le=10.0, description="budget as a fraction of the largest teacher's parameters")
+    budget_params: int | None = Field(None, ge=1, description="absolute budget; overrides budget_ratio")
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(64, ge=2, le=65536)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+    arch_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    arch_weight_decay: float = Field(1e-3, ge=0.0, lt=1.0)
+    tau_max: float = Field(5.0, gt=0.0)
+    tau_min: float = Field(0.1, gt=0.0)
+    cost_weight: float = Field(2.0, ge=0.0)
+    tolerance: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    device: Device = "auto"
+    progress: bool = True
+
+    @field_validator("width_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0.0 < r <= 1.0 for r in v):
+            raise ValueError("width_ratios must be fractions in (0, 1]")
+        return v
+
+
+class StudentConfig(Section):
+    """`student`: train the searched architecture from scratch with the distillation loss."""
+
+    epochs: int = Field(15, ge=1, le=100000)
+    seed: int = Field(0, ge=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @model_validator(mode="after")
+    def _warmup(self) -> StudentConfig:
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise ValueError("optimizer.warmup_epochs must be < epochs")
+        return self
+
+
 def parse_section(params: dict[str, Any], section: str, model: type[T]) -> T:
     """Validate ``params[section]`` into ``model``; ConfigError lists every bad key as
     ``section.key: problem (got value)``."""

@@ -22,6 +22,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -278,3 +279,19 @@ def random_masks(groups: list[ChannelGroup], low: float, high: float, generator:
         keep[torch.randperm(g.size, generator=generator)[:k]] = True
         out[g.name] = keep
     return out
+
+
+def load_slimmed_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint with or without a channel manifest: rebuild the registry model, remove
+    the manifest's channels, then load the weights strictly (``weights_only=True``)."""
+    from models import build_model
+    from pipeline.checkpoint import _load_weights, load_checkpoint, load_model
+
+    ckpt = load_checkpoint(path)
+    manifest = ckpt.get("channel_manifest")
+    if manifest is None:
+        return load_model(path)
+    model = build_model(ckpt["arch"], **ckpt["arch_config"])
+    example = torch.zeros(1, *manifest["input_shape"])
+    masks = masks_from_kept(channel_groups(model, example), manifest["kept"])
+    return _load_weights(prune_structure(model, example, masks), ckpt, path)

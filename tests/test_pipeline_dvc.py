@@ -40,6 +40,9 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params["train"].update(progress=False, batch_size=128)
     params["profile"].update(arch="resnet_tiny", min_run_time=0.002, warmup=1, validation_samples=20,
                              noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
+    params["slim"].update(teacher="a", latency_min_run_time=0.01)
+    params["search"].update(epochs=1, progress=False, budget_ratio=0.6)
+    params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {
         "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 1},
         "b": {"arch": "resnet_tiny", "seed": seed_b, "epochs": 1},
@@ -55,22 +58,26 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     assert "analytics = false" in (repo / ".dvc" / "config").read_text()
 
     out = _sh(["dvc", "repro"], repo)
-    for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "profile"):
+    for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "search", "train_student",
+                  "profile", "slim"):
         assert f"Running stage '{stage}'" in out
     ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
     assert set(ens["members"]) == {"a", "b"} and ens["oracle_acc"] >= ens["ensemble_acc"]
-    for name in ("prepare.json", "teachers/a.json", "teachers/b.json", "profile.json"):
+    for name in ("prepare.json", "teachers/a.json", "teachers/b.json", "search.json", "student.json",
+                 "profile.json", "slim.json"):
         assert (repo / "metrics" / name).is_file()
 
     again = _sh(["dvc", "repro"], repo)
     assert "Running stage" not in again and "up to date" in again
     assert "up to date" in _sh(["dvc", "status"], repo)
 
-    # Changing one teacher's seed re-runs that teacher and the ensemble, nothing else.
+    # Changing one teacher's seed re-runs that teacher and what consumes the whole ensemble
+    # (ensemble, search, student), nothing else: not the other teacher, data, profile or slim
+    # (which slims teacher a).
     _tiny_params(repo / "params.yaml", seed_b=5)
     status = _sh(["dvc", "status"], repo)
     assert "train_teacher@b" in status and "ensemble" in status
     assert "train_teacher@a" not in status and "prepare:" not in status
     rerun = _sh(["dvc", "repro"], repo)
     ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
-    assert ran == ["ensemble", "train_teacher@b"]
+    assert ran == ["ensemble", "search", "train_student", "train_teacher@b"]

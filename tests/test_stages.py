@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from stages import ensemble, prepare, profile, train_teacher
+from stages import ensemble, prepare, profile, slim, train_teacher
 from tests.conftest import REPO, make_imagefolder
 
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -160,3 +160,27 @@ def test_profile_missing_backend(tmp_path: Path, digits_dir: Path, caplog: pytes
     params = write_params(tmp_path, target={"backend": "tensorrt", "device": "cuda"})
     assert run_profile(tmp_path, params, digits_dir) == 2
     assert "tensorrt" in caplog.text and outputs(tmp_path) == []
+
+
+def test_slim_stage_proves_equivalence_and_rebuilds(tmp_path: Path) -> None:
+    params = write_params(tmp_path, slim={"teacher": "a", "latency_min_run_time": 0.01})
+    assert run_prepare(tmp_path, params) == 0
+    assert run_teacher(tmp_path, params, "a") == 0
+    code = slim.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
+                      "--out", str(tmp_path / "s" / "model.pt"), "--metrics", str(tmp_path / "m" / "slim.json")])
+    assert code == 0
+    m = json.loads((tmp_path / "m" / "slim.json").read_text())
+    assert m["max_abs_diff_vs_masked"] <= 1e-4
+    assert m["test_acc_slimmed"] == m["test_acc_masked"]
+    assert m["params_after"] < m["params_before"] and m["flops_after"] < m["flops_before"]
+    from pipeline.slim import load_slimmed_model
+
+    model, ckpt = load_slimmed_model(tmp_path / "s" / "model.pt")
+    assert "channel_manifest" in ckpt and sum(p.numel() for p in model.parameters()) == m["params_after"]
+
+
+def test_slim_stage_unknown_teacher(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, slim={"teacher": "nobody"})
+    code = slim.main(["--params", str(params), "--data", str(digits_dir), "--teachers", str(tmp_path / "t"),
+                      "--out", str(tmp_path / "s" / "model.pt"), "--metrics", str(tmp_path / "m" / "slim.json")])
+    assert code == 2 and "slim.teacher 'nobody'" in caplog.text and outputs(tmp_path) == []

@@ -1,0 +1,90 @@
+"""Oracle knowledge distillation from an ensemble (Kang, Mun, Han, AAAI 2020).
+
+Per sample, the target comes only from the teachers that predict the label correctly; when none
+does, the sample gets plain cross-entropy. The right teachers are combined by averaging their
+logits (``average="logits"``, the default) or their softened probabilities (``"probs"``); the
+paper does not say which, both are implemented and tested.
+
+    L_i = (1 - a) * CE(y_i, s_i) + a * T^2 * KL(q_i || softmax(s_i / T))   if some teacher is right
+    L_i = CE(y_i, s_i)                                                     otherwise
+
+``mode="ensemble"`` uses every teacher on every sample (classic ensemble KD) and ``mode="none"``
+is cross-entropy alone: the ablation baselines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Mode = Literal["oracle", "ensemble", "none"]
+
+
+def distillation_target(teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                        mode: Mode = "oracle", average: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets (B, K) and a (B,) bool of samples that have one.
+
+    ``teacher_logits``: (M, B, K). Oracle: only teachers whose argmax equals the label count.
+    """
+    m, b, _ = teacher_logits.shape
+    if mode == "oracle":
+        use = teacher_logits.argmax(-1) == labels[None]  # (M, B)
+    else:
+        use = torch.ones(m, b, dtype=torch.bool, device=teacher_logits.device)
+    weight = use.to(teacher_logits.dtype)[..., None]  # (M, B, 1)
+    count = weight.sum(0).clamp(min=1.0)  # (B, 1)
+    if average == "logits":
+        target = F.softmax((weight * teacher_logits).sum(0) / count / temperature, dim=-1)
+    elif average == "probs":
+        target = (weight * F.softmax(teacher_logits / temperature, dim=-1)).sum(0) / count
+    else:
+        raise ValueError(f"average must be 'logits' or 'probs', got {average!r}")
+    return target, use.any(0)
+
+
+def oracle_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 4.0, alpha: float = 0.9, mode: Mode = "oracle",
+                   average: str = "logits") -> dict[str, torch.Tensor]:
+    """Losses as a dict: ``loss`` (to optimise), ``ce``, ``kd`` (mean over distilled samples) and
+    ``distilled`` (fraction of samples with a target). Shapes: student (B, K), teachers (M, B, K)."""
+    ce = F.cross_entropy(student_logits, labels, reduction="none")
+    if mode == "none":
+        zero = ce.new_zeros(())
+        return {"loss": ce.mean(), "ce": ce.mean(), "kd": zero, "distilled": zero}
+    target, has = distillation_target(teacher_logits.detach(), labels, temperature, mode, average)
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(-1) * temperature**2
+    per_sample = torch.where(has, (1 - alpha) * ce + alpha * kl, ce)
+    kd = kl[has].mean() if has.any() else ce.new_zeros(())
+    return {"loss": per_sample.mean(), "ce": ce.mean(), "kd": kd, "distilled": has.float().mean()}
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers in eval mode; ``forward(x)`` returns stacked logits (M, B, K)."""
+
+    def __init__(self, teachers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(teachers)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TeacherEnsemble:  # teachers never leave eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t(x).float() for t in self.members])
+
+
+def kd_criterion(teachers: TeacherEnsemble, temperature: float, alpha: float, mode: Mode, average: str = "logits"):  # noqa: ANN201
+    """A ``pipeline.train`` criterion: teachers run on the same (augmented, normalised) batch."""
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        t = teachers(inputs) if mode != "none" else logits.new_zeros((0, *logits.shape))
+        return oracle_kd_loss(logits, t, labels, temperature, alpha, mode, average)["loss"]
+
+    return criterion

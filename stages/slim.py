@@ -1,0 +1,84 @@
+"""slim: remove masked channels for real (a smaller dense network), prove it equals the masked
+network, and report parameters, FLOPs and measured latency before and after."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.config import SlimConfig, TargetConfig, parse_section
+from pipeline.data import load_prepared, normalize
+from pipeline.errors import ConfigError
+from pipeline.flops import count_flops, count_params
+from pipeline.io import write_json
+from pipeline.latency import make_backend
+from pipeline.slim import apply_masks, load_slimmed_model, magnitude_masks, slim
+from pipeline.train import predict_logits
+from stages._common import load_params, log, parser, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--teachers", required=True, help="directory of teacher checkpoints")
+    p.add_argument("--out", required=True, help="slimmed checkpoint path")
+    p.add_argument("--metrics", required=True, help="metrics JSON path")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        params = load_params(args.params)
+        cfg = parse_section(params, "slim", SlimConfig)
+        target = parse_section(params, "target", TargetConfig)
+        if cfg.teacher not in (params.get("teachers") or {}):
+            raise ConfigError(f"slim.teacher {cfg.teacher!r} is not under teachers: ({sorted(params.get('teachers') or {})})")
+        data = load_prepared(args.data)
+        model, ckpt = load_model(Path(args.teachers) / f"{cfg.teacher}.pt")
+        shape = (data.channels, *data.meta["image_size"])
+        example = torch.zeros(1, *shape)
+        masks = magnitude_masks(model, example, cfg.keep_fraction, cfg.multiple)
+        mean, std = (torch.tensor(data.meta[k]) for k in ("mean", "std"))
+        check = normalize(data.test.x[: cfg.check_samples], mean, std)
+        result = slim(model, example, masks, check_inputs=check, atol=cfg.atol)  # raises when not equal
+        masked = apply_masks(model, example, masks)
+
+        cpu = torch.device("cpu")
+        accs = {}
+        for name, net in (("original", model), ("masked", masked), ("slimmed", result.model)):
+            logits = predict_logits(net, data.test, mean, std, cpu)
+            accs[name] = (logits.argmax(1) == data.test.y).double().mean().item()
+        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
+                               precision=target.precision, threads=target.threads,
+                               min_run_time=cfg.latency_min_run_time, cuda_graph=target.cuda_graph)
+        before, after = backend.measure(model, shape), backend.measure(result.model, shape)
+        flops = (count_flops(model, shape), count_flops(result.model, shape))
+        nparams = (count_params(model), count_params(result.model))
+        manifest = {"input_shape": list(shape), "kept": result.kept}
+        save_checkpoint(args.out, ckpt["arch"], ckpt["arch_config"], result.model.state_dict(),
+                        {**ckpt["meta"], "stage": "slim", "source": f"teachers.{cfg.teacher}",
+                         "mask_source": cfg.mask_source, "test_acc": accs["slimmed"]}, manifest)
+        load_slimmed_model(args.out)  # the manifest must rebuild exactly these weights (strict load)
+        write_json(args.metrics, {
+            "source": f"teachers.{cfg.teacher}", "mask_source": cfg.mask_source, "keep_fraction": cfg.keep_fraction,
+            "max_abs_diff_vs_masked": result.max_abs_diff, "atol": cfg.atol,
+            "params_before": nparams[0], "params_after": nparams[1],
+            "flops_before": flops[0], "flops_after": flops[1],
+            "latency_before_ms": before.median_ms, "latency_after_ms": after.median_ms,
+            "latency_before": before.as_dict(), "latency_after": after.as_dict(),
+            "latency_ratio": after.median_ms / before.median_ms, "flops_ratio": flops[1] / flops[0],
+            "test_acc_original": accs["original"], "test_acc_masked": accs["masked"],
+            "test_acc_slimmed": accs["slimmed"],
+            "kept_per_group": {g: len(k) for g, k in result.kept.items()},
+            "backend": target.backend, "device": backend.fingerprint()["device"],
+        })
+        log.info("slimmed teachers.%s: params %d -> %d, FLOPs %.3g -> %.3g, latency %.4f -> %.4f ms, "
+                 "max |slim - masked| %.2e, test acc %.4f (masked %.4f)", cfg.teacher, *nparams, *flops,
+                 before.median_ms, after.median_ms, result.max_abs_diff, accs["slimmed"], accs["masked"])
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
