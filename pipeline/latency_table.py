@@ -16,8 +16,10 @@ elsewhere is measured on random sub-networks (``validate``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -138,24 +140,27 @@ def grid_values(maximum: int, multiple: int, min_fraction: float) -> list[int]:
     return [*vals, maximum]
 
 
-def detect_multiple(curve_ms: list[float], candidates: tuple[int, ...] = (32, 16, 8, 4, 2), min_r2: float = 0.97) -> int:
-    """Largest block size ``s`` such that a step function constant on blocks of ``s`` channels
-    explains the latency-vs-output-channels curve (``curve_ms[c - 1]`` for c = 1..N) with
-    R^2 >= ``min_r2``, and latency actually rises across blocks. 1 when there is no staircase."""
+def detect_multiple(curve_ms: list[float], candidates: tuple[int, ...] = (32, 16, 8, 4, 2), flat_tol: float = 0.03,
+                    min_flat: float = 0.85) -> int:
+    """Largest block size ``s`` at which a latency-vs-output-channels curve (``curve_ms[c - 1]``
+    for c = 1..N) is a staircase: at least ``min_flat`` of the points lie within ``flat_tol``
+    (relative) of their block's median, and block medians rise by more than ``flat_tol`` from
+    one block to the next (median over steps). Medians make one noisy point harmless. 1 when
+    there is no staircase (latency grows with every channel, or not at all)."""
     n = len(curve_ms)
     for s in candidates:
         if 2 * s > n:
             continue
         ys = curve_ms[: n - n % s]
         blocks = [ys[i : i + s] for i in range(0, len(ys), s)]
-        means = [sum(b) / len(b) for b in blocks]
-        mu = sum(ys) / len(ys)
-        sst = sum((y - mu) ** 2 for y in ys)
-        sse = sum((y - m) ** 2 for b, m in zip(blocks, means) for y in b)
-        within = sum(max(b) - min(b) for b in blocks) / len(blocks)
-        rise = (means[-1] - means[0]) / (len(blocks) - 1)
-        # a ramp is not a staircase: blocks must be flat compared with the steps between them
-        if sst > 0 and 1 - sse / sst >= min_r2 and means[-1] > 1.05 * means[0] and within < 0.3 * rise:
+        meds = [statistics.median(b) for b in blocks]
+        flat = sum(abs(y - m) <= flat_tol * m for b, m in zip(blocks, meds) for y in b) / len(ys)
+        rises = [(b - a) / a for a, b in zip(meds, meds[1:])]
+        # a ramp is not a staircase: inside a block, the second half may not sit much above the first
+        half = s // 2
+        inner = statistics.median((statistics.median(b[half:]) - statistics.median(b[:half])) / m
+                                  for b, m in zip(blocks, meds))
+        if flat >= min_flat and statistics.median(rises) > flat_tol and inner < 0.25 * statistics.median(rises):
             return s
     return 1
 
@@ -262,11 +267,16 @@ def build_table(
     specs = conv_layers(model, example, graph.groups)
     unique = {s.key: s for s in specs}
     overhead = backend.measure(nn.Identity(), input_shape).median_ms  # per-call cost of an empty graph
+    # The staircase is a property of runtime and hardware: probe a dense convolution at the largest
+    # feature map of the network, with 64 input channels (a count every runtime handles on its
+    # fast path), over output counts 1..staircase_channels.
     probe = max((s for s in specs if s.out_group and not s.depthwise),
-                key=lambda s: (s.out_max, s.in_max * s.height * s.width * s.kernel[0] * s.kernel[1]), default=None)
+                key=lambda s: (s.height * s.width, s.out_max), default=None)
+    if probe is not None:
+        probe = dataclasses.replace(probe, in_max=64, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     curve: list[float] = []
     if probe is not None:
-        curve = staircase(backend, probe, min(staircase_channels, probe.out_max))
+        curve = staircase(backend, probe, staircase_channels)
     detected = detect_multiple(curve) if curve else 1
     step = multiple or detected
     per_point = (time.perf_counter() - t0) / max(1, len(curve) + 1)

@@ -29,6 +29,16 @@ def rows(metrics_dir: Path) -> list[tuple[str, str, str, str, str]]:
         e = read_json(ens)
         out.append(("ensemble (mean softmax)", "-", "-", _pct(e["ensemble_acc"]), "-"))
         out.append(("oracle (any teacher right)", "-", "-", _pct(e["oracle_acc"]), "-"))
+    stu = metrics_dir / "student.json"
+    if stu.is_file():
+        m = read_json(stu)
+        out.append((f"student (searched, {m['distill']['mode']} KD)", "cifar_resnet", f"{m['params']:,}",
+                    _pct(m["test_acc"]), f"{m['epoch_seconds_median']:.2f}"))
+    slim = metrics_dir / "slim.json"
+    if slim.is_file():
+        m = read_json(slim)
+        out.append((f"slim of {m['source']} ({m['mask_source']} {m['keep_fraction']:.0%}, no fine-tune)", "-",
+                    f"{m['params_after']:,}", _pct(m["test_acc_slimmed"]), "-"))
     return out
 
 
@@ -47,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no metrics under {args.metrics_dir}; run `dvc repro` first", file=sys.stderr)
         return 1
     print(format_table(table, ("model", "arch", "params", "test acc", "s/epoch")))
+    prof = args.metrics_dir / "profile.json"
+    if prof.is_file():
+        m = read_json(prof)
+        print(f"\nlatency on {m['backend']} / {m['device']['name']} (batch {m['batch_size']}): full {m['arch']} "
+              f"{m['full_latency_ms']:.3f} ms; predictor MAPE {100 * m['predictor']['lattice_mape']:.1f}% on "
+              f"{m['predictor']['lattice_samples']} sub-networks; channel step {m['multiple']}")
+    slim = args.metrics_dir / "slim.json"
+    if slim.is_file():
+        m = read_json(slim)
+        print(f"slim: latency {m['latency_before_ms']:.3f} -> {m['latency_after_ms']:.3f} ms, max |slim - masked| "
+              f"{m['max_abs_diff_vs_masked']:.1e}")
     prep = args.metrics_dir / "prepare.json"
     if prep.is_file():
         m = read_json(prep)

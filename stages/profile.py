@@ -12,7 +12,7 @@ from models import build_model
 from pipeline.config import ProfileConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError, SlimdeployError
-from pipeline.io import write_csv, write_json
+from pipeline.io import read_json, write_csv, write_json
 from pipeline.latency import make_backend
 from pipeline.latency_table import build_table, noise_floor, validate
 from pipeline.plots import predicted_vs_measured_png, staircase_png
@@ -26,6 +26,7 @@ class PredictorContractError(SlimdeployError):
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data directory (input shape, classes)")
+    p.add_argument("--student-arch", required=True, help="arch.json of the searched student (profile.arch: student)")
     p.add_argument("--out", required=True, help="latency table JSON path")
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     p.add_argument("--plots-dir", required=True, help="directory for validation/staircase CSV and PNG")
@@ -40,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
                                warmup=cfg.warmup, cuda_graph=target.cuda_graph)
         meta = load_prepared(args.data).meta
         shape = (meta["channels"], *meta["image_size"])
-        arch_config = {"num_classes": meta["num_classes"], "in_channels": meta["channels"], **cfg.arch_config}
+        arch, extra = cfg.arch, dict(cfg.arch_config)
+        if arch == "student":
+            searched = read_json(args.student_arch)
+            arch, extra = searched["arch"], {**searched["arch_config"], **extra}
+        arch_config = {"num_classes": meta["num_classes"], "in_channels": meta["channels"], **extra}
         try:
-            model = build_model(cfg.arch, **arch_config).eval()
+            model = build_model(arch, **arch_config).eval()
         except ConfigError as err:
             raise ConfigError(f"profile.arch_config: {err}") from None
         torch.manual_seed(0)
-        table = build_table(model, shape, backend, {"arch": cfg.arch, "arch_config": arch_config}, cfg.multiple,
+        table = build_table(model, shape, backend, {"arch": arch, "arch_config": arch_config}, cfg.multiple,
                             cfg.min_fraction, cfg.max_seconds, cfg.staircase_channels, cfg.progress)
         lattice = validate(model, table, backend, cfg.validation_samples, cfg.validation_seed, True, cfg.progress)
         anywidth = validate(model, table, backend, cfg.validation_samples, cfg.validation_seed + 1, False, cfg.progress)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = table.fingerprint["device"]["name"]
         predicted_vs_measured_png(
             lattice.predicted_ms, lattice.measured_ms, plots / "validation.png",
-            f"{cfg.arch} on {target.backend}/{dev}, batch {target.batch_size}: MAPE {m_lat['mape']:.1%} "
+            f"{cfg.arch} ({arch}) on {target.backend}/{dev}, batch {target.batch_size}: MAPE {m_lat['mape']:.1%} "
             f"(lattice), {m_any['mape']:.1%} (any width)",
             extra=(anywidth.predicted_ms, anywidth.measured_ms, "any channel count"),
         )
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{stair['layer']} ({stair['in_channels']} in) on {target.backend}/{dev}: "
                           f"step {table.meta['detected_multiple']} channels", table.meta["detected_multiple"])
         metrics = {
-            "arch": cfg.arch, "backend": target.backend, "device": table.fingerprint["device"],
+            "arch": cfg.arch, "arch_config": arch_config, "backend": target.backend, "device": table.fingerprint["device"],
             "batch_size": target.batch_size, "threads": target.threads,
             "full_latency_ms": table.full_ms, "multiple": table.meta["multiple"],
             "detected_multiple": table.meta["detected_multiple"], "measurements": table.meta["measurements"],

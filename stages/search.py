@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             "arch": "cifar_resnet", "arch_config": arch, "params": n, "budget_params": budget,
             "budget_ratio_of_largest_teacher": budget / largest_teacher, "largest_teacher_params": largest_teacher,
             "params_ratio_of_largest_teacher": n / largest_teacher, "family_smallest_params": smallest,
-            "family_largest_params": largest, "within_budget": n <= budget, "repaired_after_search": repaired,
+            "family_largest_params": largest, "family": {"blocks": list(blocks), "stage_widths": list(widths)},
+            "within_budget": n <= budget, "repaired_after_search": repaired,
         }
         write_csv(args.plots, history)
         write_json(args.out, result)

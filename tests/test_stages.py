@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from stages import ensemble, prepare, profile, slim, train_teacher
+from stages import ensemble, prepare, profile, search, slim, train_teacher
 from tests.conftest import REPO, make_imagefolder
 
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -134,7 +134,8 @@ def test_ensemble_missing_teacher(tmp_path: Path, digits_dir: Path, caplog: pyte
 
 
 def run_profile(tmp_path: Path, params: Path, data: Path) -> int:
-    return profile.main(["--params", str(params), "--data", str(data), "--out", str(tmp_path / "prof" / "table.json"),
+    return profile.main(["--params", str(params), "--data", str(data), "--student-arch", str(tmp_path / "none.json"),
+                         "--out", str(tmp_path / "prof" / "table.json"),
                          "--metrics", str(tmp_path / "m" / "profile.json"), "--plots-dir", str(tmp_path / "p")])
 
 
@@ -184,3 +185,15 @@ def test_slim_stage_unknown_teacher(tmp_path: Path, digits_dir: Path, caplog: py
     code = slim.main(["--params", str(params), "--data", str(digits_dir), "--teachers", str(tmp_path / "t"),
                       "--out", str(tmp_path / "s" / "model.pt"), "--metrics", str(tmp_path / "m" / "slim.json")])
     assert code == 2 and "slim.teacher 'nobody'" in caplog.text and outputs(tmp_path) == []
+
+
+def test_search_budget_below_family_fails_before_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, search={"budget_params": 10, "progress": False})
+    assert run_prepare(tmp_path, params) == 0
+    assert run_teacher(tmp_path, params, "a") == 0
+    assert run_teacher(tmp_path, params, "b") == 0
+    code = search.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
+                        "--out", str(tmp_path / "s" / "arch.json"), "--metrics", str(tmp_path / "m" / "search.json"),
+                        "--plots", str(tmp_path / "p" / "search.csv")])
+    assert code == 2 and "below the smallest member of the family" in caplog.text
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m" / "search.json").exists()
