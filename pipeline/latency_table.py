@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
 from pipeline.latency import Backend, check_fingerprint
-from pipeline.slim import ChannelGroup, ChannelGraph, prune_structure
+from pipeline.slim import ChannelGroup, ChannelGraph, prune_structure, trace_forward
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,7 @@ def conv_layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGro
     check_supported_layers(model)
     shapes: dict[str, tuple[int, int]] = {}
     named = dict(model.named_modules())
-    hooks = [m.register_forward_hook(lambda mod, inp, _o, n=n: shapes.__setitem__(n, tuple(inp[0].shape[-2:])))
-             for n, m in named.items() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    trace_forward(model, example, (nn.Conv2d,), lambda n, _m, inp: shapes.__setitem__(n, tuple(inp[0].shape[-2:])))
     out_group: dict[str, str] = {}
     in_group: dict[str, str] = {}
     for g in groups:

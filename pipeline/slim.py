@@ -58,17 +58,25 @@ def _tp() -> Any:
     return tp
 
 
-def _classifier(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The last Conv/Linear executed in a forward pass: the class logits, never pruned."""
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+def trace_forward(model: nn.Module, example: torch.Tensor, types: tuple[type, ...],
+                  hook: Any) -> None:
+    """One eval-mode forward pass of ``model`` on ``example``, calling ``hook(name, module, inputs)``
+    for every module of ``types`` in execution order. Hooks are removed afterwards."""
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(lambda mod, inp, _out: hook(names[mod], mod, inp))
+               for m in model.modules() if isinstance(m, types)]
     try:
         with torch.no_grad():
             model.eval()(example)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+def _classifier(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The last Conv/Linear executed in a forward pass: the class logits, never pruned."""
+    order: list[nn.Module] = []
+    trace_forward(model, example, (nn.Conv2d, nn.Linear), lambda _n, mod, _i: order.append(mod))
     if not order:
         raise SlimError("model has no Conv2d or Linear layer to prune")
     return order[-1]
