@@ -49,8 +49,9 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO / "artifacts/prepare"))
     p.add_argument("--teachers", default=str(REPO / "artifacts/teachers"))
     p.add_argument("--arch", default=str(REPO / "artifacts/search/arch.json"))
+    p.add_argument("--params", default=str(REPO / "params.yaml"), help="train/student/distill/teachers settings")
     args = p.parse_args()
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load(Path(args.params).read_text())
     train_cfg = TrainConfig.model_validate({**params["train"], "progress": False})
     opt = OptimizerConfig.model_validate(params["student"]["optimizer"])
     epochs = args.epochs or params["student"]["epochs"]
