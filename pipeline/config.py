@@ -4,7 +4,7 @@ out-of-range values are rejected before any work, with the offending key named."
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -170,8 +170,8 @@ class DistillConfig(Section):
 class SearchConfig(Section):
     """`search`: TAS width/depth search of the student under a parameter budget."""
 
-    blocks: tuple[int, ...] | None = Field(None, description="max blocks per stage; null: largest ResNet teacher")
-    stage_widths: tuple[int, ...] | None = Field(None, description="max stage widths; null: largest ResNet teacher")
+    blocks: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="max blocks per stage; null: largest ResNet teacher")
+    stage_widths: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="max stage widths; null: largest ResNet teacher")
     width_ratios: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     align: Literal["pad", "cwi"] = Field("pad", description="how candidate widths are aligned: zero padding or "
                                          "TAS channel-wise interpolation")
@@ -181,7 +181,7 @@ class SearchConfig(Section):
     batch_size: int = Field(64, ge=2, le=65536)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
-    arch_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    arch_lr: float = Field(0.02, gt=0.0, le=1.0, description="TAS uses 1e-3 over ~100x more steps")
     arch_weight_decay: float = Field(1e-3, ge=0.0, lt=1.0)
     tau_max: float = Field(5.0, gt=0.0)
     tau_min: float = Field(0.1, gt=0.0)
@@ -197,6 +197,12 @@ class SearchConfig(Section):
         if not v or any(not 0.0 < r <= 1.0 for r in v):
             raise ValueError("width_ratios must be fractions in (0, 1]")
         return v
+
+    @model_validator(mode="after")
+    def _tau_order(self) -> SearchConfig:
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
+        return self
 
 
 class StudentConfig(Section):

@@ -372,11 +372,14 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
     missing = [n for n in (*[f"{s}.npz" for s in SPLITS], "meta.json") if not (data_dir / n).is_file()]
     if missing:
         raise DataError(f"prepared data in {data_dir} is missing {missing}; run the prepare stage first")
-    meta = read_json(data_dir / "meta.json")
-    splits = {}
-    for s in SPLITS:
-        with np.load(data_dir / f"{s}.npz", allow_pickle=False) as f:
-            splits[s] = Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]).long())
+    try:
+        meta = read_json(data_dir / "meta.json")
+        splits = {}
+        for s in SPLITS:
+            with np.load(data_dir / f"{s}.npz", allow_pickle=False) as f:
+                splits[s] = Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]).long())
+    except (ValueError, OSError, KeyError) as err:  # bad JSON, truncated or foreign .npz
+        raise DataError(f"prepared data in {data_dir} is unreadable ({err}); re-run the prepare stage") from err
     return PreparedData(splits["train"], splits["val"], splits["test"], meta)
 
 

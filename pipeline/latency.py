@@ -9,6 +9,7 @@ with p90 and the inter-quartile range, in milliseconds per batch.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import platform
@@ -101,6 +102,7 @@ class Backend(ABC):
             "batch_size": self.batch_size,
             "precision": self.precision,
             "threads": self.threads,
+            "cuda_graph": bool(getattr(self, "cuda_graph", False)),
         }
 
     def _time(self, fn: Any) -> Timing:
@@ -197,7 +199,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def measure(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        model = model.eval().to(self.dev, dtype)
+        model = copy.deepcopy(model).eval().to(self.dev, dtype)  # the caller's model stays where it is
         x = torch.randn(self.batch_size, *input_shape, device=self.dev, dtype=dtype)
         if self.dev.type == "cpu":
             prev = torch.get_num_threads()

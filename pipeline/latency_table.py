@@ -178,7 +178,12 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path, fingerprint: dict[str, Any] | None = None) -> LatencyTable:
         """Load; with ``fingerprint``, refuse a table measured under a different one."""
-        table = cls(**read_json(path))
+        try:
+            table = cls(**read_json(path))
+        except FileNotFoundError:
+            raise ConfigError(f"latency table {path} does not exist; run the profile stage") from None
+        except (ValueError, TypeError) as err:  # bad JSON or unexpected keys
+            raise ConfigError(f"{path} is not a latency table written by the profile stage: {err}") from None
         if fingerprint is not None:
             check_fingerprint(table.fingerprint, fingerprint, f"latency table {path}")
         return table

@@ -81,7 +81,9 @@ class WidthChoice(nn.Module):
             self._draw = None
             return
         g = (F.log_softmax(self.alpha, 0) - torch.log(-torch.log(torch.rand_like(self.alpha).clamp(1e-9, 1 - 1e-9)))) / self.tau
-        idx = torch.multinomial(F.softmax(g.detach(), 0), 2, replacement=False)
+        # At small tau the softmax underflows to one non-zero entry and multinomial cannot draw two
+        # distinct candidates; the floor only changes entries that underflowed.
+        idx = torch.multinomial(F.softmax(g.detach(), 0).clamp_min(1e-12), 2, replacement=False)
         self._draw = (idx, F.softmax(g[idx], 0))
 
     def choices(self) -> list[tuple[int, torch.Tensor | None]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -270,7 +271,8 @@ def magnitude_masks(model: nn.Module, example: torch.Tensor, keep_fraction: floa
     for g in graph.groups:
         w = modules[g.name].weight.detach()
         score = w.abs().flatten(1).sum(1)
-        k = max(1, min(g.size, round(keep_fraction * g.size / multiple) * multiple))
+        # round half up to a multiple, never below one multiple (or the whole group if smaller)
+        k = min(g.size, max(min(multiple, g.size), multiple * math.floor(keep_fraction * g.size / multiple + 0.5)))
         keep = torch.zeros(g.size, dtype=torch.bool)
         keep[score.topk(k).indices] = True
         out[g.name] = keep

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData, Split, augment_batch, normalize
+from pipeline.errors import ConfigError
 from pipeline.io import torch_save
 from pipeline.runtime import DistContext
 
@@ -129,12 +130,13 @@ def train_classifier(
     train_x, train_y = data.train.x.to(device), data.train.y.to(device)
 
     if cfg.batch_size % ctx.world_size:
-        raise ValueError(f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} DDP ranks")
+        raise ConfigError(f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} DDP ranks")
     per_rank = cfg.batch_size // ctx.world_size
     sampler = DistributedSampler(
         range(len(train_y)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
     )
-    steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
+    full, rest = divmod(len(sampler), per_rank)
+    steps_per_epoch = max(1, full + (1 if rest >= 2 or full == 0 else 0))  # the loop drops a 1-sample tail
     opt = torch.optim.SGD(
         model.parameters(), lr=optim.lr, momentum=optim.momentum,
         nesterov=optim.nesterov and optim.momentum > 0, weight_decay=optim.weight_decay,
@@ -146,8 +148,13 @@ def train_classifier(
     best_state: dict[str, torch.Tensor] = {}
     history: list[dict[str, float]] = []
     resume_path = Path(resume_path) if resume_path else None
+    state: dict[str, Any] = {}
     if resume_path and resume_path.is_file():
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(resume_path, map_location=device, weights_only=True)
+        except (RuntimeError, EOFError, ValueError, OSError) as err:  # e.g. a truncated file
+            log.warning("ignoring unreadable resume state %s (%s); starting from scratch", resume_path, err)
+    if state:
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -56,6 +56,31 @@ def run(body: Callable[[], None]) -> int:
     return 0
 
 
+def read_arch(path: str | Path) -> dict[str, Any]:
+    """The search stage's arch.json, or a CheckpointError naming the file and what is wrong."""
+    from pipeline.errors import CheckpointError
+    from pipeline.io import read_json
+
+    try:
+        arch = read_json(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; run the search stage first") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    missing = [k for k in ("arch", "arch_config") if not isinstance(arch, dict) or k not in arch]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; it is not an arch.json written by the search stage")
+    return arch
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def digest(*parts: Any) -> str:
     """Stable sha256 of JSON-serialisable parts (configs, hashes)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -12,11 +12,11 @@ from models import build_model
 from pipeline.config import ProfileConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError, SlimdeployError
-from pipeline.io import read_json, write_csv, write_json
+from pipeline.io import write_csv, write_json
 from pipeline.latency import make_backend
 from pipeline.latency_table import build_table, noise_floor, validate
 from pipeline.plots import predicted_vs_measured_png, staircase_png
-from stages._common import load_params, log, parser, run
+from stages._common import load_params, log, parser, read_arch, run
 
 
 class PredictorContractError(SlimdeployError):
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = (meta["channels"], *meta["image_size"])
         arch, extra = cfg.arch, dict(cfg.arch_config)
         if arch == "student":
-            searched = read_json(args.student_arch)
+            searched = read_arch(args.student_arch)
             arch, extra = searched["arch"], {**searched["arch_config"], **extra}
         arch_config = {"num_classes": meta["num_classes"], "in_channels": meta["channels"], **extra}
         try:

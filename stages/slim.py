@@ -11,9 +11,9 @@ import torch
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.config import SlimConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared, normalize
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.flops import count_flops, count_params
-from pipeline.io import write_json
+from pipeline.io import atomic_path, write_json
 from pipeline.latency import make_backend
 from pipeline.slim import apply_masks, load_slimmed_model, magnitude_masks, slim
 from pipeline.train import predict_logits
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"slim.teacher {cfg.teacher!r} is not under teachers: ({sorted(params.get('teachers') or {})})")
         data = load_prepared(args.data)
         model, ckpt = load_model(Path(args.teachers) / f"{cfg.teacher}.pt")
+        if ckpt["meta"].get("data_hash") != data.meta["split_hashes"]["train"]:
+            raise CheckpointError(f"teacher {cfg.teacher} was trained on other data; re-run train_teacher@{cfg.teacher}")
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
         masks = magnitude_masks(model, example, cfg.keep_fraction, cfg.multiple)
@@ -56,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         flops = (count_flops(model, shape), count_flops(result.model, shape))
         nparams = (count_params(model), count_params(result.model))
         manifest = {"input_shape": list(shape), "kept": result.kept}
-        save_checkpoint(args.out, ckpt["arch"], ckpt["arch_config"], result.model.state_dict(),
-                        {**ckpt["meta"], "stage": "slim", "source": f"teachers.{cfg.teacher}",
-                         "mask_source": cfg.mask_source, "test_acc": accs["slimmed"]}, manifest)
-        load_slimmed_model(args.out)  # the manifest must rebuild exactly these weights (strict load)
+        with atomic_path(args.out) as tmp:  # only a checkpoint that rebuilds is moved into place
+            save_checkpoint(tmp, ckpt["arch"], ckpt["arch_config"], result.model.state_dict(),
+                            {**ckpt["meta"], "stage": "slim", "source": f"teachers.{cfg.teacher}",
+                             "mask_source": cfg.mask_source, "test_acc": accs["slimmed"]}, manifest)
+            load_slimmed_model(tmp)  # the manifest must rebuild exactly these weights (strict load)
         write_json(args.metrics, {
             "source": f"teachers.{cfg.teacher}", "mask_source": cfg.mask_source, "keep_fraction": cfg.keep_fraction,
             "max_abs_diff_vs_masked": result.max_abs_diff, "atol": cfg.atol,

@@ -16,10 +16,10 @@ from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
-from pipeline.io import read_json, write_csv, write_json
+from pipeline.io import write_csv, write_json
 from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
 from pipeline.train import predict_logits, train_classifier
-from stages._common import digest, load_params, log, parser, run
+from stages._common import digest, file_sha256, load_params, log, parser, read_arch, run
 from stages._teachers import load_teachers
 
 
@@ -41,17 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = parse_section(params, "train", TrainConfig)
         names = list(parse_teachers(params))
         data = load_prepared(args.data)
-        searched = read_json(args.arch)
+        searched = read_arch(args.arch)
         arch_config = {"num_classes": data.num_classes, "in_channels": data.channels, **searched["arch_config"]}
         torch.manual_seed(cfg.seed)
         model = build_model(searched["arch"], **arch_config)
         teachers = load_teachers(args.teachers, names, data.meta)
         device = resolve_device(train_cfg.device)
+        if train_cfg.num_threads:
+            torch.set_num_threads(train_cfg.num_threads)
         ctx = init_distributed(device)
         device = local_device(device, ctx)
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
+        teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]  # retrained -> no resume
         fingerprint = digest(cfg.model_dump(), kd.model_dump(), train_cfg.model_dump(exclude={"progress"}),
-                             searched, data.meta["split_hashes"], ctx.world_size)
+                             searched, data.meta["split_hashes"], teacher_files, ctx.world_size)
         resume = Path(args.resume_dir) / "train_student" / "student.pt"
         try:
             result = train_classifier(

@@ -7,7 +7,9 @@ import copy
 import pytest
 import yaml
 
-from pipeline.config import EnsembleConfig, PrepareConfig, TrainConfig, parse_section, parse_teachers
+from pipeline.config import (
+    EnsembleConfig, PrepareConfig, ProfileConfig, SearchConfig, TargetConfig, TrainConfig, parse_section, parse_teachers,
+)
 from pipeline.errors import ConfigError
 from tests.conftest import REPO
 
@@ -32,6 +34,9 @@ def _with(path: str, value: object) -> dict:
 
 
 def _parse_all(params: dict) -> None:
+    parse_section(params, "search", SearchConfig)
+    parse_section(params, "profile", ProfileConfig)
+    parse_section(params, "target", TargetConfig)
     parse_section(params, "prepare", PrepareConfig)
     parse_section(params, "train", TrainConfig)
     parse_section(params, "ensemble", EnsembleConfig)
@@ -60,6 +65,10 @@ def _parse_all(params: dict) -> None:
         ("teachers.t2.optimizer.momentun", 0.9, "teachers.t2.optimizer.momentun: unknown key"),
         ("teachers.t0.optimizer.warmup_epochs", 15, "warmup_epochs (15) must be < epochs"),
         ("ensemble.batch_size", -1, "ensemble.batch_size"),
+        ("search.tau_min", 10.0, "tau_min (10.0) must be <= tau_max"),
+        ("search.blocks", [3, 0, 3], "search.blocks.1"),
+        ("profile.arch", "resnet21", "unknown architecture 'resnet21'"),
+        ("target.backend", "openvino", "target.backend"),
     ],
 )
 def test_bad_value_names_its_key(key: str, value: object, expect: str) -> None:

@@ -92,3 +92,16 @@ def test_arch_json_round_trips_through_registry(tmp_path: Path) -> None:
     loaded, _ = load_model(tmp_path / "s.pt")  # strict load
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_two_distinct_candidates_even_when_softmax_underflows() -> None:
+    from pipeline.search import WidthChoice
+
+    c = WidthChoice(16, (0.25, 0.5, 1.0))
+    with torch.no_grad():
+        c.alpha.copy_(torch.tensor([0.0, 0.0, 80.0]))
+    c.tau = 0.01  # softmax((log_softmax(alpha) + g) / tau) is one-hot in float32
+    for _ in range(20):
+        c.resample()
+        idx = [i for i, _ in c.choices()]
+        assert len(set(idx)) == 2

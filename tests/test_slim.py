@@ -143,3 +143,11 @@ def test_magnitude_masks_keep_largest_filters_in_multiples() -> None:
         assert norms[keep].min() >= norms[~keep].max() if (~keep).any() else True
     with pytest.raises(ConfigError, match="keep_fraction"):
         magnitude_masks(model, example, 0.0)
+
+
+def test_magnitude_rounding_never_collapses_a_group_to_one_channel() -> None:
+    # resnet20 has 16-channel groups; half of 16 rounded to a multiple of 16 must not become 1
+    model = build_model("resnet20", num_classes=3, in_channels=1)
+    masks = magnitude_masks(model, torch.zeros(1, 1, 8, 8), 0.5, multiple=16)
+    assert all(int(m.sum()) % 16 == 0 and int(m.sum()) >= 16 for m in masks.values())
+    assert int(masks["stem.0"].sum()) == 16 and int(masks["stages.2.0.conv1"].sum()) == 32

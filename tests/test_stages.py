@@ -197,3 +197,14 @@ def test_search_budget_below_family_fails_before_training(tmp_path: Path, caplog
                         "--plots", str(tmp_path / "p" / "search.csv")])
     assert code == 2 and "below the smallest member of the family" in caplog.text
     assert not (tmp_path / "s").exists() and not (tmp_path / "m" / "search.json").exists()
+
+
+def test_missing_or_foreign_arch_json_is_a_clear_error(tmp_path: Path, digits_dir: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, profile={"arch": "student"})
+    assert run_profile(tmp_path, params, digits_dir) == 2
+    assert "none.json does not exist; run the search stage first" in caplog.text
+    (tmp_path / "none.json").write_text('{"widths": [1]}')
+    assert run_profile(tmp_path, params, digits_dir) == 2
+    assert "lacks ['arch', 'arch_config']" in caplog.text
+    assert not (tmp_path / "prof").exists()
