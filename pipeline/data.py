@@ -70,6 +70,10 @@ class PreparedData:
     def channels(self) -> int:
         return int(self.meta["channels"])
 
+    def norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) measured on train, as float32 tensors of shape (C,)."""
+        return torch.tensor(self.meta["mean"]), torch.tensor(self.meta["std"])
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading sources

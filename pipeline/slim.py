@@ -204,6 +204,7 @@ def _zero_masked(graph: ChannelGraph, masks: dict[str, torch.Tensor], names: dic
 @dataclass
 class SlimResult:
     model: nn.Module
+    masked: nn.Module  # the same-shape network it was checked against
     kept: dict[str, list[int]]  # group -> kept channel indices of the root (the channel manifest)
     max_abs_diff: float
 
@@ -224,7 +225,7 @@ def slim(model: nn.Module, example: torch.Tensor, masks: Masks, check_inputs: to
         diff = (masked(x) - slimmed(x)).abs().max().item()
     if not diff <= atol:
         raise SlimError(f"slimmed model differs from the masked model by {diff:.3g} (allowed {atol:g})")
-    return SlimResult(slimmed, kept, diff)
+    return SlimResult(slimmed, masked, kept, diff)
 
 
 def prune_structure(model: nn.Module, example: torch.Tensor, masks: Masks) -> nn.Module:

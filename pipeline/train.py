@@ -98,6 +98,14 @@ def predict_logits(
     return torch.cat(out)
 
 
+def test_accuracy(model: nn.Module, data: PreparedData, device: torch.device, batch_size: int = 512,
+                  amp: bool = False) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on the test split, in [0, 1]."""
+    mean, std = data.norm()
+    logits = predict_logits(model, data.test, mean, std, device, batch_size, amp)
+    return (logits.argmax(1) == data.test.y).double().mean().item()
+
+
 def train_classifier(
     model: nn.Module,
     data: PreparedData,

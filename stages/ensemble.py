@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(parse_teachers(params))
         device = resolve_device(cfg.device)
         data = load_prepared(args.data)
-        mean, std = (torch.tensor(data.meta[k]) for k in ("mean", "std"))
+        mean, std = data.norm()
         logits = []
         for name in names:
             model, ckpt = load_model(Path(args.teachers) / f"{name}.pt")

@@ -15,8 +15,8 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, write_json
 from pipeline.latency import make_backend
-from pipeline.slim import apply_masks, load_slimmed_model, magnitude_masks, slim
-from pipeline.train import predict_logits
+from pipeline.slim import load_slimmed_model, magnitude_masks, slim
+from pipeline.train import test_accuracy
 from stages._common import load_params, log, parser, run
 
 
@@ -41,16 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
         masks = magnitude_masks(model, example, cfg.keep_fraction, cfg.multiple)
-        mean, std = (torch.tensor(data.meta[k]) for k in ("mean", "std"))
+        mean, std = data.norm()
         check = normalize(data.test.x[: cfg.check_samples], mean, std)
         result = slim(model, example, masks, check_inputs=check, atol=cfg.atol)  # raises when not equal
-        masked = apply_masks(model, example, masks)
 
         cpu = torch.device("cpu")
-        accs = {}
-        for name, net in (("original", model), ("masked", masked), ("slimmed", result.model)):
-            logits = predict_logits(net, data.test, mean, std, cpu)
-            accs[name] = (logits.argmax(1) == data.test.y).double().mean().item()
+        accs = {name: test_accuracy(net, data, cpu)
+                for name, net in (("original", model), ("masked", result.masked), ("slimmed", result.model))}
         backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
                                precision=target.precision, threads=target.threads,
                                min_run_time=cfg.latency_min_run_time, cuda_graph=target.cuda_graph)

@@ -18,7 +18,7 @@ from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
 from pipeline.io import write_csv, write_json
 from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
-from pipeline.train import predict_logits, train_classifier
+from pipeline.train import predict_logits, test_accuracy, train_classifier
 from stages._common import digest, file_sha256, load_params, log, parser, read_arch, run
 from stages._teachers import load_teachers
 
@@ -67,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ctx.is_main:
             return
         model.load_state_dict(result.best_state)
-        mean, std = (torch.tensor(data.meta[k]) for k in ("mean", "std"))
         cpu = torch.device("cpu")
-        logits = predict_logits(model.to(cpu), data.test, mean, std, cpu)
-        test_acc = (logits.argmax(1) == data.test.y).double().mean().item()
+        test_acc = test_accuracy(model.to(cpu), data, cpu)
+        mean, std = data.norm()
         t_logits = torch.stack([predict_logits(t, data.test, mean, std, cpu) for t in teachers.values()])
         ens = ensemble_report(t_logits, data.test.y, names, data.meta["classes"])
         shape = (data.channels, *data.meta["image_size"])

@@ -19,7 +19,7 @@ from pipeline.data import load_prepared
 from pipeline.io import write_csv, write_json
 from pipeline.plots import history_png
 from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
-from pipeline.train import predict_logits, train_classifier
+from pipeline.train import test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ctx.is_main:
             return
         model.load_state_dict(result.best_state)
-        mean, std = (torch.tensor(data.meta[k]) for k in ("mean", "std"))
-        logits = predict_logits(model, data.test, mean, std, device, train_cfg.eval_batch_size, train_cfg.amp)
-        test_acc = (logits.argmax(1) == data.test.y).float().mean().item()
+        test_acc = test_accuracy(model, data, device, train_cfg.eval_batch_size, train_cfg.amp)
         epoch_s = [h["epoch_seconds"] for h in result.history]
         meta = {
             "stage": "train_teacher", "name": args.name, "best_epoch": result.best_epoch,
