@@ -146,15 +146,72 @@ class ProfileConfig(Section):
 
 
 class SlimConfig(Section):
-    """`slim`: turn channel masks into a smaller dense network, verified equal to the masked one."""
+    """`slim`: turn the prune stage's masks into a smaller dense network, verified equal to the
+    masked one."""
 
-    teacher: str = Field("t0", description="teachers.<name> whose checkpoint is slimmed (until pruning lands)")
-    mask_source: Literal["magnitude"] = Field("magnitude", description="L1 norm of each group's root filters")
-    keep_fraction: float = Field(0.5, gt=0.0, le=1.0, description="channels kept per group")
-    multiple: int = Field(1, ge=1, le=512, description="kept counts rounded to a multiple of this")
     atol: float = Field(1e-4, gt=0.0, le=1.0, description="max abs output difference slimmed vs masked (fp32)")
     check_samples: int = Field(64, ge=1, le=100000, description="test images in the equivalence check")
     latency_min_run_time: float = Field(0.2, gt=0.0, le=60.0, description="seconds of timing per model")
+
+
+PRUNE_OPTIMIZER = OptimizerConfig(lr=0.05, warmup_epochs=0)
+
+
+class PruneConfig(Section):
+    """`prune`: SCP soft channel pruning of the student under a latency budget on the target."""
+
+    latency_budget: float = Field(0.5, gt=0.0, description="budget: a fraction of the student's measured "
+                                  "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
+    budget_unit: Literal["fraction", "ms"] = "fraction"
+    epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
+    settle_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
+                                   "the closed loop's hard masks fixed; 0: decide at the end (pure SCP)")
+    optimizer: OptimizerConfig = PRUNE_OPTIMIZER
+    seed: int = Field(0, ge=0)
+    coupled: Literal["gate", "keep"] = Field("gate", description="groups without BatchNorm+ReLU (residual "
+                                             "streams): gate = learnable keep logits, keep = full width")
+    eps: float = Field(0.05, ge=0.0, le=1.0, description="SCP: a channel is off when BN output < eps")
+    sharpness: float = Field(20.0, gt=0.0, le=1000.0, description="SCP: k in pi = sigmoid(k (q - c0))")
+    threshold: float = Field(0.95, gt=0.0, lt=1.0, description="SCP: c0 in pi = sigmoid(k (q - c0))")
+    mask_tau: float = Field(0.5, gt=0.0, le=10.0, description="Gumbel-softmax temperature of the soft masks")
+    gate_init: float = Field(0.95, gt=0.5, lt=1.0, description="initial keep probability of gated channels")
+    dual_lr: float = Field(2.0, gt=0.0, le=1000.0, description="dual ascent step of the budget multiplier")
+    sparsity: float = Field(0.0, ge=0.0, le=1.0, description="optional SCP regulariser weight (lambda)")
+    multiple: int | None = Field(None, ge=1, le=512, description="kept widths in multiples of this; null: the "
+                                 "latency table's measured step")
+    band: tuple[float, float] = Field((0.9, 1.0), description="closed loop stops when measured / budget is in it")
+    max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")
+    loop_val_samples: int = Field(1000, ge=1, le=1000000, description="validation images scoring loop steps")
+    finetune_epochs: int = Field(0, ge=0, le=100000, description="optional recovery fine-tune after hardening")
+    min_run_time: float = Field(0.2, gt=0.0, le=60.0, description="seconds of timing per latency measurement")
+    progress: bool = True
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] < v[1] <= 1.0:
+            raise ValueError("band must be [low, high] with 0 < low < high <= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> PruneConfig:
+        if self.budget_unit == "fraction" and self.latency_budget > 1.0:
+            raise ValueError(f"latency_budget {self.latency_budget} is a fraction of the student's latency "
+                             "(budget_unit: fraction) and must be <= 1; use budget_unit: ms for milliseconds")
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise ValueError("optimizer.warmup_epochs must be < epochs")
+        return self
+
+
+class CompareConfig(Section):
+    """`compare`: baselines pruned to the pruned model's measured latency and fine-tuned for as
+    many epochs as the prune stage trained."""
+
+    methods: tuple[Literal["uniform", "l1"], ...] = Field(("uniform", "l1"), description="uniform: every group "
+                                                          "scaled by one factor; l1: Torch-Pruning global L1")
+    tolerance: float = Field(0.03, ge=0.0, le=1.0, description="a baseline may measure this much above ours "
+                             "(measurement noise)")
+    seed: int = Field(0, ge=0)
 
 
 class DistillConfig(Section):

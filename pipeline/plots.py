@@ -88,3 +88,31 @@ def staircase_png(ms: Sequence[float], path: str | Path, title: str, multiple: i
     ax.set_ylabel("latency (us)")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def widths_png(rows: Sequence[dict[str, object]], path: str | Path, title: str) -> None:
+    """Kept against full channels per group (horizontal bars, network order)."""
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [r["full"] for r in rows], color="#dddddd", label="full")
+    ax.barh(y, [r["kept"] for r in rows], color="#3b7dd8", label="kept")
+    for yi, r in zip(y, rows):
+        ax.text(r["full"], yi, f" {r['kept']}/{r['full']} ({r['kind']})", va="center", fontsize=7)
+    ax.set_yticks(y, [str(r["group"]) for r in rows], fontsize=7)
+    ax.set_xlabel("channels")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str) -> None:
+    """Accuracy against measured latency, one series per ``method``; points joined in latency order."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(str(p["method"]) for p in points):
+        pts = sorted((float(p["latency_ms"]), 100 * float(p["accuracy"])) for p in points if p["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=method)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)

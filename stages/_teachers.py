@@ -1,4 +1,4 @@
-"""Loading the trained teacher ensemble (shared by the search and student stages)."""
+"""Loading trained teachers and the trained student (shared by the stages that distil or prune)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def load_teachers(teachers_dir: str | Path, names: list[str], data_meta: dict[st
             raise CheckpointError(f"teacher {name} was trained on other data; re-run train_teacher@{name}")
         out[name] = model.eval()
     return out
+
+
+def load_student(path: str | Path, data_meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained student (eval mode) and its checkpoint; refuses one trained on other data."""
+    model, ckpt = load_model(path)
+    if ckpt["meta"].get("data_hash") != data_meta["split_hashes"]["train"]:
+        raise CheckpointError(f"student {path} was trained on other data; re-run train_student")
+    return model.eval(), ckpt

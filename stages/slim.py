@@ -1,5 +1,5 @@
-"""slim: remove masked channels for real (a smaller dense network), prove it equals the masked
-network, and report parameters, FLOPs and measured latency before and after."""
+"""slim: remove the prune stage's masked channels for real (a smaller dense network), prove it
+equals the masked network, and report parameters, FLOPs and measured latency before and after."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.config import SlimConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared, normalize
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError
+from pipeline.io import read_json
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, write_json
 from pipeline.latency import make_backend
-from pipeline.slim import load_slimmed_model, magnitude_masks, slim
+from pipeline.slim import channel_groups, load_slimmed_model, masks_from_kept, slim
 from pipeline.train import test_accuracy
 from stages._common import load_params, log, parser, run
 
@@ -23,7 +24,8 @@ from stages._common import load_params, log, parser, run
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--teachers", required=True, help="directory of teacher checkpoints")
+    p.add_argument("--model", required=True, help="masked checkpoint (prune stage)")
+    p.add_argument("--masks", required=True, help="masks.json (prune stage)")
     p.add_argument("--out", required=True, help="slimmed checkpoint path")
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     args = p.parse_args(argv)
@@ -32,22 +34,27 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         cfg = parse_section(params, "slim", SlimConfig)
         target = parse_section(params, "target", TargetConfig)
-        if cfg.teacher not in (params.get("teachers") or {}):
-            raise ConfigError(f"slim.teacher {cfg.teacher!r} is not under teachers: ({sorted(params.get('teachers') or {})})")
         data = load_prepared(args.data)
-        model, ckpt = load_model(Path(args.teachers) / f"{cfg.teacher}.pt")
+        model, ckpt = load_model(args.model)
         if ckpt["meta"].get("data_hash") != data.meta["split_hashes"]["train"]:
-            raise CheckpointError(f"teacher {cfg.teacher} was trained on other data; re-run train_teacher@{cfg.teacher}")
+            raise CheckpointError(f"{args.model} was trained on other data; re-run the prune stage")
+        try:
+            pruned = read_json(args.masks)
+            kept = pruned["kept"]
+        except FileNotFoundError:
+            raise CheckpointError(f"{args.masks} does not exist; run the prune stage first") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{args.masks} is not a masks.json written by the prune stage: {err}") from None
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
-        masks = magnitude_masks(model, example, cfg.keep_fraction, cfg.multiple)
+        masks = masks_from_kept(channel_groups(model, example), kept)
         mean, std = data.norm()
         check = normalize(data.test.x[: cfg.check_samples], mean, std)
         result = slim(model, example, masks, check_inputs=check, atol=cfg.atol)  # raises when not equal
 
         cpu = torch.device("cpu")
         accs = {name: test_accuracy(net, data, cpu)
-                for name, net in (("original", model), ("masked", result.masked), ("slimmed", result.model))}
+                for name, net in (("masked", result.masked), ("slimmed", result.model))}
         backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
                                precision=target.precision, threads=target.threads,
                                min_run_time=cfg.latency_min_run_time, cuda_graph=target.cuda_graph)
@@ -57,24 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         manifest = {"input_shape": list(shape), "kept": result.kept}
         with atomic_path(args.out) as tmp:  # only a checkpoint that rebuilds is moved into place
             save_checkpoint(tmp, ckpt["arch"], ckpt["arch_config"], result.model.state_dict(),
-                            {**ckpt["meta"], "stage": "slim", "source": f"teachers.{cfg.teacher}",
-                             "mask_source": cfg.mask_source, "test_acc": accs["slimmed"]}, manifest)
+                            {**ckpt["meta"], "stage": "slim", "source": str(args.model), "test_acc": accs["slimmed"]},
+                            manifest)
             load_slimmed_model(tmp)  # the manifest must rebuild exactly these weights (strict load)
         write_json(args.metrics, {
-            "source": f"teachers.{cfg.teacher}", "mask_source": cfg.mask_source, "keep_fraction": cfg.keep_fraction,
+            "source": str(args.model), "budget_ms": pruned.get("budget_ms"),
             "max_abs_diff_vs_masked": result.max_abs_diff, "atol": cfg.atol,
             "params_before": nparams[0], "params_after": nparams[1],
             "flops_before": flops[0], "flops_after": flops[1],
             "latency_before_ms": before.median_ms, "latency_after_ms": after.median_ms,
             "latency_before": before.as_dict(), "latency_after": after.as_dict(),
             "latency_ratio": after.median_ms / before.median_ms, "flops_ratio": flops[1] / flops[0],
-            "test_acc_original": accs["original"], "test_acc_masked": accs["masked"],
+            "test_acc_masked": accs["masked"],
             "test_acc_slimmed": accs["slimmed"],
             "kept_per_group": {g: len(k) for g, k in result.kept.items()},
             "backend": target.backend, "device": backend.fingerprint()["device"],
         })
-        log.info("slimmed teachers.%s: params %d -> %d, FLOPs %.3g -> %.3g, latency %.4f -> %.4f ms, "
-                 "max |slim - masked| %.2e, test acc %.4f (masked %.4f)", cfg.teacher, *nparams, *flops,
+        log.info("slimmed %s: params %d -> %d, FLOPs %.3g -> %.3g, latency %.4f -> %.4f ms, "
+                 "max |slim - masked| %.2e, test acc %.4f (masked %.4f)", args.model, *nparams, *flops,
                  before.median_ms, after.median_ms, result.max_abs_diff, accs["slimmed"], accs["masked"])
 
     return run(body)

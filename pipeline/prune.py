@@ -1,0 +1,419 @@
+"""Differentiable channel pruning under a latency budget measured on the target.
+
+Soft channel pruning (SCP, Kang & Han, ICML 2020) extended with a latency lookup table:
+
+* Every channel group (``pipeline.slim``) gets a per-channel *keep probability*.
+  - ``scp`` groups, whose every output-side BatchNorm feeds a ReLU directly (e.g. the inner
+    channels of a residual block, MobileNetV2 expansions): derived from BatchNorm's own
+    parameters, q_c = P(BN output < eps) = Phi((eps - beta_c) / |gamma_c|) (the probability that
+    the ReLU zeroes the channel), sharpened to a pruning probability
+    pi_c = sigmoid(k (q_c - c0)); keep_c = 1 - pi_c. No extra parameters. With several such
+    BatchNorms in a group, q_c is their maximum (a channel dead at one of them is dead).
+  - ``gate`` groups: any other group, typically channels coupled through residual additions,
+    where a BatchNorm is summed with other branches before the ReLU and no single (gamma, beta)
+    tells whether the channel is used. Those get a learnable logit per channel,
+    keep_c = sigmoid(logit_c), initialised near 1 (``gate_init``). ``coupled: keep`` leaves them
+    at full width instead (SCP's own choice: the identity path keeps its width).
+* Training draws a 2-class Gumbel-softmax (Concrete) mask m_c from (keep_c, 1 - keep_c) at
+  temperature ``mask_tau`` per sample and channel, and multiplies it into the output of every
+  output-side BatchNorm of the group (or the convolution itself when no BatchNorm follows).
+  For a ReLU after the BatchNorm that is the same as masking the ReLU output (m >= 0 commutes
+  with ReLU); gradients reach gamma/beta (scp) or the logits (gate) through the mask.
+* Budget: expected kept channels E[c_g] = sum_c keep_c feed the differentiable lookup-table
+  predictor; the loss adds lambda * (E[latency] / budget - 1), with lambda >= 0 updated by dual
+  ascent after every step, lambda += dual_lr * (E[latency] / budget - 1), so the expected latency
+  is driven to the budget and released below it. After every epoch the network as it would be hardened is
+  measured on the target and the penalty rescaled by measured / expected (calibration), and
+  training aims at the middle of the closed loop's band, so that the hardened network lands in
+  it. The sharpened sigmoid has a derivative of ~1e-8
+  for a healthy channel, so the budget term's gradient is taken straight through the
+  sharpening (through 1 - q_c, whose derivative is the normal density): its value is the
+  sharpened expectation, its gradient ranks channels by how close BatchNorm is to switching them
+  off. The SCP sparsity regulariser sum_c (beta_c + 2|gamma_c|) is optional (``sparsity``).
+* Hardening: per group the count of channels with keep > 0.5, rounded to the nearest allowed
+  width (the latency table's lattice: multiples of the measured staircase step, and the full
+  width), never zero; the channels kept are the most probable ones.
+* Closed loop (``closed_loop``): the hard network is slimmed and measured end to end on the
+  target; over budget, the group whose next smaller width costs the least validation loss per
+  millisecond saved shrinks; under ``band[0]`` of the budget, the group whose missing channels
+  are most probable grows. Moves expected to jump over the band are taken last (expected
+  landing: the table's prediction rescaled by the current measured / predicted ratio). Every iteration is recorded. It stops inside the band, or
+  says why it cannot (smallest network over budget, widths oscillating across the band,
+  iteration cap), keeping the best network under budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import SlimdeployError
+from pipeline.latency_table import grid_values
+from pipeline.slim import ChannelGraph
+
+log = logging.getLogger(__name__)
+
+_RELUS = (nn.ReLU, nn.ReLU6)
+
+
+class BudgetError(SlimdeployError):
+    """The latency budget cannot be met (before training, or after the closed loop)."""
+
+
+@dataclass(frozen=True)
+class PruneGroup:
+    """A channel group and how its keep probability is obtained.
+
+    ``bns``: output-side BatchNorms (their gamma/beta give the scp probability);
+    ``sites``: modules whose output the soft mask multiplies."""
+
+    name: str
+    size: int
+    kind: Literal["scp", "gate", "fixed"]
+    bns: tuple[str, ...]
+    sites: tuple[str, ...]
+
+
+def _consumers(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
+    """Leaf module name -> names of the leaf modules that take its output tensor directly as
+    their first input (one eval forward pass; functional ops in between are not seen)."""
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, str] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
+    out: dict[str, set[str]] = {}
+
+    def pre(mod: nn.Module, inp: tuple[Any, ...]) -> None:
+        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
+            out.setdefault(produced[id(inp[0])], set()).add(names[mod])
+
+    def post(mod: nn.Module, _inp: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            keep_alive.append(output)
+            produced[id(output)] = names[mod]
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def prune_groups(model: nn.Module, example: torch.Tensor, coupled: Literal["gate", "keep"] = "gate",
+                 graph: ChannelGraph | None = None) -> list[PruneGroup]:
+    """Classify the channel groups of ``model`` (see module docstring)."""
+    graph = graph or ChannelGraph(model, example)
+    modules = dict(model.named_modules())
+    consumers = _consumers(model, example)
+    out = []
+    for g in graph.groups:
+        outs = [n for n, kind in g.members if kind == "out" and n in modules]
+        bns = [n for n in outs if isinstance(modules[n], nn.BatchNorm2d)]
+        sites = list(bns)
+        for n in outs:  # a conv/linear whose output does not go through one of the group's BNs
+            if isinstance(modules[n], (nn.Conv2d, nn.Linear)) and not (consumers.get(n, set()) & set(bns)):
+                sites.append(n)
+        bn_relu = bool(bns) and all(
+            consumers.get(b) and all(isinstance(modules[c], _RELUS) for c in consumers[b]) for b in bns)
+        if bn_relu and sites == bns:
+            kind = "scp"
+        else:
+            kind = "gate" if coupled == "gate" else "fixed"
+        out.append(PruneGroup(g.name, g.size, kind, tuple(bns), tuple(sites)))
+    return out
+
+
+def deactivation_prob(gamma: torch.Tensor, beta: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
+    """q = P(gamma * z + beta < eps), z ~ N(0, 1): how often BatchNorm then ReLU switches a
+    channel off."""
+    return torch.special.ndtr((eps - beta) / gamma.abs().clamp_min(1e-8))
+
+
+def gumbel_keep_mask(keep: torch.Tensor, shape: tuple[int, ...], tau: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Relaxed Bernoulli (2-class Gumbel-softmax) sample of the "keep" coordinate, ``shape``
+    broadcasting over ``keep`` (C,) as (..., C, 1, 1) for feature maps."""
+    u = torch.rand(shape, generator=generator, device=keep.device, dtype=keep.dtype).clamp(1e-6, 1 - 1e-6)
+    logistic = torch.log(u) - torch.log1p(-u)  # difference of two Gumbel(0, 1) draws
+    k = keep.clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid((torch.log(k) - torch.log1p(-k) + logistic) / tau)
+
+
+class SoftMaskedNet(nn.Module):
+    """The network being pruned, with its soft masks.
+
+    ``forward`` runs ``net`` with the masks applied by forward hooks: Gumbel soft masks in
+    training, hard masks in eval (``fixed`` masks when set, else keep > 0.5). Holds the gate
+    logits and the dual multiplier ``lam`` as a buffer, so both are in ``state_dict`` (resume).
+    """
+
+    def __init__(self, net: nn.Module, groups: list[PruneGroup], eps: float = 0.05, sharpness: float = 20.0,
+                 threshold: float = 0.95, mask_tau: float = 0.5, gate_init: float = 0.95) -> None:
+        super().__init__()
+        self.net = net
+        self.groups = [g for g in groups if g.kind != "fixed"]
+        self.fixed_groups = [g for g in groups if g.kind == "fixed"]
+        self.eps, self.sharpness, self.threshold, self.mask_tau = eps, sharpness, threshold, mask_tau
+        init = math.log(gate_init / (1 - gate_init))
+        self.gates = nn.ParameterDict({
+            _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind == "gate"})
+        self.register_buffer("lam", torch.zeros(()))
+        self.fixed: dict[str, torch.Tensor] | None = None
+        self._modules_by_name = dict(net.named_modules())
+        self._cache: dict[str, torch.Tensor] = {}
+        self._site_group = {s: g for g in self.groups for s in g.sites}
+        for s in self._site_group:
+            self._modules_by_name[s].register_forward_hook(self._hook(s))
+
+    def _hook(self, site: str):  # noqa: ANN202
+        def hook(_mod: nn.Module, _inp: Any, output: torch.Tensor) -> torch.Tensor:
+            g = self._site_group[site]
+            if g.name not in self._cache:
+                self._cache[g.name] = self._mask(g, output)
+            return output * self._cache[g.name]
+        return hook
+
+    def _mask(self, g: PruneGroup, output: torch.Tensor) -> torch.Tensor:
+        view = (1, g.size, 1, 1) if output.ndim == 4 else (1, g.size)
+        if self.fixed is not None and g.name in self.fixed:
+            return self.fixed[g.name].to(output.dtype).view(view)
+        keep = self.keep_prob(g).to(output.dtype)
+        if not self.training:
+            return (keep > 0.5).to(output.dtype).view(view)
+        shape = (output.shape[0], g.size, 1, 1) if output.ndim == 4 else (output.shape[0], g.size)
+        return gumbel_keep_mask(keep.view(view), shape, self.mask_tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._cache = {}
+        try:
+            return self.net(x)
+        finally:
+            self._cache = {}
+
+    def deactivation(self, g: PruneGroup) -> torch.Tensor:
+        """q_c of an scp group (max over its BatchNorms)."""
+        qs = [deactivation_prob(self._modules_by_name[b].weight, self._modules_by_name[b].bias, self.eps)
+              for b in g.bns]
+        return torch.stack(qs).amax(0)
+
+    def keep_prob(self, g: PruneGroup, straight_through: bool = False) -> torch.Tensor:
+        """Per-channel keep probability. ``straight_through``: the value of the sharpened
+        probability with the gradient of 1 - q (scp groups only; see module docstring)."""
+        if g.kind == "gate":
+            return torch.sigmoid(self.gates[_key(g.name)])
+        q = self.deactivation(g)
+        keep = 1 - torch.sigmoid(self.sharpness * (q - self.threshold))
+        if straight_through:
+            keep = keep.detach() + ((1 - q) - (1 - q).detach())
+        return keep
+
+    def keep_probs(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {g.name: self.keep_prob(g).detach().float().cpu() for g in self.groups}
+
+    def expected_widths(self, straight_through: bool = True) -> dict[str, torch.Tensor]:
+        return {g.name: self.keep_prob(g, straight_through).sum() for g in self.groups}
+
+    def sparsity(self) -> torch.Tensor:
+        """SCP's regulariser sum_c (beta_c + 2 |gamma_c|) over the scp groups' BatchNorms."""
+        total = self.lam.new_zeros(())
+        for g in self.groups:
+            if g.kind == "scp":
+                for b in g.bns:
+                    bn = self._modules_by_name[b]
+                    total = total + (bn.bias + 2 * bn.weight.abs()).sum()
+        return total
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys may not contain dots
+
+
+class BudgetPenalty:
+    """lambda * (scale * E[latency] / target - 1), dual ascent on lambda (stored in ``net.lam``).
+
+    ``scale`` calibrates the penalty against the target: the stage sets it after every epoch to
+    the measured latency of the network hardened at that point over the prediction at the
+    expected widths (1 until then), which folds in both the table's error and the gap between
+    expected (soft) and hardened (rounded) widths."""
+
+    def __init__(self, net: SoftMaskedNet, predictor: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+                 target_ms: float, dual_lr: float, sparsity: float = 0.0) -> None:
+        self.net, self.predictor, self.target, self.dual_lr, self.sparsity = net, predictor, target_ms, dual_lr, sparsity
+        self.scale = 1.0
+        self.last_expected_ms = float("nan")
+
+    def __call__(self) -> torch.Tensor:
+        widths = {g: w.to("cpu", torch.float64) for g, w in self.net.expected_widths(straight_through=True).items()}
+        expected = self.scale * self.predictor(widths)
+        excess = expected / self.target - 1
+        loss = (float(self.net.lam) * excess).to(self.net.lam.device, torch.float32)
+        if self.sparsity:
+            loss = loss + self.sparsity * self.net.sparsity()
+        with torch.no_grad():  # dual ascent: lambda grows while over budget, shrinks (to 0) under it
+            self.last_expected_ms = float(expected)
+            self.net.lam.add_(self.dual_lr * float(excess)).clamp_(min=0.0)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard masks
+
+
+def allowed_widths(size: int, multiple: int, min_fraction: float) -> list[int]:
+    """Widths a group may be pruned to: the latency table's lattice (never empty, never 0)."""
+    return grid_values(size, multiple, min_fraction)
+
+
+def nearest_allowed(count: int, allowed: list[int]) -> int:
+    """The allowed width nearest to ``count`` (ties go to the larger one)."""
+    return min(allowed, key=lambda a: (abs(a - count), -a))
+
+
+def top_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean mask of the ``n`` most probable channels (ties broken by index, deterministic)."""
+    order = sorted(range(keep.numel()), key=lambda i: (-float(keep[i]), i))
+    m = torch.zeros(keep.numel(), dtype=torch.bool)
+    m[order[:n]] = True
+    return m
+
+
+def harden(keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Per group: count of keep > 0.5, rounded to the nearest allowed width, the most probable
+    channels kept. Groups missing from ``allowed`` keep their full width."""
+    out = {}
+    for name, keep in keep_probs.items():
+        n = int((keep > 0.5).sum())
+        width = nearest_allowed(n, allowed[name]) if name in allowed else keep.numel()
+        out[name] = top_mask(keep, max(1, width))
+    return out
+
+
+def widths_of(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {g: int(m.sum()) for g, m in masks.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed loop
+
+
+@dataclass
+class LoopResult:
+    masks: dict[str, torch.Tensor]
+    measured_ms: float
+    status: Literal["in_band", "below_band", "unreachable", "full"]
+    reason: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _step(masks: dict[str, torch.Tensor], keep: Mapping[str, torch.Tensor], group: str, width: int) -> dict[str, torch.Tensor]:
+    new = dict(masks)
+    new[group] = top_mask(keep[group], width)
+    return new
+
+
+def closed_loop(
+    masks: Mapping[str, torch.Tensor],
+    keep_probs: Mapping[str, torch.Tensor],
+    allowed: Mapping[str, list[int]],
+    budget_ms: float,
+    measure: Callable[[dict[str, torch.Tensor]], float],
+    predict: Callable[[dict[str, int]], float],
+    cost: Callable[[dict[str, torch.Tensor]], float],
+    band: tuple[float, float] = (0.9, 1.0),
+    max_iterations: int = 20,
+) -> LoopResult:
+    """Measure, adjust, measure again until ``band[0] * budget <= measured <= band[1] * budget``.
+
+    ``measure(masks)``: end-to-end latency (ms) of the slimmed network on the target.
+    ``predict(widths)``: the table's prediction (ms), to rank candidate steps.
+    ``cost(masks)``: validation loss of the hard-masked network (lower is better).
+    Only groups in ``allowed`` change. Terminates: every iteration either reaches the band,
+    stops, or moves to a width configuration not visited before, and at most ``max_iterations``
+    measurements are made. ``status``: in_band; below_band (the band could not be hit, the best
+    network under budget is returned, ``reason`` says why); full (nothing to prune: the unpruned
+    network is under the band); unreachable (no measured network met the budget).
+    """
+    state = {g: m.clone() for g, m in masks.items()}
+    lo, hi = band[0] * budget_ms, band[1] * budget_ms
+    history: list[dict[str, Any]] = []
+    seen: set[tuple[tuple[str, int], ...]] = set()
+    feasible: list[tuple[float, float, dict[str, torch.Tensor]]] = []  # (cost, -ms, masks) under budget
+    status, reason = "max_iterations", f"no width configuration in the band after {max_iterations} measurements"
+    last_ms = float("nan")
+    for it in range(max_iterations):
+        widths = widths_of(state)
+        key = tuple(sorted(widths.items()))
+        ms = measure(state)
+        last_ms = ms
+        c = cost(state)
+        rec = {"iteration": it, "widths": widths, "predicted_ms": predict(widths), "measured_ms": ms,
+               "budget_ms": budget_ms, "ratio": ms / budget_ms, "val_loss": c, "action": ""}
+        history.append(rec)
+        if ms <= hi:
+            feasible.append((c, -ms, state))
+        if lo <= ms <= hi:
+            status, reason = "in_band", f"measured {ms:.4f} ms is {ms / budget_ms:.3f} of the budget"
+            break
+        if key in seen:
+            status = "oscillating"
+            reason = (f"widths returned to a configuration already measured: the smallest width steps "
+                      f"available move latency across the [{band[0]:.2f}, {band[1]:.2f}] band")
+            break
+        seen.add(key)
+        # Predictions rank the moves, rescaled by this state's measured / predicted ratio so that
+        # a move is judged by where it should land on the target.
+        scale = ms / rec["predicted_ms"] if rec["predicted_ms"] > 0 else 1.0
+        if ms > hi:
+            options = []
+            for g, a in allowed.items():
+                smaller = [w for w in a if w < widths[g]]
+                if not smaller:
+                    continue
+                cand = _step(state, keep_probs, g, max(smaller))
+                landing = scale * predict(widths_of(cand))
+                per_ms = (cost(cand) - c) / max(ms - landing, 1e-9)
+                # prefer moves that do not overshoot below the band; then the cheapest per ms saved
+                options.append((landing < lo, per_ms if landing >= lo else -landing, g, cand, per_ms))
+            if not options:
+                status = "unreachable"
+                reason = (f"every prunable group is at its smallest allowed width and the network measures "
+                          f"{ms:.4f} ms > budget {budget_ms:.4f} ms")
+                break
+            _, _, g, state, per_ms = min(options, key=lambda o: (o[0], o[1], o[2]))
+            rec["action"] = f"shrink {g} to {widths_of(state)[g]} (val loss {per_ms:+.3g} per ms saved)"
+        else:
+            options = []
+            for g, a in allowed.items():
+                larger = [w for w in a if w > widths[g]]
+                if not larger:
+                    continue
+                cand = _step(state, keep_probs, g, min(larger))
+                landing = scale * predict(widths_of(cand))
+                prob = float(keep_probs[g][cand[g] & ~state[g]].mean())
+                # prefer moves expected to stay under budget; then the most probable channels
+                options.append((landing > hi, -prob if landing <= hi else landing, g, cand, prob))
+            if not options:
+                status, reason = "full", "every group is at full width: the unpruned network is already under the band"
+                break
+            _, _, g, state, prob = min(options, key=lambda o: (o[0], o[1], o[2]))
+            rec["action"] = f"grow {g} to {widths_of(state)[g]} (mean keep probability of added channels {prob:.3f})"
+    if status == "in_band":
+        return LoopResult(state, last_ms, status, reason, history)
+    if not feasible:  # the caller decides (the prune stage writes the record, then fails)
+        return LoopResult(state, last_ms, "unreachable",
+                          f"{reason}; no measured network met the budget {budget_ms:.4f} ms", history)
+    _c, neg_ms, best = min(feasible, key=lambda f: (f[0], f[1]))
+    if status == "full":
+        return LoopResult(best, -neg_ms, "full", reason, history)
+    return LoopResult(best, -neg_ms, "below_band",
+                      f"{reason}; kept the measured network under budget with the lowest validation loss", history)

@@ -1,0 +1,243 @@
+"""prune: SCP soft channel pruning of the student, jointly with oracle distillation, until the
+network measured on the target meets the latency budget (closed loop). Writes the masks and the
+masked checkpoint that `slim` turns into a smaller dense network."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
+from pipeline.data import load_prepared, normalize
+from pipeline.distill import TeacherEnsemble, kd_criterion
+from pipeline.errors import ConfigError
+from pipeline.flops import count_flops, count_params
+from pipeline.io import atomic_path, write_csv, write_json
+from pipeline.latency import make_backend
+from pipeline.latency_table import LatencyTable
+from pipeline.plots import widths_png
+from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, harden,
+                            prune_groups, top_mask, widths_of)
+from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
+from pipeline.slim import apply_masks, prune_structure
+from pipeline.train import test_accuracy, train_classifier
+from stages._common import digest, file_sha256, load_params, log, parser, run
+from stages._teachers import load_student, load_teachers
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--teachers", required=True, help="directory of teacher checkpoints")
+    p.add_argument("--student", required=True, help="trained student checkpoint")
+    p.add_argument("--table", required=True, help="latency table from the profile stage")
+    p.add_argument("--out-dir", required=True, help="directory for model.pt (masked) and masks.json")
+    p.add_argument("--metrics", required=True, help="metrics JSON path")
+    p.add_argument("--plots-dir", required=True, help="directory for history/loop/widths CSV and PNG")
+    p.add_argument("--resume-dir", default=".resume")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        t_start = time.perf_counter()
+        params = load_params(args.params)
+        cfg = parse_section(params, "prune", PruneConfig)
+        target = parse_section(params, "target", TargetConfig)
+        kd = parse_section(params, "distill", DistillConfig)
+        train_cfg = parse_section(params, "train", TrainConfig)
+        names = list(parse_teachers(params))
+        data = load_prepared(args.data)
+        student, ckpt = load_student(args.student, data.meta)
+        shape = (data.channels, *data.meta["image_size"])
+        example = torch.zeros(1, *shape)
+        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
+                               precision=target.precision, threads=target.threads, min_run_time=cfg.min_run_time,
+                               cuda_graph=target.cuda_graph)
+        table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
+        profiled = {"arch": table.model.get("arch"), "arch_config": table.model.get("arch_config")}
+        if json.dumps(profiled, sort_keys=True) != json.dumps({"arch": ckpt["arch"], "arch_config": ckpt["arch_config"]},
+                                                              sort_keys=True):
+            raise ConfigError(f"latency table {args.table} profiles {profiled}, not the student "
+                              f"{ckpt['arch']} {ckpt['arch_config']}; set profile.arch: student and re-run profile")
+        predictor = table.predictor()
+        groups = prune_groups(student, example, cfg.coupled)
+        multiple = cfg.multiple or int(table.meta["multiple"])
+        allowed = {g.name: allowed_widths(g.size, multiple, table.meta["min_fraction"])
+                   for g in groups if g.kind != "fixed"}
+
+        # --- the budget, and whether the smallest allowed network can meet it (before training)
+        student_ms = backend.measure(student, shape).median_ms
+        budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
+        floor_masks = {g: top_mask(torch.ones(next(x.size for x in groups if x.name == g)), a[0])
+                       for g, a in allowed.items()}
+        floor_pred = predictor(widths_of(floor_masks)).item()
+        floor_ms = backend.measure(prune_structure(student, example, floor_masks), shape).median_ms
+        how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
+               f"{multiple} from {table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled})")
+        if min(floor_pred, floor_ms) > budget_ms * cfg.band[1]:
+            raise BudgetError(
+                f"prune.latency_budget {cfg.latency_budget:g} {cfg.budget_unit} = {budget_ms:.4f} ms is below what the "
+                f"smallest allowed network reaches: measured {floor_ms:.4f} ms ({floor_ms / student_ms:.2f} of the "
+                f"student), predicted {floor_pred:.4f} ms {how}. Raise the budget, lower profile.min_fraction, "
+                "use prune.coupled: gate, or search a smaller student.")
+        log.info("budget %.4f ms (%.2f of the student's %.4f ms); smallest allowed network measures %.4f ms",
+                 budget_ms, budget_ms / student_ms, student_ms, floor_ms)
+
+        # --- joint training: oracle distillation + budget penalty with dual ascent
+        torch.manual_seed(cfg.seed)
+        net = SoftMaskedNet(copy.deepcopy(student), groups, cfg.eps, cfg.sharpness, cfg.threshold, cfg.mask_tau, cfg.gate_init)
+        teachers = load_teachers(args.teachers, names, data.meta)
+        device = resolve_device(train_cfg.device)
+        if train_cfg.num_threads:
+            torch.set_num_threads(train_cfg.num_threads)
+        ctx = init_distributed(device)
+        device = local_device(device, ctx)
+        ensemble = TeacherEnsemble(list(teachers.values())).to(device)
+        distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
+        aim_ms = budget_ms * (cfg.band[0] + cfg.band[1]) / 2
+        penalty = BudgetPenalty(net, predictor, aim_ms, cfg.dual_lr, cfg.sparsity)
+        plain_student = copy.deepcopy(student)
+
+        def criterion(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            return distil(logits, labels, inputs) + penalty()
+
+        def on_epoch_end(record: dict[str, float]) -> None:
+            # calibrate the predictor on the target: measure the network as it would be hardened now
+            # and rescale what the penalty sees (the predictor at the expected widths) to that
+            hard = harden(net.keep_probs(), allowed)
+            predicted = predictor(widths_of(hard)).item()
+            measured = backend.measure(prune_structure(plain_student, example, hard), shape).median_ms
+            with torch.no_grad():
+                soft = predictor({g: w.to("cpu", torch.float64) for g, w in net.expected_widths(False).items()}).item()
+            penalty.scale = min(2.0, max(0.5, measured / soft))
+            record.update(expected_ms=penalty.last_expected_ms, lam=float(net.lam),
+                          expected_channels=float(sum(w.item() for w in net.expected_widths(False).values())),
+                          hardened_measured_ms=measured, hardened_predicted_ms=predicted, calibration=penalty.scale)
+
+        teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]
+        fingerprint = digest(cfg.model_dump(exclude={"progress"}), "calibrated", kd.model_dump(),
+                             train_cfg.model_dump(exclude={"progress"}), file_sha256(args.student), teacher_files,
+                             budget_ms, data.meta["split_hashes"], ctx.world_size)
+        resume = Path(args.resume_dir) / "prune" / "prune.pt"
+        settle = round(cfg.settle_fraction * cfg.epochs)
+        soft_epochs = max(1, cfg.epochs - settle)
+        settle = cfg.epochs - soft_epochs
+        try:
+            result = train_classifier(net, data, train_cfg, cfg.optimizer, epochs=soft_epochs, seed=cfg.seed,
+                                      device=device, ctx=ctx, criterion=criterion, resume_path=resume,
+                                      fingerprint=fingerprint, on_epoch_end=on_epoch_end, desc="prune")
+        finally:
+            shutdown_distributed()
+        if not ctx.is_main:
+            return
+        # The last epoch's weights, not the best by validation: early epochs are over budget.
+        cpu = torch.device("cpu")
+        net.to(cpu).eval()
+        keep = net.keep_probs()
+        plain = build_model(ckpt["arch"], **ckpt["arch_config"])
+        plain.load_state_dict(net.net.state_dict())
+        plain.eval()
+        soft_acc = test_accuracy(net, data, cpu)  # hooks: hard masks keep > 0.5, before rounding
+
+        # --- harden, then the closed loop on the target
+        mean, std = data.norm()
+        vx = normalize(data.val.x[: cfg.loop_val_samples], mean, std)
+        vy = data.val.y[: cfg.loop_val_samples]
+
+        def cost(masks: dict[str, torch.Tensor]) -> float:
+            with torch.no_grad():
+                return F.cross_entropy(apply_masks(plain, example, masks)(vx), vy).item()
+
+        def measure(masks: dict[str, torch.Tensor]) -> float:
+            return backend.measure(prune_structure(plain, example, masks), shape).median_ms
+
+        masks = harden(keep, allowed)
+        loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,
+                           cfg.band, cfg.max_iterations)
+        masks = loop.masks
+        plots = Path(args.plots_dir)
+        write_csv(plots / "loop.csv", [{k: v for k, v in h.items() if k != "widths"} for h in loop.history])
+        if loop.status == "unreachable":
+            raise BudgetError(f"closed loop on {target.backend}: {loop.reason} (every measurement: {plots / 'loop.csv'})")
+
+        acc_decided = test_accuracy(apply_masks(plain, example, masks), data, cpu)
+        # --- settling (the rest of the schedule) and the optional recovery fine-tune, masks fixed
+        history = list(result.history)
+        for epochs, what in ((settle, "settle"), (cfg.finetune_epochs, "recovery fine-tune")):
+            if not epochs:
+                continue
+            fixed = SoftMaskedNet(plain, groups)
+            fixed.fixed = masks
+            extra = train_classifier(fixed, data, train_cfg, cfg.optimizer.model_copy(update={"warmup_epochs": 0}),
+                                     epochs=epochs, seed=cfg.seed + len(history), device=device, criterion=distil,
+                                     desc=what)
+            history += [{**h, "epoch": len(history) + i + 1, "phase": what} for i, h in enumerate(extra.history)]
+            fixed.to(cpu)
+            plain = build_model(ckpt["arch"], **ckpt["arch_config"])
+            plain.load_state_dict(fixed.net.state_dict())
+            plain.eval()
+        masked = apply_masks(plain, example, masks)
+        slimmed = prune_structure(masked, example, masks)
+        acc_student = test_accuracy(student, data, cpu)
+        acc_pruned = test_accuracy(masked, data, cpu)
+        final_widths = widths_of(masks)
+        predicted_ms = predictor(final_widths).item()
+        kept = {g: m.nonzero().flatten().tolist() for g, m in masks.items()}
+
+        out_dir = Path(args.out_dir)
+        with atomic_path(out_dir / "model.pt") as tmp:
+            save_checkpoint(tmp, ckpt["arch"], ckpt["arch_config"], masked.state_dict(),
+                            {**ckpt["meta"], "stage": "prune", "test_acc": acc_pruned, "student_test_acc": acc_student})
+        write_json(out_dir / "masks.json", {
+            "input_shape": list(shape), "kept": kept, "widths": final_widths,
+            "full_widths": {g.name: g.size for g in groups}, "kinds": {g.name: g.kind for g in groups},
+            "multiple": multiple, "budget_ms": budget_ms, "measured_ms": loop.measured_ms,
+            "predicted_ms": predicted_ms, "student_ms": student_ms,
+        })
+        write_csv(plots / "history.csv", [{"phase": "soft masks", **h} for h in result.history] + history[len(result.history):])
+        rows = [{"group": g.name, "kind": g.kind, "full": g.size, "kept": final_widths.get(g.name, g.size)} for g in groups]
+        write_csv(plots / "widths.csv", rows)
+        widths_png(rows, plots / "widths.png",
+                   f"kept channels per group: {loop.measured_ms:.4f} ms measured, budget {budget_ms:.4f} ms "
+                   f"({target.backend}, {backend.fingerprint()['device'].get('name')})")
+        metrics = {
+            "budget": cfg.latency_budget, "budget_unit": cfg.budget_unit, "budget_ms": budget_ms,
+            "student_ms": student_ms, "predicted_ms": predicted_ms, "measured_ms": loop.measured_ms,
+            "measured_over_budget": loop.measured_ms / budget_ms, "predicted_over_measured": predicted_ms / loop.measured_ms,
+            "measured_over_student": loop.measured_ms / student_ms,
+            "within_budget": loop.measured_ms <= budget_ms,
+            "in_band": cfg.band[0] * budget_ms <= loop.measured_ms <= cfg.band[1] * budget_ms,
+            "loop_status": loop.status, "loop_reason": loop.reason, "loop_iterations": len(loop.history),
+            "smallest_network_ms": floor_ms, "smallest_network_predicted_ms": floor_pred,
+            "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_hard": soft_acc,
+            "test_acc_at_decision": acc_decided,
+            "acc_drop": acc_student - acc_pruned,
+            "params_student": count_params(student), "params": count_params(slimmed),
+            "flops_student": count_flops(student, shape), "flops": count_flops(slimmed, shape),
+            "epochs": cfg.epochs, "soft_epochs": soft_epochs, "settle_epochs": settle,
+            "finetune_epochs": cfg.finetune_epochs, "multiple": multiple,
+            "final_lambda": float(net.lam), "final_expected_ms": penalty.last_expected_ms,
+            "training_target_ms": aim_ms, "final_calibration": penalty.scale,
+            "groups": {k: sum(g.kind == k for g in groups) for k in ("scp", "gate", "fixed")},
+            "widths": final_widths, "backend": target.backend, "device": backend.fingerprint()["device"],
+            "train_device": describe_device(device), "seconds": time.perf_counter() - t_start,
+            "epoch_seconds": [h["epoch_seconds"] for h in history],
+        }
+        write_json(args.metrics, metrics)
+        resume.unlink(missing_ok=True)
+        log.info("pruned: measured %.4f ms for a budget of %.4f ms (%.3f; predicted %.4f ms) after %d loop "
+                 "iteration(s), %s; test acc %.4f (student %.4f)", loop.measured_ms, budget_ms,
+                 loop.measured_ms / budget_ms, predicted_ms, len(loop.history), loop.status, acc_pruned, acc_student)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
