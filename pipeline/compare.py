@@ -62,11 +62,11 @@ def l1_candidates(model: nn.Module, example: torch.Tensor, ratios: list[float], 
     at each pruning ratio. Distinct architectures only."""
     import torch_pruning as tp
 
-    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     out: list[Candidate] = []
     seen: set[tuple[int, ...]] = set()
     for r in ratios:
         net = copy.deepcopy(model).eval()
+        classifier = ChannelGraph(net, example).classifier  # the last layer executed: never pruned
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MagnitudePruner(

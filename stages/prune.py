@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from models import build_model
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(train_cfg.num_threads)
         ctx = init_distributed(device)
         device = local_device(device, ctx)
+        if ctx.enabled:  # every rank measured the student; rank 0's budget is the one used
+            b = torch.tensor([budget_ms], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(b, 0)
+            budget_ms = b.item()
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
         aim_ms = budget_ms * (cfg.band[0] + cfg.band[1]) / 2
@@ -111,12 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch_end(record: dict[str, float]) -> None:
             # calibrate the predictor on the target: measure the network as it would be hardened now
             # and rescale what the penalty sees (the predictor at the expected widths) to that
+            # (on rank 0 only under DDP, then broadcast, so every rank uses the same penalty)
             hard = harden(net.keep_probs(), allowed)
             predicted = predictor(widths_of(hard)).item()
-            measured = backend.measure(prune_structure(plain_student, example, hard), shape).median_ms
-            with torch.no_grad():
-                soft = predictor({g: w.to("cpu", torch.float64) for g, w in net.expected_widths(False).items()}).item()
-            penalty.scale = min(2.0, max(0.5, measured / soft))
+            measured = float("nan")
+            if ctx.is_main:
+                measured = backend.measure(prune_structure(plain_student, example, hard), shape).median_ms
+                with torch.no_grad():
+                    soft = predictor({g: w.to("cpu", torch.float64) for g, w in net.expected_widths(False).items()})
+                penalty.scale = min(2.0, max(0.5, measured / soft.item()))
+            if ctx.enabled:
+                scale = torch.tensor([penalty.scale], dtype=torch.float64, device=device)
+                torch.distributed.broadcast(scale, 0)
+                penalty.scale = scale.item()
             record.update(expected_ms=penalty.last_expected_ms, lam=float(net.lam),
                           expected_channels=float(sum(w.item() for w in net.expected_widths(False).values())),
                           hardened_measured_ms=measured, hardened_predicted_ms=predicted, calibration=penalty.scale)

@@ -40,7 +40,8 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params["train"].update(progress=False, batch_size=128)
     params["profile"].update(arch="student", min_run_time=0.002, warmup=1, validation_samples=20,
                              noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
-    params["slim"].update(teacher="a", latency_min_run_time=0.01)
+    params["slim"].update(latency_min_run_time=0.01)
+    params["prune"].update(epochs=2, latency_budget=1.0, band=[0.05, 1.0], min_run_time=0.01, progress=False)
     params["search"].update(epochs=1, progress=False, budget_ratio=0.6)
     params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {
@@ -59,12 +60,12 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
 
     out = _sh(["dvc", "repro"], repo)
     for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "search", "train_student",
-                  "profile", "slim"):
+                  "profile", "prune", "slim", "compare"):
         assert f"Running stage '{stage}'" in out
     ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
     assert set(ens["members"]) == {"a", "b"} and ens["oracle_acc"] >= ens["ensemble_acc"]
     for name in ("prepare.json", "teachers/a.json", "teachers/b.json", "search.json", "student.json",
-                 "profile.json", "slim.json"):
+                 "profile.json", "prune.json", "slim.json", "compare.json"):
         assert (repo / "metrics" / name).is_file()
 
     again = _sh(["dvc", "repro"], repo)
@@ -72,8 +73,8 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     assert "up to date" in _sh(["dvc", "status"], repo)
 
     # Changing one teacher's seed re-runs that teacher and what consumes the whole ensemble
-    # (ensemble, search, student; profile too when the searched architecture changed), nothing
-    # else: not the other teacher, the data, or slim (which slims teacher a).
+    # (ensemble, search, student, and the student's descendants: profile when the searched
+    # architecture changed, prune, slim, compare), nothing else: not the other teacher or the data.
     _tiny_params(repo / "params.yaml", seed_b=5)
     status = _sh(["dvc", "status"], repo)
     assert "train_teacher@b" in status and "ensemble" in status
@@ -81,5 +82,5 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     rerun = _sh(["dvc", "repro"], repo)
     ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
     assert {"ensemble", "search", "train_student", "train_teacher@b"} <= set(ran)
-    assert not {"prepare", "train_teacher@a", "slim"} & set(ran)
-    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile"}
+    assert not {"prepare", "train_teacher@a"} & set(ran)
+    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile", "prune", "slim", "compare"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from stages import ensemble, prepare, profile, search, slim, train_teacher
+from stages import compare, ensemble, prepare, profile, prune, search, slim, train_teacher
 from tests.conftest import REPO, make_imagefolder
 
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -163,28 +163,79 @@ def test_profile_missing_backend(tmp_path: Path, digits_dir: Path, caplog: pytes
     assert "tensorrt" in caplog.text and outputs(tmp_path) == []
 
 
-def test_slim_stage_proves_equivalence_and_rebuilds(tmp_path: Path) -> None:
-    params = write_params(tmp_path, slim={"teacher": "a", "latency_min_run_time": 0.01})
+def _prune_setup(tmp_path: Path, **prune_values: object) -> Path:
+    """Prepared data, teachers a and b, and a latency table of resnet_tiny (teacher a plays the student)."""
+    params = write_params(tmp_path, prune={"epochs": 2, "min_run_time": 0.01, "progress": False, "band": [0.05, 1.0],
+                                           **prune_values},
+                          slim={"latency_min_run_time": 0.01})
     assert run_prepare(tmp_path, params) == 0
     assert run_teacher(tmp_path, params, "a") == 0
-    code = slim.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
-                      "--out", str(tmp_path / "s" / "model.pt"), "--metrics", str(tmp_path / "m" / "slim.json")])
+    assert run_teacher(tmp_path, params, "b") == 0
+    assert run_profile(tmp_path, params, tmp_path / "prep") == 0
+    return params
+
+
+def run_prune(tmp_path: Path, params: Path) -> int:
+    return prune.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
+                       "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
+                       "--out-dir", str(tmp_path / "pr"), "--metrics", str(tmp_path / "m" / "prune.json"),
+                       "--plots-dir", str(tmp_path / "p" / "prune"), "--resume-dir", str(tmp_path / "resume")])
+
+
+def test_prune_slim_compare_stages(tmp_path: Path) -> None:
+    params = _prune_setup(tmp_path, latency_budget=0.9)
+    assert run_prune(tmp_path, params) == 0
+    m = json.loads((tmp_path / "m" / "prune.json").read_text())
+    assert m["within_budget"] and m["measured_ms"] <= m["budget_ms"] and m["loop_iterations"] >= 1
+    assert m["groups"]["scp"] >= 1 and m["groups"]["gate"] >= 1
+    assert {"pr/model.pt", "pr/masks.json", "p/prune/widths.png", "p/prune/loop.csv",
+            "p/prune/history.csv"} <= set(outputs(tmp_path))
+    code = slim.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--model", str(tmp_path / "pr" / "model.pt"),
+                      "--masks", str(tmp_path / "pr" / "masks.json"), "--out", str(tmp_path / "s" / "model.pt"),
+                      "--metrics", str(tmp_path / "m" / "slim.json")])
     assert code == 0
-    m = json.loads((tmp_path / "m" / "slim.json").read_text())
-    assert m["max_abs_diff_vs_masked"] <= 1e-4
-    assert m["test_acc_slimmed"] == m["test_acc_masked"]
-    assert m["params_after"] < m["params_before"] and m["flops_after"] < m["flops_before"]
+    s = json.loads((tmp_path / "m" / "slim.json").read_text())
+    assert s["max_abs_diff_vs_masked"] <= 1e-4 and s["test_acc_slimmed"] == s["test_acc_masked"]
+    assert s["test_acc_slimmed"] == m["test_acc"] and s["params_after"] == m["params"]
     from pipeline.slim import load_slimmed_model
 
     model, ckpt = load_slimmed_model(tmp_path / "s" / "model.pt")
-    assert "channel_manifest" in ckpt and sum(p.numel() for p in model.parameters()) == m["params_after"]
+    assert "channel_manifest" in ckpt and sum(p.numel() for p in model.parameters()) == s["params_after"]
+    code = compare.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
+                         "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
+                         "--pruned", str(tmp_path / "pr" / "masks.json"), "--model", str(tmp_path / "pr" / "model.pt"),
+                         "--metrics", str(tmp_path / "m" / "compare.json")])
+    assert code == 0
+    c = json.loads((tmp_path / "m" / "compare.json").read_text())
+    for method in ("uniform", "l1"):
+        assert 0.0 <= c[method]["test_acc"] <= 1.0 and c[method]["measured_ms"] > 0 and c[method]["candidates"]
 
 
-def test_slim_stage_unknown_teacher(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    params = write_params(tmp_path, slim={"teacher": "nobody"})
-    code = slim.main(["--params", str(params), "--data", str(digits_dir), "--teachers", str(tmp_path / "t"),
-                      "--out", str(tmp_path / "s" / "model.pt"), "--metrics", str(tmp_path / "m" / "slim.json")])
-    assert code == 2 and "slim.teacher 'nobody'" in caplog.text and outputs(tmp_path) == []
+def test_prune_unreachable_budget_fails_before_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = _prune_setup(tmp_path, latency_budget=0.01)
+    assert run_prune(tmp_path, params) == 2
+    assert "below what the smallest allowed network reaches" in caplog.text and "prune.latency_budget" in caplog.text
+    assert "prune epoch" not in caplog.text and not (tmp_path / "pr").exists() and not (tmp_path / "m" / "prune.json").exists()
+
+
+def test_prune_refuses_a_table_of_another_network(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = _prune_setup(tmp_path)
+    code = prune.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
+                       "--student", str(tmp_path / "t" / "b.pt"), "--table", str(tmp_path / "prof" / "table.json"),
+                       "--out-dir", str(tmp_path / "pr"), "--metrics", str(tmp_path / "m" / "prune.json"),
+                       "--plots-dir", str(tmp_path / "p" / "prune")])
+    assert code == 2 and "not the student" in caplog.text and not (tmp_path / "pr").exists()
+
+
+def test_prune_budget_fraction_above_one_is_a_config_error(tmp_path: Path, digits_dir: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, prune={"latency_budget": 2.0})
+    code = prune.main(["--params", str(params), "--data", str(digits_dir), "--teachers", str(tmp_path / "t"),
+                       "--student", str(tmp_path / "a.pt"), "--table", str(tmp_path / "table.json"),
+                       "--out-dir", str(tmp_path / "pr"), "--metrics", str(tmp_path / "m.json"),
+                       "--plots-dir", str(tmp_path / "p")])
+    assert code == 2 and "prune: latency_budget 2.0 is a fraction" in caplog.text.replace("\n", "")
+    assert outputs(tmp_path) == []
 
 
 def test_search_budget_below_family_fails_before_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,187 @@
+"""Soft channel pruning under a latency budget: probabilities, masks, multiplier, rounding, loop."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models import build_model
+from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, deactivation_prob,
+                            gumbel_keep_mask, harden, nearest_allowed, prune_groups, widths_of)
+from pipeline.slim import apply_masks, random_masks
+
+
+def _tiny(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model("resnet_tiny", num_classes=10, in_channels=1)
+    with torch.no_grad():  # non-trivial BN parameters (zero-init bn2 would hide bugs)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.3, 1.2)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval(), torch.zeros(1, 1, 8, 8)
+
+
+def test_deactivation_probability_matches_monte_carlo_on_batchnorm() -> None:
+    gen = torch.Generator().manual_seed(0)
+    c = 6
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 0.5, -0.8, 0.2, 2.0, 0.05]))
+        bn.bias.copy_(torch.tensor([0.0, -0.4, 0.3, 0.6, -1.5, -0.02]))
+    # inputs with arbitrary per-channel mean/scale: BatchNorm (training mode) normalises them
+    x = 3.0 * torch.randn(400_000 // 64, c, 8, 8, generator=gen) + torch.arange(c).view(1, c, 1, 1)
+    out = bn.train()(x)
+    mc = (out < 0.05).float().mean(dim=(0, 2, 3))
+    q = deactivation_prob(bn.weight.detach(), bn.bias.detach(), 0.05)
+    assert torch.allclose(q, mc, atol=0.01), (q, mc)
+
+
+def test_keep_probability_is_sharpened_scp_probability() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    net = SoftMaskedNet(model, groups, eps=0.05, sharpness=20.0, threshold=0.95)
+    g = next(g for g in net.groups if g.kind == "scp")
+    bn = dict(model.named_modules())[g.bns[0]]
+    q = deactivation_prob(bn.weight, bn.bias, 0.05)
+    expected = 1 - torch.sigmoid(20.0 * (q - 0.95))
+    assert torch.allclose(net.keep_prob(g), expected)
+
+
+def test_groups_classified_scp_inside_blocks_and_gate_on_residual_streams() -> None:
+    model, example = _tiny()
+    groups = {g.name: g for g in prune_groups(model, example)}
+    kinds = {n: g.kind for n, g in groups.items()}
+    assert kinds["stages.0.0.conv1"] == "scp"  # conv1 -> bn1 -> relu1 inside the residual branch
+    stream = [g for g in groups.values() if len(g.bns) > 1]  # stem/bn2/shortcut BNs summed before the ReLU
+    assert stream and all(g.kind == "gate" for g in stream)
+    assert all(g.kind == "fixed" for g in prune_groups(model, example, coupled="keep") if len(g.bns) > 1)
+
+
+def test_soft_mask_gradients_reach_gamma_beta_and_gate_logits() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    net = SoftMaskedNet(model, groups, mask_tau=0.5)
+    g = next(g for g in net.groups if g.kind == "scp")
+    bn = dict(model.named_modules())[g.bns[0]]
+    with torch.no_grad():  # channels near the decision, where the relaxed mask is not saturated
+        bn.bias.fill_(-1.0)
+        bn.weight.fill_(0.5)
+    keep = net.keep_prob(g)
+    mask = gumbel_keep_mask(keep.view(1, -1, 1, 1), (4, g.size, 1, 1), 0.5, torch.Generator().manual_seed(0))
+    d_gamma, d_beta = torch.autograd.grad(mask.sum(), [bn.weight, bn.bias])
+    assert d_gamma.abs().sum() > 0 and d_beta.abs().sum() > 0
+    # through the whole network in training mode: gate logits are used nowhere but in the masks
+    net.train()
+    out = net(torch.randn(8, 1, 8, 8))
+    out.logsumexp(1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.gates.values())
+
+
+def test_hard_masked_wrapper_equals_the_masked_model() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    masks = random_masks([g for g in groups], 0.3, 0.7, torch.Generator().manual_seed(1))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        reference = apply_masks(model, example, masks)(x)
+        net = SoftMaskedNet(model, groups)
+        net.fixed = masks
+        wrapped = net.eval()(x)
+    assert torch.allclose(wrapped, reference, atol=1e-5)
+
+
+def test_multiplier_rises_over_budget_and_falls_to_zero_under_it() -> None:
+    model, example = _tiny()
+    net = SoftMaskedNet(model, prune_groups(model, example))
+    full = sum(g.size for g in net.groups)
+
+    def predictor(widths: dict) -> torch.Tensor:  # latency proportional to kept channels
+        return sum(widths.values()) / full
+
+    over = BudgetPenalty(net, predictor, target_ms=0.5, dual_lr=1.0)
+    for _ in range(3):
+        over()
+    assert float(net.lam) > 0
+    # the penalty's gradient lowers every scp BN shift and gate logit (fewer expected channels)
+    loss = over()
+    loss.backward()
+    modules = dict(model.named_modules())
+    for g in net.groups:
+        grad = modules[g.bns[0]].bias.grad if g.kind == "scp" else net.gates[g.name.replace(".", "__")].grad
+        assert grad is not None and (grad >= 0).all() and grad.sum() > 0
+    lam_over = float(net.lam)
+    under = BudgetPenalty(net, predictor, target_ms=2.0, dual_lr=1.0)
+    under()
+    assert float(net.lam) < lam_over
+    for _ in range(50):
+        under()
+    assert float(net.lam) == 0.0
+
+
+def test_rounding_respects_the_multiple_and_never_empties_a_group() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = {"a": 64, "b": 29, "c": 12, "d": 100}
+    allowed = {g: allowed_widths(n, 16, 0.25) for g, n in sizes.items()}
+    assert allowed["b"] == [16, 29] and allowed["c"] == [12] and allowed["d"] == [32, 48, 64, 80, 96, 100]
+    assert nearest_allowed(24, [16, 32]) == 32 and nearest_allowed(0, [16, 32]) == 16
+    for trial in range(20):
+        keep = {g: torch.rand(n, generator=gen) * (trial / 10) for g, n in sizes.items()}  # incl. all < 0.5
+        masks = harden(keep, allowed)
+        for g, m in masks.items():
+            w = int(m.sum())
+            assert w in allowed[g] and w >= 1
+            assert w == sizes[g] or w % 16 == 0
+            # the most probable channels are the ones kept
+            assert keep[g][m].min() >= keep[g][~m].max() if (~m).any() else True
+
+
+def _loop_setup(cost_per_channel: float = 1.0):  # noqa: ANN202
+    sizes = {"a": 64, "b": 48}
+    allowed = {g: allowed_widths(n, 16, 0.25) for g, n in sizes.items()}
+    keep = {g: torch.linspace(1, 0, n) for g, n in sizes.items()}
+    masks = harden({g: torch.ones(n) for g, n in sizes.items()}, allowed)
+
+    def predict(widths: dict) -> float:
+        return cost_per_channel * sum(widths.values())
+
+    def cost(m: dict) -> float:
+        return -float(sum(int(v.sum()) for v in m.values()))  # more channels, lower loss
+
+    return masks, keep, allowed, predict, cost
+
+
+def test_closed_loop_terminates_on_an_unreachable_target() -> None:
+    masks, keep, allowed, predict, cost = _loop_setup()
+    calls = []
+
+    def measure(m: dict) -> float:
+        calls.append(widths_of(m))
+        return 1000.0  # never under budget
+
+    result = closed_loop(masks, keep, allowed, 1.0, measure, predict, cost, max_iterations=50)
+    assert result.status == "unreachable" and "smallest allowed width" in result.reason
+    assert calls[-1] == {"a": 16, "b": 16} and len(calls) <= 1 + (len(allowed["a"]) - 1) + (len(allowed["b"]) - 1)
+
+
+def test_closed_loop_reaches_the_band_and_records_every_step() -> None:
+    masks, keep, allowed, predict, cost = _loop_setup()
+
+    def measure(m: dict) -> float:  # the target is 10% slower than the table predicts
+        return 1.1 * predict(widths_of(m))
+
+    result = closed_loop(masks, keep, allowed, 75.0, measure, predict, cost)
+    assert result.status == "in_band" and 0.9 * 75 <= result.measured_ms <= 75
+    assert [h["iteration"] for h in result.history] == list(range(len(result.history)))
+    assert all(h["action"] for h in result.history[:-1])
+
+
+def test_closed_loop_oscillating_across_the_band_keeps_the_best_network_under_budget() -> None:
+    masks, keep, allowed, predict, cost = _loop_setup()
+
+    def measure(m: dict) -> float:  # steps of 16 channels cost 40 ms: nothing lands in [90, 100]
+        return 2.5 * sum(widths_of(m).values())
+
+    result = closed_loop(masks, keep, allowed, 100.0, measure, predict, cost, max_iterations=30)
+    assert result.status == "below_band" and result.measured_ms <= 100.0
+    assert len(result.history) < 30
