@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BudgetError(
                 f"prune.latency_budget {cfg.latency_budget:g} {cfg.budget_unit} = {budget_ms:.4f} ms is below what the "
                 f"smallest allowed network reaches: measured {floor_ms:.4f} ms ({floor_ms / student_ms:.2f} of the "
-                f"student), predicted {floor_pred:.4f} ms {how}. Raise the budget, lower profile.min_fraction, "
-                "use prune.coupled: gate, or search a smaller student.")
+                f"student), predicted {floor_pred:.4f} ms {how}. Raise the budget, lower profile.min_fraction"
+                f"{', use prune.coupled: gate' if cfg.coupled == 'keep' else ''}, or search a smaller student.")
         log.info("budget %.4f ms (%.2f of the student's %.4f ms); smallest allowed network measures %.4f ms",
                  budget_ms, budget_ms / student_ms, student_ms, floor_ms)
 

@@ -29,7 +29,8 @@ def _copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        if (REPO / rel).is_file() and rel != "dvc.lock":  # the copy starts from a clean state
+        generated = rel == "dvc.lock" or rel.split("/")[0] in ("metrics", "plots") or rel.endswith(".gitignore") and rel != ".gitignore"
+        if (REPO / rel).is_file() and not generated:  # the copy starts from a clean state
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
 
