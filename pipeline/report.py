@@ -34,11 +34,18 @@ def rows(metrics_dir: Path) -> list[tuple[str, str, str, str, str]]:
         m = read_json(stu)
         out.append((f"student (searched, {m['distill']['mode']} KD)", "cifar_resnet", f"{m['params']:,}",
                     _pct(m["test_acc"]), f"{m['epoch_seconds_median']:.2f}"))
-    slim = metrics_dir / "slim.json"
-    if slim.is_file():
-        m = read_json(slim)
-        out.append((f"slim of {m['source']} ({m['mask_source']} {m['keep_fraction']:.0%}, no fine-tune)", "-",
-                    f"{m['params_after']:,}", _pct(m["test_acc_slimmed"]), "-"))
+    pr = metrics_dir / "prune.json"
+    if pr.is_file():
+        m = read_json(pr)
+        out.append((f"pruned to {m['budget_ms']:.3f} ms, measured {m['measured_ms']:.3f} ms", "cifar_resnet",
+                    f"{m['params']:,}", _pct(m["test_acc"]), "-"))
+    cmp_ = metrics_dir / "compare.json"
+    if cmp_.is_file():
+        m = read_json(cmp_)
+        for method, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
+            if method in m:
+                out.append((f"{label}, measured {m[method]['measured_ms']:.3f} ms", "-", f"{m[method]['params']:,}",
+                            _pct(m[method]["test_acc"]), "-"))
     return out
 
 
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no metrics under {args.metrics_dir}; run `dvc repro` first", file=sys.stderr)
         return 1
     print(format_table(table, ("model", "arch", "params", "test acc", "s/epoch")))
+    pr = args.metrics_dir / "prune.json"
     prof = args.metrics_dir / "profile.json"
     if prof.is_file():
         m = read_json(prof)
@@ -68,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         m = read_json(slim)
         print(f"slim: latency {m['latency_before_ms']:.3f} -> {m['latency_after_ms']:.3f} ms, max |slim - masked| "
               f"{m['max_abs_diff_vs_masked']:.1e}")
+    if pr.is_file():
+        m = read_json(pr)
+        print(f"prune: budget {m['budget_ms']:.4f} ms, measured {m['measured_ms']:.4f} ms ({m['measured_over_budget']:.3f} "
+              f"of budget, {m['loop_status']}), predicted {m['predicted_ms']:.4f} ms; closed loop "
+              f"{m['loop_iterations']} iteration(s)")
     prep = args.metrics_dir / "prepare.json"
     if prep.is_file():
         m = read_json(prep)

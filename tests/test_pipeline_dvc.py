@@ -69,6 +69,9 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
                  "profile.json", "prune.json", "slim.json", "compare.json"):
         assert (repo / "metrics" / name).is_file()
 
+    report = _sh([sys.executable, "-m", "pipeline.report"], repo)  # what `make run` prints at the end
+    assert "pruned to" in report and "Torch-Pruning L1" in report and "closed loop" in report
+
     again = _sh(["dvc", "repro"], repo)
     assert "Running stage" not in again and "up to date" in again
     assert "up to date" in _sh(["dvc", "status"], repo)
