@@ -319,6 +319,12 @@ def make_backend(name: str, *, device: str = "cpu", batch_size: int = 1, precisi
     raise BackendUnavailable(f"unknown latency backend {name!r}; choose one of {BACKENDS}")
 
 
+def target_backend(target: Any, min_run_time: float, warmup: int = 5) -> Backend:
+    """``make_backend`` for a ``TargetConfig`` (the params' `target` section)."""
+    return make_backend(target.backend, device=target.device, batch_size=target.batch_size, precision=target.precision,
+                        threads=target.threads, min_run_time=min_run_time, warmup=warmup, cuda_graph=target.cuda_graph)
+
+
 def check_fingerprint(recorded: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse ``what`` when it was measured under another fingerprint; lists every difference."""
     diffs = []

@@ -18,7 +18,7 @@ from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.errors import CheckpointError
 from pipeline.flops import count_params
 from pipeline.io import read_json, write_json
-from pipeline.latency import make_backend
+from pipeline.latency import target_backend
 from pipeline.latency_table import LatencyTable
 from pipeline.prune import allowed_widths
 from pipeline.runtime import describe_device, resolve_device
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         student, _ = load_student(args.student, data.meta)
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
-        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
-                               precision=target.precision, threads=target.threads,
-                               min_run_time=prune_cfg.min_run_time, cuda_graph=target.cuda_graph)
+        backend = target_backend(target, prune_cfg.min_run_time)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
         try:
             pruned = read_json(args.pruned)

@@ -13,7 +13,7 @@ from pipeline.config import ProfileConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError, SlimdeployError
 from pipeline.io import write_csv, write_json
-from pipeline.latency import make_backend
+from pipeline.latency import target_backend
 from pipeline.latency_table import build_table, noise_floor, validate
 from pipeline.plots import predicted_vs_measured_png, staircase_png
 from stages._common import load_params, log, parser, read_arch, run
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         target = parse_section(params, "target", TargetConfig)
         cfg = parse_section(params, "profile", ProfileConfig)
-        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
-                               precision=target.precision, threads=target.threads, min_run_time=cfg.min_run_time,
-                               warmup=cfg.warmup, cuda_graph=target.cuda_graph)
+        backend = target_backend(target, cfg.min_run_time, cfg.warmup)
         meta = load_prepared(args.data).meta
         shape = (meta["channels"], *meta["image_size"])
         arch, extra = cfg.arch, dict(cfg.arch_config)

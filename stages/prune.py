@@ -22,7 +22,7 @@ from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.errors import ConfigError
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, write_csv, write_json
-from pipeline.latency import make_backend
+from pipeline.latency import target_backend
 from pipeline.latency_table import LatencyTable
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, harden,
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         student, ckpt = load_student(args.student, data.meta)
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
-        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
-                               precision=target.precision, threads=target.threads, min_run_time=cfg.min_run_time,
-                               cuda_graph=target.cuda_graph)
+        backend = target_backend(target, cfg.min_run_time)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
         profiled = {"arch": table.model.get("arch"), "arch_config": table.model.get("arch_config")}
         if json.dumps(profiled, sort_keys=True) != json.dumps({"arch": ckpt["arch"], "arch_config": ckpt["arch_config"]},

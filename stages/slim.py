@@ -4,7 +4,6 @@ equals the masked network, and report parameters, FLOPs and measured latency bef
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -15,7 +14,7 @@ from pipeline.errors import CheckpointError
 from pipeline.io import read_json
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, write_json
-from pipeline.latency import make_backend
+from pipeline.latency import target_backend
 from pipeline.slim import channel_groups, load_slimmed_model, masks_from_kept, slim
 from pipeline.train import test_accuracy
 from stages._common import load_params, log, parser, run
@@ -55,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         accs = {name: test_accuracy(net, data, cpu)
                 for name, net in (("masked", result.masked), ("slimmed", result.model))}
-        backend = make_backend(target.backend, device=target.device, batch_size=target.batch_size,
-                               precision=target.precision, threads=target.threads,
-                               min_run_time=cfg.latency_min_run_time, cuda_graph=target.cuda_graph)
+        backend = target_backend(target, cfg.latency_min_run_time)
         before, after = backend.measure(model, shape), backend.measure(result.model, shape)
         flops = (count_flops(model, shape), count_flops(result.model, shape))
         nparams = (count_params(model), count_params(result.model))
