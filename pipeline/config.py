@@ -164,7 +164,7 @@ class PruneConfig(Section):
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
     epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
-    settle_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
+    settle_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
                                    "the closed loop's hard masks fixed; 0: decide at the end (pure SCP)")
     optimizer: OptimizerConfig = PRUNE_OPTIMIZER
     seed: int = Field(0, ge=0)
@@ -212,6 +212,34 @@ class CompareConfig(Section):
     tolerance: float = Field(0.03, ge=0.0, le=1.0, description="a baseline may measure this much above ours "
                              "(measurement noise)")
     seed: int = Field(0, ge=0)
+
+
+class ExportConfig(Section):
+    """`export`: ONNX from the slimmed model, checked against PyTorch."""
+
+    opset: int = Field(17, ge=17, le=23, description="ONNX opset (17 or later)")
+    atol: float = Field(1e-4, gt=0.0, le=1.0, description="max abs logit difference ONNX vs PyTorch (fp32)")
+
+
+class EngineConfig(Section):
+    """`engine`: the deployable engine, its accuracy and latency, and the budget check."""
+
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = Field("auto", description="auto: TensorRT when installed "
+                                                                "and a GPU is present, else ONNX Runtime")
+    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision (ONNX Runtime: fp32)")
+    calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration")
+    max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
+    min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
+    latency_runs: int = Field(1000, ge=10, le=1000000, description="timed calls for p50/p90/p99")
+    warmup: int = Field(50, ge=0, le=100000)
+    on_over_budget: Literal["fail", "warn"] = Field("fail", description="measured p50 over the budget: fail "
+                                                    "the stage or only warn")
+
+
+class HandoffConfig(Section):
+    """`handoff`: the bundle the deploy team receives."""
+
+    name: str = Field("slimdeploy-classifier", description="model name in the manifest and README")
 
 
 class DistillConfig(Section):

@@ -1,0 +1,111 @@
+"""engine: build the deployable engine from the ONNX model (TensorRT, or ONNX Runtime where
+TensorRT is absent), check its accuracy and top-1 agreement with ONNX on the test split, measure
+its latency at the deployment batch, and verify that it meets the latency budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import EngineConfig, TargetConfig, parse_section
+from pipeline.data import load_prepared, normalize
+from pipeline.deploy import (DeployError, TensorRTRunner, build_tensorrt_engine, latency_percentiles, ort_logits,
+                             ort_session, parity, select_backend)
+from pipeline.errors import CheckpointError
+from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.latency import _cpu_device, _cuda_device
+from stages._common import load_params, log, parser, run
+
+
+class BudgetExceeded(DeployError):
+    """The engine's measured latency is over the budget."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--onnx", required=True, help="ONNX model (export stage)")
+    p.add_argument("--pruned", required=True, help="masks.json of the prune stage (budget, predicted latency)")
+    p.add_argument("--out-dir", required=True, help="engine directory")
+    p.add_argument("--metrics", required=True)
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        params = load_params(args.params)
+        cfg = parse_section(params, "engine", EngineConfig)
+        target = parse_section(params, "target", TargetConfig)
+        data = load_prepared(args.data)
+        try:
+            pruned = read_json(args.pruned)
+            budget_ms, predicted_ms, pruned_ms = pruned["budget_ms"], pruned["predicted_ms"], pruned["measured_ms"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{args.pruned} is not a masks.json written by the prune stage: {err}") from None
+        backend, reason = select_backend(cfg.backend, target.device)
+        shape = (data.channels, *data.meta["image_size"])
+        mean, std = data.norm()
+        x = normalize(data.test.x, mean, std)
+        reference = ort_logits(ort_session(args.onnx, "cpu", optimize=False), x)
+        bs = target.batch_size
+        xb = x[torch.arange(bs) % len(x)].contiguous()  # one deployment batch of real test images
+        with atomic_dir(args.out_dir) as tmp:
+            if backend == "onnxruntime":
+                engine_file, precision = "model.opt.onnx", "fp32"
+                sess = ort_session(args.onnx, target.device, target.threads, optimized_path=tmp / engine_file)
+                logits = ort_logits(sess, x)
+                feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
+                latency = latency_percentiles(lambda: sess.run(None, feed), cfg.warmup, cfg.latency_runs)
+                device = _cuda_device() if target.device == "cuda" else _cpu_device()
+                import onnxruntime
+
+                versions = {"onnxruntime": onnxruntime.__version__}
+            else:
+                import tensorrt
+
+                engine_file, precision = "model.plan", cfg.precision
+                calib = None
+                if precision == "int8":
+                    calib = normalize(data.train.x[: cfg.calibration_images], mean, std).numpy()
+                build_tensorrt_engine(args.onnx, tmp / engine_file, shape, (1, bs, max(bs, cfg.max_batch)), precision,
+                                      tmp / "timing.cache", calib, tmp / "calibration.cache")
+                runner = TensorRTRunner(tmp / engine_file)
+                logits = runner.logits(x, bs)
+                xg = xb.cuda()
+                latency = latency_percentiles(lambda: runner(xg), cfg.warmup, cfg.latency_runs)
+                device, versions = _cuda_device(), {"tensorrt": tensorrt.__version__}
+            check = parity(reference, logits)
+            acc = (logits.argmax(1) == data.test.y).double().mean().item()
+            metrics = {
+                "backend": backend, "backend_reason": reason, "precision": precision, "engine_file": engine_file,
+                "test_acc": acc, "test_acc_onnx": (reference.argmax(1) == data.test.y).double().mean().item(),
+                "top1_agreement_with_onnx": check["top1_agreement"], "max_abs_diff_vs_onnx": check["max_abs_diff"],
+                "min_agreement": cfg.min_agreement, "batch_size": bs, "latency": latency,
+                "budget_ms": budget_ms, "predicted_ms": predicted_ms, "prune_measured_ms": pruned_ms,
+                "p50_over_budget": latency["p50_ms"] / budget_ms, "within_budget": latency["p50_ms"] <= budget_ms,
+                "device": device, "versions": {**versions, "torch": torch.__version__}, "threads": target.threads,
+            }
+            write_json(tmp / "engine.json", metrics)
+            if check["top1_agreement"] < cfg.min_agreement:
+                write_json(args.metrics, metrics)
+                raise DeployError(f"{backend} engine agrees with ONNX on {check['top1_agreement']:.2%} of test images, "
+                                  f"below engine.min_agreement {cfg.min_agreement:.2%}")
+            if not metrics["within_budget"]:
+                msg = (f"{backend} engine measures p50 {latency['p50_ms']:.4f} ms (p90 {latency['p90_ms']:.4f}, p99 "
+                       f"{latency['p99_ms']:.4f}) at batch {bs}: over the budget {budget_ms:.4f} ms; the table predicted "
+                       f"{predicted_ms:.4f} ms and the prune stage measured {pruned_ms:.4f} ms")
+                if cfg.on_over_budget == "fail":
+                    write_json(args.metrics, metrics)
+                    raise BudgetExceeded(msg + " (engine.on_over_budget: warn turns this into a warning)")
+                log.warning("%s", msg)
+        write_json(args.metrics, metrics)
+        log.info("%s engine (%s): test acc %.4f, top-1 agreement with ONNX %.4f, p50 %.4f ms / budget %.4f ms (%.3f)",
+                 backend, reason, acc, check["top1_agreement"], latency["p50_ms"], budget_ms,
+                 latency["p50_ms"] / budget_ms)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""handoff: the bundle for the deploy team: engine, ONNX, manifest (input, preprocessing, classes,
+accuracy, latency, budget, device, versions, git revision, sha256 of every file), a README, and
+plots (accuracy against measured latency for teachers, student and pruned model; kept widths)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import load_model
+from pipeline.config import HandoffConfig, TargetConfig, parse_section, parse_teachers
+from pipeline.data import load_prepared
+from pipeline.deploy import INPUT, OUTPUT, check_manifest, sha256, verify_bundle
+from pipeline.errors import CheckpointError
+from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.latency import target_backend
+from pipeline.plots import pareto_png
+from pipeline.slim import load_slimmed_model
+from pipeline.train import test_accuracy
+from stages._common import load_params, log, parser, run
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return rev + ("+uncommitted-changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__}
+    try:
+        import tensorrt
+
+        out["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        pass
+    return out
+
+
+README = """# {name}
+
+Image classifier built by slimdeploy (git {git}). Everything here is listed with its sha256 in
+`manifest.json`; check them before use (`python -m pipeline.predict` does).
+
+| file | what |
+|---|---|
+{files_table}
+
+## Input
+
+- tensor `{input_name}`, float32, layout NCHW, shape (batch, {c}, {h}, {w}); batch is dynamic in the ONNX model{trt_batch}
+- preprocessing: decode, convert to {order}, resize to {h}x{w} (bilinear), scale to [0, 1] (x / 255),
+  subtract mean {mean} and divide by std {std} per channel
+- output `{output_name}`: (batch, {k}) unnormalised class scores; softmax gives probabilities
+- classes (index order): {classes}
+
+## Measured
+
+- test accuracy: {acc:.2%} with the engine, {acc_onnx:.2%} with the ONNX model ({n_test} test images)
+- latency of the engine ({backend}, {precision}) at batch {batch} on {device}: p50 {p50:.4f} ms,
+  p90 {p90:.4f} ms, p99 {p99:.4f} ms ({runs} calls)
+- latency budget {budget:.4f} ms: {verdict}
+
+## Use
+
+```bash
+python -m pipeline.predict --bundle <this directory> image1.png image2.jpg
+```
+
+{engine_note}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--teachers", required=True, help="directory of teacher checkpoints")
+    p.add_argument("--student", required=True, help="student checkpoint")
+    p.add_argument("--slim", required=True, help="slimmed checkpoint")
+    p.add_argument("--onnx", required=True, help="ONNX model (export stage)")
+    p.add_argument("--engine-dir", required=True, help="engine directory (engine stage)")
+    p.add_argument("--widths-png", required=True, help="kept-widths plot of the prune stage")
+    p.add_argument("--compare", default=None, help="metrics of the compare stage (optional, for the plot)")
+    p.add_argument("--out-dir", required=True, help="bundle directory")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        params = load_params(args.params)
+        cfg = parse_section(params, "handoff", HandoffConfig)
+        target = parse_section(params, "target", TargetConfig)
+        names = list(parse_teachers(params))
+        data = load_prepared(args.data)
+        engine_dir = Path(args.engine_dir)
+        try:
+            eng = read_json(engine_dir / "engine.json")
+        except (FileNotFoundError, ValueError) as err:
+            raise CheckpointError(f"{engine_dir / 'engine.json'} missing or unreadable ({err}); run the engine stage") from None
+        slimmed, slim_ckpt = load_slimmed_model(args.slim)
+        shape = (data.channels, *data.meta["image_size"])
+        cpu = torch.device("cpu")
+
+        # accuracy against latency measured on the target, every model the same way
+        backend = target_backend(target, min_run_time=0.2)
+        points = []
+        for n in names:
+            teacher, _ = load_model(Path(args.teachers) / f"{n}.pt")
+            points.append({"method": "teachers", "name": n, "latency_ms": backend.measure(teacher, shape).median_ms,
+                           "accuracy": test_accuracy(teacher, data, cpu)})
+        student, _ = load_model(args.student)
+        points.append({"method": "student", "name": "student", "latency_ms": backend.measure(student, shape).median_ms,
+                       "accuracy": test_accuracy(student, data, cpu)})
+        points.append({"method": "pruned (ours)", "name": "pruned", "latency_ms": backend.measure(slimmed, shape).median_ms,
+                       "accuracy": test_accuracy(slimmed, data, cpu)})
+        if args.compare and Path(args.compare).is_file():
+            cmp_ = read_json(args.compare)
+            for key, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
+                if key in cmp_:
+                    points.append({"method": label, "name": key, "latency_ms": cmp_[key]["measured_ms"],
+                                   "accuracy": cmp_[key]["test_acc"]})
+        git = _git_revision()
+        device_name = eng["device"].get("name", "?")
+        with atomic_dir(args.out_dir) as tmp:
+            shutil.copyfile(args.onnx, tmp / "model.onnx")
+            shutil.copyfile(engine_dir / eng["engine_file"], tmp / eng["engine_file"])
+            shutil.copyfile(args.widths_png, tmp / "widths.png")
+            pareto_png(points, tmp / "pareto.png",
+                       f"test accuracy vs latency on {target.backend}/{device_name}, batch {target.batch_size}")
+            lat = eng["latency"]
+            files = {f: sha256(tmp / f) for f in sorted({"model.onnx", eng["engine_file"], "widths.png", "pareto.png"})}
+            h, w = data.meta["image_size"]
+            pre = {"resize": [h, w], "resample": "bilinear", "channels": data.channels,
+                   "channel_order": "L (grayscale)" if data.channels == 1 else "RGB", "scale": 1 / 255,
+                   "mean": data.meta["mean"], "std": data.meta["std"]}
+            verdict = (f"met (p50 is {lat['p50_ms'] / eng['budget_ms']:.3f} of it)" if eng["within_budget"]
+                       else f"NOT met (p50 is {lat['p50_ms'] / eng['budget_ms']:.3f} of it)")
+            readme = README.format(
+                name=cfg.name, git=git, input_name=INPUT, output_name=OUTPUT, c=data.channels, h=h, w=w,
+                trt_batch="" if eng["backend"] != "tensorrt" else " (the TensorRT engine: 1 to its profile's maximum)",
+                order=pre["channel_order"], mean=pre["mean"], std=pre["std"], k=data.num_classes,
+                classes=", ".join(data.meta["classes"]), acc=eng["test_acc"], acc_onnx=eng["test_acc_onnx"],
+                n_test=len(data.test.y), backend=eng["backend"], precision=eng["precision"], batch=eng["batch_size"],
+                device=device_name, p50=lat["p50_ms"], p90=lat["p90_ms"], p99=lat["p99_ms"], runs=lat["runs"],
+                budget=eng["budget_ms"], verdict=verdict,
+                files_table="\n".join(f"| `{f}` | {d} |" for f, d in (
+                    ("model.onnx", f"ONNX (opset 17+), dynamic batch; runs anywhere ONNX Runtime runs"),
+                    (eng["engine_file"], "TensorRT engine (this GPU and TensorRT version only)" if eng["backend"] == "tensorrt"
+                     else "ONNX Runtime graph optimised for the measured CPU (use model.onnx elsewhere)"),
+                    ("manifest.json", "everything below, machine-readable, with sha256 of every file"),
+                    ("pareto.png", "test accuracy against measured latency: teachers, student, pruned, baselines"),
+                    ("widths.png", "channels kept per group by pruning"))),
+                engine_note=("The engine file was measured on the device named above; the ONNX model is the portable "
+                             "artifact. A TensorRT engine must be rebuilt for another GPU or TensorRT version."),
+            )
+            (tmp / "README.md").write_text(readme)
+            files["README.md"] = sha256(tmp / "README.md")
+            manifest = {
+                "format": "slimdeploy-handoff/1", "name": cfg.name,
+                "model": {"onnx": "model.onnx", "arch": slim_ckpt["arch"], "arch_config": slim_ckpt["arch_config"],
+                          "channel_manifest": slim_ckpt.get("channel_manifest"),
+                          "params": sum(q.numel() for q in slimmed.parameters())},
+                "engine": {"file": eng["engine_file"], "backend": eng["backend"], "reason": eng["backend_reason"],
+                           "precision": eng["precision"]},
+                "input": {"name": INPUT, "shape": ["batch", data.channels, h, w], "dtype": "float32", "layout": "NCHW"},
+                "output": {"name": OUTPUT, "shape": ["batch", data.num_classes], "meaning": "logits"},
+                "preprocessing": pre, "classes": data.meta["classes"],
+                "accuracy": {"test_acc_engine": eng["test_acc"], "test_acc_onnx": eng["test_acc_onnx"],
+                             "top1_agreement_engine_onnx": eng["top1_agreement_with_onnx"],
+                             "test_images": len(data.test.y), "models": points},
+                "latency": {**lat, "batch_size": eng["batch_size"], "threads": eng["threads"]},
+                "budget": {"budget_ms": eng["budget_ms"], "predicted_ms": eng["predicted_ms"],
+                           "prune_measured_ms": eng["prune_measured_ms"], "engine_p50_ms": lat["p50_ms"],
+                           "within_budget": eng["within_budget"]},
+                "device": eng["device"], "versions": {**_versions(), **eng["versions"]}, "git_revision": git,
+                "data": {"source": data.meta.get("source"), "split_hashes": data.meta.get("split_hashes")},
+                "files": files,
+            }
+            check_manifest(manifest)
+            write_json(tmp / "manifest.json", manifest)
+            verify_bundle(tmp)
+        log.info("handoff bundle %s: %s + %s, test acc %.4f, p50 %.4f ms (budget %.4f ms)", args.out_dir,
+                 "model.onnx", eng["engine_file"], eng["test_acc"], lat["p50_ms"], eng["budget_ms"])
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
