@@ -164,7 +164,7 @@ class PruneConfig(Section):
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
     epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
-    settle_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
+    settle_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
                                    "the closed loop's hard masks fixed; 0: decide at the end (pure SCP)")
     optimizer: OptimizerConfig = PRUNE_OPTIMIZER
     seed: int = Field(0, ge=0)

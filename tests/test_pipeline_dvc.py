@@ -43,6 +43,7 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
                              noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
     params["slim"].update(latency_min_run_time=0.01)
     params["prune"].update(epochs=2, latency_budget=1.0, band=[0.05, 1.0], min_run_time=0.01, progress=False)
+    params["engine"].update(latency_runs=50, warmup=5, on_over_budget="warn")  # budget = the student's own latency
     params["search"].update(epochs=1, progress=False, budget_ratio=0.6)
     params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {
@@ -61,14 +62,18 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
 
     out = _sh(["dvc", "repro"], repo)
     for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "search", "train_student",
-                  "profile", "prune", "slim", "compare"):
+                  "profile", "prune", "slim", "compare", "export", "engine", "handoff"):
         assert f"Running stage '{stage}'" in out
     ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
     assert set(ens["members"]) == {"a", "b"} and ens["oracle_acc"] >= ens["ensemble_acc"]
     for name in ("prepare.json", "teachers/a.json", "teachers/b.json", "search.json", "student.json",
-                 "profile.json", "prune.json", "slim.json", "compare.json"):
+                 "profile.json", "prune.json", "slim.json", "compare.json", "export.json", "engine.json"):
         assert (repo / "metrics" / name).is_file()
 
+    bundle = repo / "artifacts" / "handoff"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"model.onnx", "model.opt.onnx", "README.md", "pareto.png", "widths.png"} <= set(manifest["files"])
+    assert manifest["engine"]["backend"] == "onnxruntime" and manifest["git_revision"]
     report = _sh([sys.executable, "-m", "pipeline.report"], repo)  # what `make run` prints at the end
     assert "pruned to" in report and "Torch-Pruning L1" in report and "closed loop" in report
 
@@ -87,4 +92,5 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
     assert {"ensemble", "search", "train_student", "train_teacher@b"} <= set(ran)
     assert not {"prepare", "train_teacher@a"} & set(ran)
-    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile", "prune", "slim", "compare"}
+    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile", "prune", "slim", "compare",
+                        "export", "engine", "handoff"}
