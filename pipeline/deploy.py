@@ -3,7 +3,6 @@ percentiles, and the handoff bundle's manifest and hash verification."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import statistics
 import time
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import SlimdeployError
+from pipeline.io import file_sha256
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -226,12 +226,7 @@ class TensorRTRunner:
 # Bundle
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = file_sha256  # the bundle's hashes
 
 
 MANIFEST_KEYS = ("format", "model", "engine", "input", "output", "preprocessing", "classes", "accuracy", "latency",

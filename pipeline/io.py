@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import hashlib
 import os
 import shutil
 import tempfile
@@ -76,3 +77,12 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def torch_save(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -73,12 +73,21 @@ def read_arch(path: str | Path) -> dict[str, Any]:
     return arch
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def read_pruned(path: str | Path, *keys: str) -> dict[str, Any]:
+    """The prune stage's masks.json, with ``keys`` required; a CheckpointError names what is wrong."""
+    from pipeline.errors import CheckpointError
+    from pipeline.io import read_json
+
+    try:
+        pruned = read_json(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; run the prune stage first") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    missing = [k for k in keys if not isinstance(pruned, dict) or k not in pruned]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; it is not a masks.json written by the prune stage")
+    return pruned
 
 
 def digest(*parts: Any) -> str:

@@ -15,16 +15,15 @@ from pipeline.config import (CompareConfig, DistillConfig, PruneConfig, TargetCo
                              parse_teachers)
 from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble, kd_criterion
-from pipeline.errors import CheckpointError
 from pipeline.flops import count_params
-from pipeline.io import read_json, write_json
+from pipeline.io import write_json
 from pipeline.latency import target_backend
 from pipeline.latency_table import LatencyTable
 from pipeline.prune import allowed_widths
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 from pipeline.train import test_accuracy, train_classifier
-from stages._common import load_params, log, parser, run
+from stages._common import load_params, log, parser, read_pruned, run
 from stages._teachers import load_student, load_teachers
 
 RATIOS = [round(0.05 * i, 2) for i in range(20, 0, -1)]
@@ -56,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.zeros(1, *shape)
         backend = target_backend(target, prune_cfg.min_run_time)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
-        try:
-            pruned = read_json(args.pruned)
-            kept = pruned["kept"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{args.pruned} is not a masks.json written by the prune stage: {err}") from None
+        pruned = read_pruned(args.pruned, "kept")
+        kept = pruned["kept"]
         masked, _ = load_model(args.model)
         ours = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), kept))
         cpu = torch.device("cpu")

@@ -5,7 +5,6 @@ its latency at the deployment batch, and verify that it meets the latency budget
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,10 +13,9 @@ from pipeline.config import EngineConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared, normalize
 from pipeline.deploy import (DeployError, TensorRTRunner, build_tensorrt_engine, latency_percentiles, ort_logits,
                              ort_session, parity, select_backend)
-from pipeline.errors import CheckpointError
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, write_json
 from pipeline.latency import _cpu_device, _cuda_device
-from stages._common import load_params, log, parser, run
+from stages._common import load_params, log, parser, read_pruned, run
 
 
 class BudgetExceeded(DeployError):
@@ -38,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_section(params, "engine", EngineConfig)
         target = parse_section(params, "target", TargetConfig)
         data = load_prepared(args.data)
-        try:
-            pruned = read_json(args.pruned)
-            budget_ms, predicted_ms, pruned_ms = pruned["budget_ms"], pruned["predicted_ms"], pruned["measured_ms"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{args.pruned} is not a masks.json written by the prune stage: {err}") from None
+        pruned = read_pruned(args.pruned, "budget_ms", "predicted_ms", "measured_ms")
+        budget_ms, predicted_ms, pruned_ms = pruned["budget_ms"], pruned["predicted_ms"], pruned["measured_ms"]
         backend, reason = select_backend(cfg.backend, target.device)
         shape = (data.channels, *data.meta["image_size"])
         mean, std = data.norm()

@@ -21,7 +21,7 @@ from pipeline.data import load_prepared, normalize
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.errors import ConfigError
 from pipeline.flops import count_flops, count_params
-from pipeline.io import atomic_path, write_csv, write_json
+from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import target_backend
 from pipeline.latency_table import LatencyTable
 from pipeline.plots import widths_png
@@ -30,7 +30,7 @@ from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_w
 from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
 from pipeline.slim import apply_masks, prune_structure
 from pipeline.train import test_accuracy, train_classifier
-from stages._common import digest, file_sha256, load_params, log, parser, run
+from stages._common import digest, load_params, log, parser, run
 from stages._teachers import load_student, load_teachers
 
 

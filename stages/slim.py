@@ -11,13 +11,12 @@ from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.config import SlimConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared, normalize
 from pipeline.errors import CheckpointError
-from pipeline.io import read_json
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, write_json
 from pipeline.latency import target_backend
 from pipeline.slim import channel_groups, load_slimmed_model, masks_from_kept, slim
 from pipeline.train import test_accuracy
-from stages._common import load_params, log, parser, run
+from stages._common import load_params, log, parser, read_pruned, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         model, ckpt = load_model(args.model)
         if ckpt["meta"].get("data_hash") != data.meta["split_hashes"]["train"]:
             raise CheckpointError(f"{args.model} was trained on other data; re-run the prune stage")
-        try:
-            pruned = read_json(args.masks)
-            kept = pruned["kept"]
-        except FileNotFoundError:
-            raise CheckpointError(f"{args.masks} does not exist; run the prune stage first") from None
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{args.masks} is not a masks.json written by the prune stage: {err}") from None
+        pruned = read_pruned(args.masks, "kept")
+        kept = pruned["kept"]
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
         masks = masks_from_kept(channel_groups(model, example), kept)

@@ -16,10 +16,10 @@ from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
-from pipeline.io import write_csv, write_json
+from pipeline.io import file_sha256, write_csv, write_json
 from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
 from pipeline.train import predict_logits, test_accuracy, train_classifier
-from stages._common import digest, file_sha256, load_params, log, parser, read_arch, run
+from stages._common import digest, load_params, log, parser, read_arch, run
 from stages._teachers import load_teachers
 
 
