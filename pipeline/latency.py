@@ -112,6 +112,11 @@ class Backend(ABC):
         return _timing(timer.blocked_autorange(min_run_time=self.min_run_time))
 
 
+def device_record(device: str) -> dict[str, Any]:
+    """Hardware record for a latency figure: GPU name/capability/driver on "cuda", else the CPU."""
+    return _cuda_device() if device == "cuda" else _cpu_device()
+
+
 def _cpu_device() -> dict[str, Any]:
     return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine()}
 
@@ -152,7 +157,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable("backend onnxruntime measures fp32 models; use precision: fp32")
 
     def device(self) -> dict[str, Any]:
-        return _cuda_device() if self.target == "cuda" else _cpu_device()
+        return device_record(self.target)
 
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": self.ort.__version__, "torch": torch.__version__}
@@ -191,7 +196,7 @@ class TorchBackend(Backend):
         self.cuda_graph = cuda_graph and device == "cuda"
 
     def device(self) -> dict[str, Any]:
-        return _cuda_device() if self.dev.type == "cuda" else _cpu_device()
+        return device_record(self.dev.type)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}

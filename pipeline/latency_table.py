@@ -82,7 +82,7 @@ def conv_layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGro
     check_supported_layers(model)
     shapes: dict[str, tuple[int, int]] = {}
     named = dict(model.named_modules())
-    trace_forward(model, example, (nn.Conv2d,), lambda n, _m, inp: shapes.__setitem__(n, tuple(inp[0].shape[-2:])))
+    trace_forward(model, example, (nn.Conv2d,), lambda n, _m, inp, _o: shapes.__setitem__(n, tuple(inp[0].shape[-2:])))
     out_group: dict[str, str] = {}
     in_group: dict[str, str] = {}
     for g in groups:

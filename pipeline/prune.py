@@ -55,7 +55,7 @@ from torch import nn
 
 from pipeline.errors import SlimdeployError
 from pipeline.latency_table import grid_values
-from pipeline.slim import ChannelGraph
+from pipeline.slim import ChannelGraph, trace_forward
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +83,18 @@ class PruneGroup:
 def _consumers(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
     """Leaf module name -> names of the leaf modules that take its output tensor directly as
     their first input (one eval forward pass; functional ops in between are not seen)."""
-    names = {m: n for n, m in model.named_modules()}
     produced: dict[int, str] = {}
     keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
     out: dict[str, set[str]] = {}
 
-    def pre(mod: nn.Module, inp: tuple[Any, ...]) -> None:
+    def hook(name: str, _mod: nn.Module, inp: tuple[Any, ...], output: Any) -> None:
         if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
-            out.setdefault(produced[id(inp[0])], set()).add(names[mod])
-
-    def post(mod: nn.Module, _inp: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, torch.Tensor):
+            out.setdefault(produced[id(inp[0])], set()).add(name)
+        if isinstance(output, torch.Tensor):  # an in-place op's output is its input: now its own
             keep_alive.append(output)
-            produced[id(output)] = names[mod]
+            produced[id(output)] = name
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
+    trace_forward(model, example, (nn.Module,), hook, leaves_only=True)
     return out
 
 
@@ -160,8 +150,7 @@ class SoftMaskedNet(nn.Module):
                  threshold: float = 0.95, mask_tau: float = 0.5, gate_init: float = 0.95) -> None:
         super().__init__()
         self.net = net
-        self.groups = [g for g in groups if g.kind != "fixed"]
-        self.fixed_groups = [g for g in groups if g.kind == "fixed"]
+        self.groups = [g for g in groups if g.kind != "fixed"]  # fixed groups keep every channel
         self.eps, self.sharpness, self.threshold, self.mask_tau = eps, sharpness, threshold, mask_tau
         init = math.log(gate_init / (1 - gate_init))
         self.gates = nn.ParameterDict({

@@ -59,13 +59,14 @@ def _tp() -> Any:
     return tp
 
 
-def trace_forward(model: nn.Module, example: torch.Tensor, types: tuple[type, ...],
-                  hook: Any) -> None:
-    """One eval-mode forward pass of ``model`` on ``example``, calling ``hook(name, module, inputs)``
-    for every module of ``types`` in execution order. Hooks are removed afterwards."""
+def trace_forward(model: nn.Module, example: torch.Tensor, types: tuple[type, ...], hook: Any,
+                  leaves_only: bool = False) -> None:
+    """One eval-mode forward pass of ``model`` on ``example``, calling
+    ``hook(name, module, inputs, output)`` after every module of ``types`` (only modules without
+    children when ``leaves_only``) in execution order. Hooks are removed afterwards."""
     names = {m: n for n, m in model.named_modules()}
-    handles = [m.register_forward_hook(lambda mod, inp, _out: hook(names[mod], mod, inp))
-               for m in model.modules() if isinstance(m, types)]
+    handles = [m.register_forward_hook(lambda mod, inp, out: hook(names[mod], mod, inp, out))
+               for m in model.modules() if isinstance(m, types) and not (leaves_only and any(True for _ in m.children()))]
     try:
         with torch.no_grad():
             model.eval()(example)
@@ -77,7 +78,7 @@ def trace_forward(model: nn.Module, example: torch.Tensor, types: tuple[type, ..
 def _classifier(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The last Conv/Linear executed in a forward pass: the class logits, never pruned."""
     order: list[nn.Module] = []
-    trace_forward(model, example, (nn.Conv2d, nn.Linear), lambda _n, mod, _i: order.append(mod))
+    trace_forward(model, example, (nn.Conv2d, nn.Linear), lambda _n, mod, _i, _o: order.append(mod))
     if not order:
         raise SlimError("model has no Conv2d or Linear layer to prune")
     return order[-1]

@@ -56,38 +56,32 @@ def run(body: Callable[[], None]) -> int:
     return 0
 
 
-def read_arch(path: str | Path) -> dict[str, Any]:
-    """The search stage's arch.json, or a CheckpointError naming the file and what is wrong."""
+def read_artifact(path: str | Path, keys: tuple[str, ...], what: str, stage: str) -> dict[str, Any]:
+    """A JSON file another stage wrote, with ``keys`` required, or a CheckpointError naming the
+    file and what is wrong (missing, not JSON, not that stage's file)."""
     from pipeline.errors import CheckpointError
     from pipeline.io import read_json
 
     try:
-        arch = read_json(path)
+        data = read_json(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; run the search stage first") from None
+        raise CheckpointError(f"{path} does not exist; run the {stage} stage first") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    missing = [k for k in ("arch", "arch_config") if not isinstance(arch, dict) or k not in arch]
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
-        raise CheckpointError(f"{path} lacks {missing}; it is not an arch.json written by the search stage")
-    return arch
+        raise CheckpointError(f"{path} lacks {missing}; it is not {what} written by the {stage} stage")
+    return data
+
+
+def read_arch(path: str | Path) -> dict[str, Any]:
+    """The search stage's arch.json."""
+    return read_artifact(path, ("arch", "arch_config"), "an arch.json", "search")
 
 
 def read_pruned(path: str | Path, *keys: str) -> dict[str, Any]:
-    """The prune stage's masks.json, with ``keys`` required; a CheckpointError names what is wrong."""
-    from pipeline.errors import CheckpointError
-    from pipeline.io import read_json
-
-    try:
-        pruned = read_json(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; run the prune stage first") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    missing = [k for k in keys if not isinstance(pruned, dict) or k not in pruned]
-    if missing:
-        raise CheckpointError(f"{path} lacks {missing}; it is not a masks.json written by the prune stage")
-    return pruned
+    """The prune stage's masks.json, with ``keys`` required."""
+    return read_artifact(path, keys, "a masks.json", "prune")
 
 
 def digest(*parts: Any) -> str:

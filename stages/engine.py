@@ -14,7 +14,7 @@ from pipeline.data import load_prepared, normalize
 from pipeline.deploy import (DeployError, TensorRTRunner, build_tensorrt_engine, latency_percentiles, ort_logits,
                              ort_session, parity, select_backend)
 from pipeline.io import atomic_dir, write_json
-from pipeline.latency import _cpu_device, _cuda_device
+from pipeline.latency import device_record
 from stages._common import load_params, log, parser, read_pruned, run
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 logits = ort_logits(sess, x)
                 feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
                 latency = latency_percentiles(lambda: sess.run(None, feed), cfg.warmup, cfg.latency_runs)
-                device = _cuda_device() if target.device == "cuda" else _cpu_device()
+                device = device_record(target.device)
                 import onnxruntime
 
                 versions = {"onnxruntime": onnxruntime.__version__}
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 logits = runner.logits(x, bs)
                 xg = xb.cuda()
                 latency = latency_percentiles(lambda: runner(xg), cfg.warmup, cfg.latency_runs)
-                device, versions = _cuda_device(), {"tensorrt": tensorrt.__version__}
+                device, versions = device_record("cuda"), {"tensorrt": tensorrt.__version__}
             check = parity(reference, logits)
             acc = (logits.argmax(1) == data.test.y).double().mean().item()
             metrics = {

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         # --- the budget, and whether the smallest allowed network can meet it (before training)
         student_ms = backend.measure(student, shape).median_ms
         budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
-        floor_masks = {g: top_mask(torch.ones(next(x.size for x in groups if x.name == g)), a[0])
-                       for g, a in allowed.items()}
+        sizes = {g.name: g.size for g in groups}
+        floor_masks = {g: top_mask(torch.ones(sizes[g]), a[0]) for g, a in allowed.items()}
         floor_pred = predictor(widths_of(floor_masks)).item()
         floor_ms = backend.measure(prune_structure(student, example, floor_masks), shape).median_ms
         how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
