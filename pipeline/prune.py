@@ -370,15 +370,18 @@ def closed_loop(
                     continue
                 cand = _step(state, keep_probs, g, max(smaller))
                 landing = scale * predict(widths_of(cand))
-                per_ms = (cost(cand) - c) / max(ms - landing, 1e-9)
-                # prefer moves that do not overshoot below the band; then the cheapest per ms saved
-                options.append((landing < lo, per_ms if landing >= lo else -landing, g, cand, per_ms))
+                saving = ms - landing  # on the staircase a narrower layer can be predicted no faster
+                per_ms = (cost(cand) - c) / saving if saving > 0 else float("nan")
+                # prefer moves that do not overshoot below the band, then moves predicted to save
+                # time at all, then the cheapest in validation loss per ms saved
+                options.append((landing < lo, saving <= 0, per_ms if landing >= lo and saving > 0 else -landing,
+                                g, cand, per_ms))
             if not options:
                 status = "unreachable"
                 reason = (f"every prunable group is at its smallest allowed width and the network measures "
                           f"{ms:.4f} ms > budget {budget_ms:.4f} ms")
                 break
-            _, _, g, state, per_ms = min(options, key=lambda o: (o[0], o[1], o[2]))
+            _, _, _, g, state, per_ms = min(options, key=lambda o: (o[0], o[1], o[2], o[3]))
             rec["action"] = f"shrink {g} to {widths_of(state)[g]} (val loss {per_ms:+.3g} per ms saved)"
         else:
             options = []

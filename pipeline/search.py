@@ -304,10 +304,18 @@ def run_search(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    amp: bool = False,
+    channels_last: bool = False,
 ) -> list[dict[str, float]]:
     """Alternate weight steps (first half of train) and architecture steps (second half) with
     the distillation loss; architecture steps add ``cost_weight`` x the TAS cost loss. Returns
-    per-epoch curves; the supernet is modified in place (``supernet.derive()`` is the result)."""
+    per-epoch curves; the supernet is modified in place (``supernet.derive()`` is the result).
+
+    On CUDA, ``amp`` runs forward passes under bf16 autocast and ``channels_last`` lays batches
+    out NHWC. The discrete choices TAS samples for each forward are read on the host (a small
+    synchronisation per step, inherent to sampling one architecture per batch)."""
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
     from pipeline.data import augment_batch, normalize
@@ -336,11 +344,24 @@ def run_search(
             cache[key] = family_params(supernet.num_classes, supernet.in_channels, cfg)
         return cache[key]
 
+    cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and cuda else nullcontext
+    if channels_last and cuda:
+        supernet.to(memory_format=torch.channels_last)
+
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xb = x_all[idx]
         if augment == "padcrop_flip":
             xb = augment_batch(xb, crop_padding, aug_gen)
-        return normalize(xb, mean, std), y_all[idx]
+        xb = normalize(xb, mean, std)
+        if channels_last and cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, y_all[idx]
+
+    def kd_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            s_logits, t_logits = supernet(xb), teachers(xb)
+        return oracle_kd_loss(s_logits.float(), t_logits.float(), yb, temperature, alpha, mode, average)["loss"]
 
     history = []
     for epoch in tqdm(range(epochs), desc="search", unit="epoch", disable=not progress):
@@ -348,34 +369,37 @@ def run_search(
         supernet.train()
         supernet.set_mode("sample", tau)
         order = [h[torch.randperm(len(h), generator=gen)] for h in halves]
-        sums = {"w_loss": 0.0, "a_loss": 0.0, "cost_loss": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # w_loss, a_loss, cost_loss
         for i in range(steps):
             xa, ya = batch(order[0][i * batch_size : (i + 1) * batch_size].to(device))
-            loss = oracle_kd_loss(supernet(xa), teachers(xa), ya, temperature, alpha, mode, average)["loss"]
+            loss = kd_loss(xa, ya)
             w_opt.zero_grad(set_to_none=True)
             loss.backward()
             w_opt.step()
             sched.step()
             xb, yb = batch(order[1][i * batch_size : (i + 1) * batch_size].to(device))
-            a_loss = oracle_kd_loss(supernet(xb), teachers(xb), yb, temperature, alpha, mode, average)["loss"]
+            a_loss = kd_loss(xb, yb)
             c_loss = cost_loss(supernet.expected_params(), current_params(), budget, largest, tolerance)
             a_opt.zero_grad(set_to_none=True)
             (a_loss + cost_weight * c_loss).backward()
             a_opt.step()
-            sums["w_loss"] += loss.item()
-            sums["a_loss"] += a_loss.item()
-            sums["cost_loss"] += float(c_loss)
+            sums += torch.stack([loss.detach(), a_loss.detach(), c_loss.detach()]).double()
         supernet.eval()
         supernet.set_mode("argmax", tau)
         with torch.no_grad():
-            correct = 0
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            x_val, y_val = data.val.x.to(device), data.val.y.to(device)
             for j in range(0, len(data.val), 512):
-                xv = normalize(data.val.x[j : j + 512].to(device), mean, std)
-                correct += int((supernet(xv).argmax(1).cpu() == data.val.y[j : j + 512]).sum())
+                xv = normalize(x_val[j : j + 512], mean, std)
+                if channels_last and cuda:
+                    xv = xv.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    correct += (supernet(xv).argmax(1) == y_val[j : j + 512]).sum()
             expected = float(supernet.expected_params())
+        w_mean, a_mean, c_mean = (sums / steps).tolist()
         history.append({
-            "epoch": epoch + 1, "tau": tau, **{k: v / steps for k, v in sums.items()},
+            "epoch": epoch + 1, "tau": tau, "w_loss": w_mean, "a_loss": a_mean, "cost_loss": c_mean,
             "expected_params": expected, "argmax_params": current_params(), "budget_params": budget,
-            "entropy": supernet.entropy(), "val_acc_argmax": correct / len(data.val),
+            "entropy": supernet.entropy(), "val_acc_argmax": correct.item() / len(data.val),
         })
     return history

@@ -176,6 +176,24 @@ def test_closed_loop_reaches_the_band_and_records_every_step() -> None:
     assert all(h["action"] for h in result.history[:-1])
 
 
+def test_closed_loop_does_not_take_a_step_the_table_predicts_saves_nothing() -> None:
+    # On a latency staircase a narrower layer can be predicted no faster (here: group b, and the
+    # step even lowers the validation loss). Dividing by a zero saving must not make it the
+    # "cheapest" move: the loop shrinks group a, which saves time.
+    masks, keep, allowed, _, _ = _loop_setup()
+
+    def predict(widths: dict) -> float:
+        return float(widths["a"])  # b costs nothing on this target
+
+    def cost(m: dict) -> float:
+        return float(m["a"].sum()) * 0.0 + float(m["b"].sum())  # shrinking b lowers the loss
+
+    result = closed_loop(masks, keep, allowed, 50.0, lambda m: predict(widths_of(m)), predict, cost,
+                         max_iterations=3)
+    assert result.history[0]["action"].startswith("shrink a ")
+    assert widths_of(result.masks)["b"] == 48
+
+
 def test_closed_loop_oscillating_across_the_band_keeps_the_best_network_under_budget() -> None:
     masks, keep, allowed, predict, cost = _loop_setup()
 
