@@ -133,6 +133,8 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None, help="--no-dvc: where the stages run")
     p.add_argument("--name", default=None, help="experiment name (default: the preset's name and today's date)")
     p.add_argument("--log", type=Path, default=None, help="log file (default benchmarks/results/cifar10_pipeline/<preset>.log)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="with DVC: an extra -S override on top of the preset (repeatable)")
     p.add_argument("--report-only", action="store_true", help="print the tables from existing metrics and log")
     p.add_argument("--metrics-dir", type=Path, default=None)
     args = p.parse_args()
@@ -142,10 +144,14 @@ def main() -> int:
     metrics = args.metrics_dir or workdir / "metrics"
     if not args.report_only:
         if args.no_dvc:
+            if args.sets:
+                p.error("--set needs DVC; without it write the params with `python -m pipeline.preset write`")
             cmd = [sys.executable, "-m", "stages", "--preset", args.preset, "--workdir", str(workdir)]
         else:
             name = args.name or f"{args.preset}-{date.today():%Y%m%d}"
             cmd = [sys.executable, "-m", "pipeline.preset", "exp", args.preset, "--name", name]
+            if args.sets:
+                cmd += ["--", *[a for kv in args.sets for a in ("-S", kv)]]
         rc, _, total = run_logged(cmd, log, REPO)
         print(f"\nexit code {rc} after {total:.1f} s")
         if rc != 0:

@@ -1,0 +1,69 @@
+"""`python -m stages`: dvc.yaml's stages without DVC, in order, with DVC's own commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages.__main__ import plan
+from tests.conftest import REPO
+from tests.test_pipeline_dvc import _tiny_params
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stages", *args], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+
+
+def test_plan_is_what_dvc_would_run_in_dvc_yaml_order() -> None:
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    ours = plan(params)
+    with Repo(str(REPO)) as repo:
+        theirs = {s.addressing: " ".join(s.cmd.split()) for s in repo.index.stages}
+    assert dict(ours) == theirs
+    order = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert [n.split("@")[0] for n, _ in ours] == [s for s in order for _ in (params["teachers"] if s == "train_teacher" else [0])]
+
+
+def test_runner_runs_the_selected_stages_and_times_them(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    _tiny_params(params)
+    work = tmp_path / "work"
+    proc = _run("--params", str(params), "--workdir", str(work), "--until", "ensemble")
+    assert proc.returncode == 0, proc.stderr
+    times = json.loads((work / "metrics" / "pipeline_times.json").read_text())
+    assert [t["stage"] for t in times["stages"]] == ["prepare", "train_teacher@a", "train_teacher@b", "ensemble"]
+    assert all(t["seconds"] > 0 for t in times["stages"])
+    assert (work / "artifacts" / "teachers" / "b.pt").is_file() and (work / "metrics" / "ensemble.json").is_file()
+    assert yaml.safe_load((work / "params.yaml").read_text())["teachers"].keys() == {"a", "b"}
+
+    listed = _run("--workdir", str(work), "--list", "--from", "train_teacher", "--until", "search")
+    assert listed.returncode == 0 and [line.split(":")[0] for line in listed.stdout.splitlines()] == [
+        "train_teacher@a", "train_teacher@b", "ensemble", "search"]
+
+
+def test_runner_stops_at_a_failing_stage_and_says_how_to_resume(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["prepare"].update(source="imagefolder", root=str(tmp_path / "missing"))
+    params.write_text(yaml.safe_dump(data))
+    proc = _run("--params", str(params), "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "stage prepare failed" in proc.stderr and "--from prepare" in proc.stderr
+    assert not (tmp_path / "w" / "metrics" / "pipeline_times.json").exists()
+
+
+def test_runner_refuses_bad_invocations(tmp_path: Path) -> None:
+    into_repo = _run("--preset", "cifar10-cpu", "--workdir", str(REPO))
+    assert into_repo.returncode == 2 and "would be overwritten" in into_repo.stderr
+    nothing = _run("--workdir", str(tmp_path / "empty"))
+    assert nothing.returncode == 2 and "give --preset NAME or --params FILE" in nothing.stderr
+    unknown = _run("--preset", "cifar10-cpu", "--workdir", str(tmp_path / "x"), "--list", "--from", "nope")
+    assert unknown.returncode == 2 and "no stage 'nope'" in unknown.stderr
