@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="a preset (presets/<name>.yaml) applied to the repository's params.yaml")
-    src.add_argument("--params", type=Path, help="a complete params file")
+    src.add_argument("--params", type=Path, help="a complete params file (a relative prepare.root is relative to "
+                                                  "the file's directory)")
     p.add_argument("--workdir", type=Path, required=True,
                    help="where the stages run and write; gets params.yaml (unless it already has one and no "
                         "--preset/--params is given)")
