@@ -100,9 +100,11 @@ def validate_params(params: dict[str, Any]) -> None:
         raise ConfigError("run.launcher must be a command such as `python` or `torchrun --standalone --nproc_per_node=N`")
 
 
-def resolve(name: str, base: Path = REPO / "params.yaml") -> dict[str, Any]:
-    """The params a preset gives on top of ``base``: merged, root made absolute, validated."""
-    params = absolute_root(merge(load_yaml(base), load_yaml(preset_path(name))))
+def resolve(name: str, base: Path | dict[str, Any] = REPO / "params.yaml") -> dict[str, Any]:
+    """The params a preset gives on top of ``base`` (a file or its loaded contents): merged, root
+    made absolute, validated."""
+    base_params = load_yaml(base) if isinstance(base, Path) else base
+    params = absolute_root(merge(base_params, load_yaml(preset_path(name))))
     validate_params(params)
     return params
 
@@ -146,13 +148,14 @@ def overrides(base: dict[str, Any], target: dict[str, Any], prefix: str = "") ->
 
 
 def exp_command(name: str, base: Path, queue: bool, exp_name: str | None, extra: list[str]) -> list[str]:
-    target = resolve(name, base)
+    base_params = load_yaml(base)
+    target = resolve(name, base_params)
     cmd = ["dvc", "exp", "run"]
     if queue:
         cmd.append("--queue")
     if exp_name:
         cmd += ["--name", exp_name]
-    for o in overrides(load_yaml(base), target):
+    for o in overrides(base_params, target):
         cmd += ["-S", o]
     return cmd + extra
 

@@ -63,6 +63,16 @@ def local_device(device: torch.device, ctx: DistContext) -> torch.device:
     return torch.device("cuda", ctx.local_rank) if device.type == "cuda" else device
 
 
+def start_training(device: str, num_threads: int | None) -> tuple[torch.device, DistContext]:
+    """What every training stage does first: resolve ``device``, set torch's CPU threads, join the
+    process group under torchrun, and take this rank's device. Returns (device, context)."""
+    resolved = resolve_device(device)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    ctx = init_distributed(resolved)
+    return local_device(resolved, ctx), ctx
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -27,7 +27,7 @@ from pipeline.latency_table import LatencyTable
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, harden,
                             prune_groups, top_mask, widths_of)
-from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
+from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import apply_masks, prune_structure
 from pipeline.train import test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
@@ -93,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         net = SoftMaskedNet(copy.deepcopy(student), groups, cfg.eps, cfg.sharpness, cfg.threshold, cfg.mask_tau, cfg.gate_init)
         teachers = load_teachers(args.teachers, names, data.meta)
-        device = resolve_device(train_cfg.device)
-        if train_cfg.num_threads:
-            torch.set_num_threads(train_cfg.num_threads)
-        ctx = init_distributed(device)
-        device = local_device(device, ctx)
+        device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         if ctx.enabled:  # every rank measured the student; rank 0's budget is the one used
             b = torch.tensor([budget_ms], dtype=torch.float64, device=device)
             torch.distributed.broadcast(b, 0)

@@ -17,7 +17,7 @@ from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
 from pipeline.io import file_sha256, write_csv, write_json
-from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
+from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.train import predict_logits, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, read_arch, run
 from stages._teachers import load_teachers
@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model(searched["arch"], **arch_config)
         teachers = load_teachers(args.teachers, names, data.meta)
-        device = resolve_device(train_cfg.device)
-        if train_cfg.num_threads:
-            torch.set_num_threads(train_cfg.num_threads)
-        ctx = init_distributed(device)
-        device = local_device(device, ctx)
+        device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]  # retrained -> no resume
         fingerprint = digest(cfg.model_dump(), kd.model_dump(), train_cfg.model_dump(exclude={"progress"}),

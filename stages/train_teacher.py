@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.data import load_prepared
 from pipeline.io import write_csv, write_json
 from pipeline.plots import history_png
-from pipeline.runtime import describe_device, init_distributed, local_device, resolve_device, shutdown_distributed
+from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.train import test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 
@@ -40,9 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.name not in teachers:
             raise ConfigError(f"--name {args.name!r} is not under teachers: (have {sorted(teachers)})")
         cfg = teachers[args.name]
-        device = resolve_device(train_cfg.device)
-        if train_cfg.num_threads:
-            torch.set_num_threads(train_cfg.num_threads)
         data = load_prepared(args.data)
         arch_config = {"num_classes": data.num_classes, "in_channels": data.channels, **cfg.arch_config}
         torch.manual_seed(cfg.seed)
@@ -51,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             raise ConfigError(f"teachers.{args.name}.arch_config: {err}") from None
 
-        ctx = init_distributed(device)
-        device = local_device(device, ctx)
+        device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         fingerprint = digest(cfg.model_dump(), train_cfg.model_dump(exclude={"progress"}),
                              data.meta["split_hashes"], ctx.world_size)
         resume = Path(args.resume_dir) / "train_teacher" / f"{args.name}.pt"
