@@ -10,8 +10,8 @@ import argparse
 from datetime import date
 
 from benchmarks._runner import machine
-from pipeline.latency import make_backend
-from pipeline.latency_table import LayerSpec, detect_multiple, micro_model
+from pipeline.latency import TimingProtocol, detect_step, make_backend, micro_model
+from pipeline.latency.table import LayerSpec
 
 
 def main() -> None:
@@ -23,15 +23,16 @@ def main() -> None:
     p.add_argument("--max", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    be = make_backend(args.backend, device=args.device, batch_size=1, threads=args.threads, min_run_time=0.05)
+    be = make_backend(args.backend, device=args.device, batch_size=1, threads=args.threads, protocol=TimingProtocol())
     spec = LayerSpec("conv", "k", "a", "b", args.fixed, args.max, False, (3, 3), (1, 1), (1, 1), (1, 1), False,
                      args.size, args.size, True, "ReLU")
     shape = lambda c: (c, args.size, args.size)  # noqa: E731
-    out = [be.measure(micro_model(spec, args.fixed, c), shape(args.fixed)).median_ms * 1e3 for c in range(1, args.max + 1)]
-    inn = [be.measure(micro_model(spec, c, args.fixed), shape(c)).median_ms * 1e3 for c in range(1, args.max + 1)]
+    chans = range(1, args.max + 1)
+    out = [t.ms * 1e3 for t in be.measure_many([micro_model(spec, args.fixed, c) for c in chans], shape(args.fixed))]
+    inn = [t.ms * 1e3 for t in be.measure_many([micro_model(spec, c, args.fixed) for c in chans], [shape(c) for c in chans])]
     print(f"## Conv3x3+BN+ReLU at {args.size}x{args.size}, {args.backend} {args.device}, {args.threads} thread(s), "
           f"batch 1 ({date.today()}), machine: {machine()}")
-    print(f"detected step (output channels): {detect_multiple([v / 1e3 for v in out])}\n")
+    print(f"detected step (output channels): {detect_step([v / 1e3 for v in out])}\n")
     print("| channels | latency us, varying output (input fixed at %d) | latency us, varying input (output fixed at %d) |"
           % (args.fixed, args.fixed))
     print("|---|---|---|")

@@ -17,7 +17,7 @@ from datetime import date
 
 from benchmarks._runner import machine
 from models import build_model
-from pipeline.latency import make_backend
+from pipeline.latency import TimingProtocol, make_backend
 
 NETWORKS = {
     "blocks 9,8,7 widths 16/32/47": ([9, 8, 7], [16, 32, 47]),
@@ -38,13 +38,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[16, 8])
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--window-ms", type=float, default=10.0, help="timing window (ms); 10 windows per model")
     args = p.parse_args()
-    be = make_backend("onnxruntime", device="cpu", batch_size=1, threads=args.threads, min_run_time=args.min_run_time)
+    be = make_backend("onnxruntime", device="cpu", batch_size=1, threads=args.threads,
+                      protocol=TimingProtocol(window_s=args.window_ms / 1e3, min_span_s=1.0))
     shape = (3, args.size, args.size)
 
     def ms(cfg: dict) -> float:
-        return be.measure(build_model("cifar_resnet", num_classes=10, in_channels=3, **cfg).eval(), shape).median_ms
+        return be.measure(build_model("cifar_resnet", num_classes=10, in_channels=3, **cfg).eval(), shape).ms
 
     print(f"## Smallest network against the full one, ONNX Runtime CPU, {args.threads} thread(s), batch 1, "
           f"{args.size}x{args.size} ({date.today()}), machine: {machine()}\n")

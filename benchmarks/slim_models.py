@@ -19,7 +19,7 @@ import torch
 from benchmarks._runner import machine
 from models import build_model
 from pipeline.flops import count_flops, count_params
-from pipeline.latency import make_backend
+from pipeline.latency import TimingProtocol, make_backend
 from pipeline.slim import SlimError, magnitude_masks, slim
 
 MODELS = [
@@ -36,10 +36,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="input size of the torchvision models")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--window-ms", type=float, default=20.0, help="timing window (ms); 10 windows per model")
     p.add_argument("--only", nargs="*", help="subset of model names")
     args = p.parse_args()
-    backend = make_backend("onnxruntime", batch_size=1, threads=args.threads, min_run_time=args.min_run_time)
+    backend = make_backend("onnxruntime", batch_size=1, threads=args.threads,
+                           protocol=TimingProtocol(window_s=args.window_ms / 1e3))
     print(f"## Slimming at ~50% channels ({date.today()}), machine: {machine()}, onnxruntime CPU, "
           f"{args.threads} thread(s), batch 1\n")
     print("| model | input | params before -> after | GFLOPs before -> after | latency ms before (range) | "
@@ -61,8 +62,9 @@ def main() -> None:
             continue
         before, after = [], []
         for _ in range(args.rounds):
-            before.append(backend.measure(model, shape).median_ms)
-            after.append(backend.measure(res.model, shape).median_ms)
+            b, a = backend.measure_many([model, res.model], shape)  # interleaved: the same conditions
+            before.append(b.ms)
+            after.append(a.ms)
         fb, fa = count_flops(model, shape), count_flops(res.model, shape)
         lb, la = statistics.median(before), statistics.median(after)
         fr, lr = 1 - fa / fb, 1 - la / lb

@@ -107,6 +107,16 @@ class EnsembleConfig(Section):
     batch_size: int = Field(512, ge=1, le=65536)
 
 
+class TimingConfig(Section):
+    """`target.timing`: how every latency is measured (pipeline/latency/timing.py): each model is
+    timed in `passes` windows of `window_ms`, interleaved with the other models measured with it
+    and spread over at least `span_s` seconds; the estimate is the fastest window's median."""
+
+    passes: int = Field(10, ge=1, le=1000, description="windows per model")
+    window_ms: float = Field(5.0, gt=0.0, le=10000.0, description="milliseconds of timed calls per window")
+    span_s: float = Field(0.5, ge=0.0, le=600.0, description="least wall time the windows of a few models spread over")
+
+
 class TargetConfig(Section):
     """`target`: the deployment runtime and device latency is measured on (profile, prune, engine)."""
 
@@ -116,23 +126,31 @@ class TargetConfig(Section):
     precision: Literal["fp32", "fp16"] = "fp32"
     threads: int = Field(1, ge=1, le=256, description="CPU threads of the runtime")
     cuda_graph: bool = Field(False, description="torch backend on CUDA: replay a CUDA graph")
+    channel_step: int | None = Field(None, ge=1, le=512, description="channel step of the latency table and of "
+                                     "pruning; null: detect it on the staircase probe (profile)")
+    timing: TimingConfig = TimingConfig()
 
 
 class ProfileConfig(Section):
-    """`profile`: the latency lookup table of the network to be pruned."""
+    """`profile`: the latency lookup table of the network to be pruned, its channel step and its
+    calibration on measured sub-networks."""
 
     arch: str = Field("student", description="'student' (the searched architecture) or a registry architecture")
     arch_config: dict[str, Any] = Field(default_factory=dict)
-    multiple: int | None = Field(None, ge=1, le=512, description="channel step; null: detect from the staircase")
     min_fraction: float = Field(0.25, gt=0.0, le=1.0, description="smallest width, as a fraction of the full width")
-    min_run_time: float = Field(0.05, gt=0.0, le=10.0, description="seconds of timing per measurement")
-    warmup: int = Field(5, ge=0, le=1000)
-    max_seconds: float = Field(300.0, gt=0.0, description="time cap for the table; the step is doubled to fit")
-    staircase_channels: int = Field(64, ge=2, le=4096, description="output counts 1..N measured for the staircase")
-    validation_samples: int = Field(24, ge=20, le=1000, description="random sub-networks measured end to end")
-    validation_seed: int = Field(0, ge=0)
-    noise_repeats: int = Field(10, ge=2, le=1000, description="repeated measurements of the full network")
-    max_mape: float = Field(0.10, gt=0.0, le=1.0, description="the stage fails above this mean abs % error")
+    max_points: int = Field(6, ge=2, le=64, description="grid values per channel axis of each unit (sampled "
+                            "evenly from the lattice, ends included)")
+    staircase_channels: int = Field(64, ge=4, le=4096, description="output counts 1..N of the step probe")
+    staircase_repeats: int = Field(3, ge=1, le=20, description="independent measurements of the step probe; "
+                                   "a step they disagree on is not used")
+    staircase_passes: int = Field(4, ge=1, le=1000, description="timing windows per probe point and repeat")
+    fit_samples: int = Field(40, ge=3, le=10000, description="random sub-networks the calibration is fitted on")
+    heldout_samples: int = Field(40, ge=3, le=10000, description="disjoint random sub-networks the error is "
+                                 "measured on")
+    seed: int = Field(0, ge=0, description="seed of the random sub-networks")
+    warn_mape: float = Field(0.10, gt=0.0, le=10.0, description="warn when the held-out error is above this")
+    max_mape: float | None = Field(None, gt=0.0, le=10.0, description="opt-in: fail the stage when the held-out "
+                                   "error is above this; null: never (the prune stage measures the real network)")
     progress: bool = True
 
     @field_validator("arch")
@@ -151,7 +169,6 @@ class SlimConfig(Section):
 
     atol: float = Field(1e-4, gt=0.0, le=1.0, description="max abs output difference slimmed vs masked (fp32)")
     check_samples: int = Field(64, ge=1, le=100000, description="test images in the equivalence check")
-    latency_min_run_time: float = Field(0.2, gt=0.0, le=60.0, description="seconds of timing per model")
 
 
 PRUNE_OPTIMIZER = OptimizerConfig(lr=0.05, warmup_epochs=0)
@@ -183,7 +200,6 @@ class PruneConfig(Section):
     max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")
     loop_val_samples: int = Field(1000, ge=1, le=1000000, description="validation images scoring loop steps")
     finetune_epochs: int = Field(0, ge=0, le=100000, description="optional recovery fine-tune after hardening")
-    min_run_time: float = Field(0.2, gt=0.0, le=60.0, description="seconds of timing per latency measurement")
     progress: bool = True
 
     @field_validator("band")

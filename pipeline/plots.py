@@ -58,10 +58,11 @@ def history_png(history: Sequence[dict[str, float]], path: str | Path, title: st
 
 
 def predicted_vs_measured_png(pred: Sequence[float], meas: Sequence[float], path: str | Path, title: str,
-                              extra: tuple[Sequence[float], Sequence[float], str] | None = None) -> None:
+                              extra: tuple[Sequence[float], Sequence[float], str] | None = None,
+                              label: str = "held-out sub-networks") -> None:
     """Scatter of predicted against measured latency (ms) with the y = x line."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    ax.scatter(meas, pred, s=18, label="on the channel lattice")
+    ax.scatter(meas, pred, s=18, label=label)
     pts = [*pred, *meas]
     if extra is not None:
         ax.scatter(extra[1], extra[0], s=14, marker="x", label=extra[2])

@@ -54,8 +54,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import SlimdeployError
-from pipeline.latency_table import grid_values
-from pipeline.slim import ChannelGraph, trace_forward
+from pipeline.latency.table import grid_values
+from pipeline.slim import ChannelGraph, tensor_consumers
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +80,12 @@ class PruneGroup:
     sites: tuple[str, ...]
 
 
-def _consumers(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
-    """Leaf module name -> names of the leaf modules that take its output tensor directly as
-    their first input (one eval forward pass; functional ops in between are not seen)."""
-    produced: dict[int, str] = {}
-    keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
-    out: dict[str, set[str]] = {}
-
-    def hook(name: str, _mod: nn.Module, inp: tuple[Any, ...], output: Any) -> None:
-        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
-            out.setdefault(produced[id(inp[0])], set()).add(name)
-        if isinstance(output, torch.Tensor):  # an in-place op's output is its input: now its own
-            keep_alive.append(output)
-            produced[id(output)] = name
-
-    trace_forward(model, example, (nn.Module,), hook, leaves_only=True)
-    return out
-
-
 def prune_groups(model: nn.Module, example: torch.Tensor, coupled: Literal["gate", "keep"] = "gate",
                  graph: ChannelGraph | None = None) -> list[PruneGroup]:
     """Classify the channel groups of ``model`` (see module docstring)."""
     graph = graph or ChannelGraph(model, example)
     modules = dict(model.named_modules())
-    consumers = _consumers(model, example)
+    consumers = tensor_consumers(model, example)
     out = []
     for g in graph.groups:
         outs = [n for n, kind in g.members if kind == "out" and n in modules]

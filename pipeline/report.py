@@ -68,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     prof = args.metrics_dir / "profile.json"
     if prof.is_file():
         m = read_json(prof)
+        pr_ = m["predictor"]
         print(f"\nlatency on {m['backend']} / {m['device']['name']} (batch {m['batch_size']}): full {m['arch']} "
-              f"{m['full_latency_ms']:.3f} ms; predictor MAPE {100 * m['predictor']['lattice_mape']:.1f}% on "
-              f"{m['predictor']['lattice_samples']} sub-networks; channel step {m['multiple']}")
+              f"{m['full_latency_ms']:.3f} ms; channel step {m['multiple']} ({m['step']['source']}); predictor "
+              f"held-out MAPE {100 * pr_['heldout_mape']:.1f}% (max {100 * pr_['heldout_max_ape']:.1f}%, "
+              f"{100 * pr_['heldout_within_10pct']:.0f}% within 10%, Spearman {pr_['heldout_spearman']:.3f}) on "
+              f"{pr_['heldout_samples']} sub-networks")
     slim = args.metrics_dir / "slim.json"
     if slim.is_file():
         m = read_json(slim)

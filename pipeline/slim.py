@@ -75,6 +75,24 @@ def trace_forward(model: nn.Module, example: torch.Tensor, types: tuple[type, ..
             h.remove()
 
 
+def tensor_consumers(model: nn.Module, example: torch.Tensor) -> dict[str, set[str]]:
+    """Leaf module name -> names of the leaf modules that take its output tensor directly as
+    their first input (one eval forward pass; functional ops in between are not seen)."""
+    produced: dict[int, str] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
+    out: dict[str, set[str]] = {}
+
+    def hook(name: str, _mod: nn.Module, inp: tuple[Any, ...], output: Any) -> None:
+        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
+            out.setdefault(produced[id(inp[0])], set()).add(name)
+        if isinstance(output, torch.Tensor):  # an in-place op's output is its input: now its own
+            keep_alive.append(output)
+            produced[id(output)] = name
+
+    trace_forward(model, example, (nn.Module,), hook, leaves_only=True)
+    return out
+
+
 def _classifier(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The last Conv/Linear executed in a forward pass: the class logits, never pruned."""
     order: list[nn.Module] = []

@@ -17,8 +17,7 @@ from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.flops import count_params
 from pipeline.io import write_json
-from pipeline.latency import target_backend
-from pipeline.latency_table import LatencyTable
+from pipeline.latency import LatencyTable, target_backend
 from pipeline.prune import allowed_widths
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         student, _ = load_student(args.student, data.meta)
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
-        backend = target_backend(target, prune_cfg.min_run_time)
+        backend = target_backend(target)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
         pruned = read_pruned(args.pruned, "kept")
         kept = pruned["kept"]
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
 
         def measure(model: torch.nn.Module) -> float:
-            return backend.measure(model, shape).median_ms
+            return backend.measure(model, shape).ms
 
         ours_ms = measure(ours)
         result: dict = {"ours": {"measured_ms": ours_ms, "test_acc": test_accuracy(ours, data, cpu),
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(train_cfg.device)
             ensemble = TeacherEnsemble(list(load_teachers(args.teachers, names, data.meta).values())).to(device)
             criterion = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
-            multiple = prune_cfg.multiple or int(table.meta["multiple"])
+            multiple = prune_cfg.multiple or table.step
             low = float(table.meta["min_fraction"])
             sizes = {g.name: g.size for g in channel_groups(student, example)}
             allowed = {g: allowed_widths(n, multiple, low) for g, n in sizes.items()}

@@ -18,7 +18,7 @@ from pipeline.data import load_prepared
 from pipeline.deploy import INPUT, OUTPUT, check_manifest, sha256, verify_bundle
 from pipeline.errors import CheckpointError
 from pipeline.io import atomic_dir, read_json, write_json
-from pipeline.latency import target_backend
+from pipeline.latency import LatencyTable, target_backend
 from pipeline.plots import pareto_png
 from pipeline.slim import load_slimmed_model
 from pipeline.train import test_accuracy
@@ -73,6 +73,8 @@ Image classifier built by slimdeploy (git {git}). Everything here is listed with
 - latency of the engine ({backend}, {precision}) at batch {batch} on {device}: p50 {p50:.4f} ms,
   p90 {p90:.4f} ms, p99 {p99:.4f} ms ({runs} calls)
 - latency budget {budget:.4f} ms: {verdict}
+- latency model used to prune: channel step {step} ({step_source}); predictor error on {held_n} held-out
+  sub-networks: MAPE {held_mape:.1%}, {held_within:.0%} within +-10%, Spearman {held_rho:.3f}
 
 ## Use
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-dir", required=True, help="engine directory (engine stage)")
     p.add_argument("--widths-png", required=True, help="kept-widths plot of the prune stage")
     p.add_argument("--compare", default=None, help="metrics of the compare stage (optional, for the plot)")
+    p.add_argument("--latency-table", required=True, help="latency table of the profile stage (its error goes "
+                   "into the manifest)")
     p.add_argument("--out-dir", required=True, help="bundle directory")
     args = p.parse_args(argv)
 
@@ -113,23 +117,27 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
 
         # accuracy against latency measured on the target, every model the same way
-        backend = target_backend(target, min_run_time=0.2)
-        points = []
-        for n in names:
-            teacher, _ = load_model(Path(args.teachers) / f"{n}.pt")
-            points.append({"method": "teachers", "name": n, "latency_ms": backend.measure(teacher, shape).median_ms,
-                           "accuracy": test_accuracy(teacher, data, cpu)})
-        student, _ = load_model(args.student)
-        points.append({"method": "student", "name": "student", "latency_ms": backend.measure(student, shape).median_ms,
-                       "accuracy": test_accuracy(student, data, cpu)})
-        points.append({"method": "pruned (ours)", "name": "pruned", "latency_ms": backend.measure(slimmed, shape).median_ms,
-                       "accuracy": test_accuracy(slimmed, data, cpu)})
+        backend = target_backend(target)
+        entries = [("teachers", n, load_model(Path(args.teachers) / f"{n}.pt")[0]) for n in names]
+        entries += [("student", "student", load_model(args.student)[0]), ("pruned (ours)", "pruned", slimmed)]
+        timings = backend.measure_many([m for _, _, m in entries], shape)  # interleaved: the same conditions
+        points = [{"method": method, "name": n, "latency_ms": t.ms, "accuracy": test_accuracy(m, data, cpu)}
+                  for (method, n, m), t in zip(entries, timings)]
         if args.compare and Path(args.compare).is_file():
             cmp_ = read_json(args.compare)
             for key, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
                 if key in cmp_:
                     points.append({"method": label, "name": key, "latency_ms": cmp_[key]["measured_ms"],
                                    "accuracy": cmp_[key]["test_acc"]})
+        table = LatencyTable.load(args.latency_table)
+        held = table.calibration["heldout_metrics"]
+        stair = table.meta.get("staircase", {})
+        latency_model = {
+            "channel_step": table.step, "step_source": stair.get("source"), "detected_step": stair.get("detected"),
+            "repeat_steps": stair.get("repeat_steps"), "scale": table.calibration["scale"],
+            "offset_ms": table.calibration["offset_ms"], "heldout": held,
+            "fit_samples": len(table.calibration.get("fit_set", [])),
+        }
         git = _git_revision()
         device_name = eng["device"].get("name", "?")
         with atomic_dir(args.out_dir) as tmp:
@@ -153,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 classes=", ".join(data.meta["classes"]), acc=eng["test_acc"], acc_onnx=eng["test_acc_onnx"],
                 n_test=len(data.test.y), backend=eng["backend"], precision=eng["precision"], batch=eng["batch_size"],
                 device=device_name, p50=lat["p50_ms"], p90=lat["p90_ms"], p99=lat["p99_ms"], runs=lat["runs"],
-                budget=eng["budget_ms"], verdict=verdict,
+                budget=eng["budget_ms"], verdict=verdict, step=table.step, step_source=stair.get("source", "?"),
+                held_n=held["samples"], held_mape=held["mape"], held_within=held["within_10pct"],
+                held_rho=held["spearman"],
                 files_table="\n".join(f"| `{f}` | {d} |" for f, d in (
                     ("model.onnx", f"ONNX (opset 17+), dynamic batch; runs anywhere ONNX Runtime runs"),
                     (eng["engine_file"], "TensorRT engine (this GPU and TensorRT version only)" if eng["backend"] == "tensorrt"
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 "budget": {"budget_ms": eng["budget_ms"], "predicted_ms": eng["predicted_ms"],
                            "prune_measured_ms": eng["prune_measured_ms"], "engine_p50_ms": lat["p50_ms"],
                            "within_budget": eng["within_budget"]},
+                "latency_model": latency_model,
                 "device": eng["device"], "versions": {**_versions(), **eng["versions"]}, "git_revision": git,
                 "data": {"source": data.meta.get("source"), "split_hashes": data.meta.get("split_hashes")},
                 "files": files,

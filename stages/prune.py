@@ -22,8 +22,7 @@ from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.errors import ConfigError
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, file_sha256, write_csv, write_json
-from pipeline.latency import target_backend
-from pipeline.latency_table import LatencyTable
+from pipeline.latency import LatencyTable, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, harden,
                             prune_groups, top_mask, widths_of)
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         student, ckpt = load_student(args.student, data.meta)
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
-        backend = target_backend(target, cfg.min_run_time)
+        backend = target_backend(target)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
         profiled = {"arch": table.model.get("arch"), "arch_config": table.model.get("arch_config")}
         if json.dumps(profiled, sort_keys=True) != json.dumps({"arch": ckpt["arch"], "arch_config": ckpt["arch_config"]},
@@ -67,17 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                               f"{ckpt['arch']} {ckpt['arch_config']}; set profile.arch: student and re-run profile")
         predictor = table.predictor()
         groups = prune_groups(student, example, cfg.coupled)
-        multiple = cfg.multiple or int(table.meta["multiple"])
+        multiple = cfg.multiple or table.step
         allowed = {g.name: allowed_widths(g.size, multiple, table.meta["min_fraction"])
                    for g in groups if g.kind != "fixed"}
 
         # --- the budget, and whether the smallest allowed network can meet it (before training)
-        student_ms = backend.measure(student, shape).median_ms
+        student_ms = backend.measure(student, shape).ms
         budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
         sizes = {g.name: g.size for g in groups}
         floor_masks = {g: top_mask(torch.ones(sizes[g]), a[0]) for g, a in allowed.items()}
         floor_pred = predictor(widths_of(floor_masks)).item()
-        floor_ms = backend.measure(prune_structure(student, example, floor_masks), shape).median_ms
+        floor_ms = backend.measure(prune_structure(student, example, floor_masks), shape).ms
         how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
                f"{multiple} from {table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled})")
         if min(floor_pred, floor_ms) > budget_ms * cfg.band[1]:
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             predicted = predictor(widths_of(hard)).item()
             measured = float("nan")
             if ctx.is_main:
-                measured = backend.measure(prune_structure(plain_student, example, hard), shape).median_ms
+                measured = backend.measure(prune_structure(plain_student, example, hard), shape).ms
                 with torch.no_grad():
                     soft = predictor({g: w.to("cpu", torch.float64) for g, w in net.expected_widths(False).items()})
                 penalty.scale = min(2.0, max(0.5, measured / soft.item()))
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 return F.cross_entropy(apply_masks(plain, example, masks)(vx), vy).item()
 
         def measure(masks: dict[str, torch.Tensor]) -> float:
-            return backend.measure(prune_structure(plain, example, masks), shape).median_ms
+            return backend.measure(prune_structure(plain, example, masks), shape).ms
 
         masks = harden(keep, allowed)
         loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,

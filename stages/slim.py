@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         accs = {name: test_accuracy(net, data, cpu)
                 for name, net in (("masked", result.masked), ("slimmed", result.model))}
-        backend = target_backend(target, cfg.latency_min_run_time)
-        before, after = backend.measure(model, shape), backend.measure(result.model, shape)
+        backend = target_backend(target)
+        before, after = backend.measure_many([model, result.model], shape)  # interleaved: the same conditions
         flops = (count_flops(model, shape), count_flops(result.model, shape))
         nparams = (count_params(model), count_params(result.model))
         manifest = {"input_shape": list(shape), "kept": result.kept}
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             "max_abs_diff_vs_masked": result.max_abs_diff, "atol": cfg.atol,
             "params_before": nparams[0], "params_after": nparams[1],
             "flops_before": flops[0], "flops_after": flops[1],
-            "latency_before_ms": before.median_ms, "latency_after_ms": after.median_ms,
+            "latency_before_ms": before.ms, "latency_after_ms": after.ms,
             "latency_before": before.as_dict(), "latency_after": after.as_dict(),
-            "latency_ratio": after.median_ms / before.median_ms, "flops_ratio": flops[1] / flops[0],
+            "latency_ratio": after.ms / before.ms, "flops_ratio": flops[1] / flops[0],
             "test_acc_masked": accs["masked"],
             "test_acc_slimmed": accs["slimmed"],
             "kept_per_group": {g: len(k) for g, k in result.kept.items()},
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         log.info("slimmed %s: params %d -> %d, FLOPs %.3g -> %.3g, latency %.4f -> %.4f ms, "
                  "max |slim - masked| %.2e, test acc %.4f (masked %.4f)", args.model, *nparams, *flops,
-                 before.median_ms, after.median_ms, result.max_abs_diff, accs["slimmed"], accs["masked"])
+                 before.ms, after.ms, result.max_abs_diff, accs["slimmed"], accs["masked"])
 
     return run(body)
 

@@ -16,8 +16,9 @@ from tests.conftest import REPO, make_imagefolder
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
 TINY["prepare"]["image_size"] = 8
 TINY["train"].update(progress=False, batch_size=128)
-TINY["profile"].update(arch="resnet_tiny", min_run_time=0.002, warmup=1, validation_samples=20,
-                       noise_repeats=2, staircase_channels=8, max_mape=1.0, progress=False)
+TINY["profile"].update(arch="resnet_tiny", staircase_channels=8, staircase_repeats=2, staircase_passes=1,
+                       fit_samples=4, heldout_samples=4, max_points=3, progress=False)
+TINY["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}
 TINY["teachers"] = {
     "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 2},
     "b": {"arch": "mobilenetv2_tiny", "seed": 1, "epochs": 1, "optimizer": {"lr": 0.05}},
@@ -145,16 +146,34 @@ def test_profile_stage_writes_table_metrics_and_plots(tmp_path: Path, digits_dir
     files = set(outputs(tmp_path))
     assert {"prof/table.json", "m/profile.json", "p/validation.csv", "p/validation.png"} <= files
     m = json.loads((tmp_path / "m" / "profile.json").read_text())
-    assert m["predictor"]["lattice_samples"] >= 20 and m["device"]["type"] == "cpu"
-    assert m["noise_floor"]["repeats"] == 2
+    assert m["predictor"]["heldout_samples"] >= 1 and m["device"]["type"] == "cpu"
+    assert m["step"]["source"] in ("detected", "repeats disagreed") and len(m["step"]["repeat_steps"]) == 2
+    table = json.loads((tmp_path / "prof" / "table.json").read_text())
+    fitted = {tuple(sorted(s["widths"].items())) for s in table["calibration"]["fit_set"]}
+    held = {tuple(sorted(s["widths"].items())) for s in table["calibration"]["heldout_set"]}
+    assert fitted and held and not fitted & held  # the error is measured on networks the fit never saw
 
 
-def test_profile_contract_failure_writes_no_table(tmp_path: Path, digits_dir: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_profile_never_fails_on_predictor_error_unless_asked(tmp_path: Path, digits_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, profile={"warn_mape": 1e-9})  # any error is "poor": a warning, exit 0
+    assert run_profile(tmp_path, params, digits_dir) == 0
+    assert "above profile.warn_mape" in caplog.text and (tmp_path / "prof" / "table.json").is_file()
+
+
+def test_profile_opt_in_contract_failure_writes_no_table(tmp_path: Path, digits_dir: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     params = write_params(tmp_path, profile={"max_mape": 1e-9})
     assert run_profile(tmp_path, params, digits_dir) == 2
     assert "exceeds profile.max_mape" in caplog.text
     assert not (tmp_path / "prof" / "table.json").exists()
+
+
+def test_profile_uses_the_step_the_target_states(tmp_path: Path, digits_dir: Path) -> None:
+    params = write_params(tmp_path, target={"channel_step": 2})
+    assert run_profile(tmp_path, params, digits_dir) == 0
+    m = json.loads((tmp_path / "m" / "profile.json").read_text())
+    assert m["multiple"] == 2 and m["step"]["source"] == "target"
 
 
 def test_profile_missing_backend(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -165,9 +184,8 @@ def test_profile_missing_backend(tmp_path: Path, digits_dir: Path, caplog: pytes
 
 def _prune_setup(tmp_path: Path, **prune_values: object) -> Path:
     """Prepared data, teachers a and b, and a latency table of resnet_tiny (teacher a plays the student)."""
-    params = write_params(tmp_path, prune={"epochs": 2, "min_run_time": 0.01, "progress": False, "band": [0.05, 1.0],
-                                           **prune_values},
-                          slim={"latency_min_run_time": 0.01})
+    params = write_params(tmp_path, prune={"epochs": 2, "progress": False, "band": [0.05, 1.0],
+                                           **prune_values})
     assert run_prepare(tmp_path, params) == 0
     assert run_teacher(tmp_path, params, "a") == 0
     assert run_teacher(tmp_path, params, "b") == 0

@@ -1,10 +1,10 @@
-"""Measure a model's latency on the deployment runtime, behind one interface.
+"""Run a model on the deployment runtime and time it, behind one interface.
 
 Backends: ``onnxruntime`` (CPU provider; CUDA provider where onnxruntime-gpu and a GPU exist),
-``torch`` (eager on CPU or CUDA, optional CUDA graph) and ``tensorrt`` (engine built from ONNX,
-imported lazily). Every measurement is warm-up, then ``torch.utils.benchmark``'s
-``blocked_autorange`` for at least ``min_run_time`` seconds; the result is the median over blocks
-with p90 and the inter-quartile range, in milliseconds per batch.
+``torch`` (eager on CPU or CUDA, optionally replaying a captured CUDA graph) and ``tensorrt``
+(engine built from ONNX, imported lazily). A backend *prepares* a model once (export, session,
+engine or graph capture) into a ``TimedCall``, and times prepared calls with the protocol of
+``pipeline.latency.timing`` (interleaved windows, fastest window median).
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import copy
 import io
 import os
 import platform
-import statistics
+import time
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from pipeline.errors import SlimdeployError
+from pipeline.latency.timing import TimedCall, Timing, TimingProtocol, measure_calls
 from pipeline.runtime import cpu_name
 
 
@@ -33,25 +33,6 @@ class BackendUnavailable(SlimdeployError):
 
 class FingerprintMismatch(SlimdeployError):
     """A latency artifact was measured on another device, runtime or setting."""
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency of one batch in milliseconds: median, p90 and IQR over timed blocks."""
-
-    median_ms: float
-    p90_ms: float
-    iqr_ms: float
-    runs: int
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def _timing(m: benchmark.Measurement) -> Timing:
-    times = sorted(t * 1e3 for t in m.times)  # per-run seconds of each block -> ms
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return Timing(m.median * 1e3, q[8], m.iqr * 1e3, len(times) * m.number_per_run)
 
 
 def export_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
@@ -69,17 +50,41 @@ def export_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) 
     return buf.getvalue()
 
 
+def cuda_timed(fn: Callable[[], Any]) -> TimedCall:
+    """``fn`` (which enqueues work on the current CUDA stream) timed by CUDA events, in ms."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def call() -> float:
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return call
+
+
+def wall_timed(fn: Callable[[], Any]) -> TimedCall:
+    """A synchronous ``fn`` timed by the wall clock, in ms."""
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return call
+
+
 class Backend(ABC):
     """A runtime that can time a model at a fixed batch size and precision."""
 
     name: str
 
-    def __init__(self, batch_size: int, precision: str, threads: int, min_run_time: float, warmup: int) -> None:
+    def __init__(self, batch_size: int, precision: str, threads: int, protocol: TimingProtocol | None = None) -> None:
         self.batch_size = batch_size
         self.precision = precision
         self.threads = threads
-        self.min_run_time = min_run_time
-        self.warmup = warmup
+        self.protocol = protocol or TimingProtocol()
 
     @abstractmethod
     def device(self) -> dict[str, Any]:
@@ -90,8 +95,35 @@ class Backend(ABC):
         """Runtime library versions."""
 
     @abstractmethod
-    def measure(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
-        """Latency of ``model`` on a (batch_size, *input_shape) float input."""
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
+        """``model`` ready to run on a (batch_size, *input_shape) float input; the caller's model
+        is not modified or moved."""
+
+    def measure_many(self, models: Sequence[nn.Module], input_shapes: Sequence[tuple[int, ...]] | tuple[int, ...],
+                     protocol: TimingProtocol | None = None,
+                     on_pass: Callable[[int], None] | None = None) -> list[Timing]:
+        """Latency of every model, their windows interleaved (``pipeline.latency.timing``).
+        ``input_shapes``: one (C, H, W) for all, or one per model."""
+        protocol = protocol or self.protocol
+        shapes = [input_shapes] * len(models) if input_shapes and isinstance(input_shapes[0], int) else list(input_shapes)
+        if len(shapes) != len(models):
+            raise ValueError(f"{len(models)} models but {len(shapes)} input shapes")
+        out: list[Timing] = []
+        with self._threads():
+            for lo in range(0, len(models), protocol.chunk):
+                calls = [self.prepare(m, tuple(s)) for m, s in zip(models[lo:lo + protocol.chunk], shapes[lo:lo + protocol.chunk])]
+                out += measure_calls(calls, protocol, on_pass)
+                del calls
+        return out
+
+    def measure(self, model: nn.Module, input_shape: tuple[int, ...], protocol: TimingProtocol | None = None) -> Timing:
+        """Latency of one model (its windows spread over ``protocol.min_span_s``)."""
+        return self.measure_many([model], input_shape, protocol)[0]
+
+    def _threads(self) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext()
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything a latency figure depends on besides the model itself."""
@@ -104,12 +136,6 @@ class Backend(ABC):
             "threads": self.threads,
             "cuda_graph": bool(getattr(self, "cuda_graph", False)),
         }
-
-    def _time(self, fn: Any) -> Timing:
-        for _ in range(self.warmup):
-            fn()
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
-        return _timing(timer.blocked_autorange(min_run_time=self.min_run_time))
 
 
 def device_record(device: str) -> dict[str, Any]:
@@ -172,15 +198,27 @@ class OnnxRuntimeBackend(Backend):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.target == "cuda" else ["CPUExecutionProvider"]
         return self.ort.InferenceSession(onnx_model, so, providers=providers)
 
-    def measure_onnx(self, onnx_model: bytes, input_shape: tuple[int, ...]) -> Timing:
+    def prepare_onnx(self, onnx_model: bytes, input_shape: tuple[int, ...]) -> TimedCall:
         sess = self.session(onnx_model)
         x = torch.randn(self.batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
         feed = {sess.get_inputs()[0].name: x}
-        return self._time(lambda: sess.run(None, feed))
+        return wall_timed(lambda: sess.run(None, feed))
 
-    def measure(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
-        example = torch.zeros(self.batch_size, *input_shape)
-        return self.measure_onnx(export_onnx_bytes(model, example), input_shape)
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
+        return self.prepare_onnx(export_onnx_bytes(model, torch.zeros(self.batch_size, *input_shape)), input_shape)
+
+
+class _Threads:
+    """torch's intra-op thread count set for a block (restored afterwards)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.prev = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.prev)
 
 
 class TorchBackend(Backend):
@@ -201,46 +239,35 @@ class TorchBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
 
-    @torch.no_grad()
-    def measure(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        model = copy.deepcopy(model).eval().to(self.dev, dtype)  # the caller's model stays where it is
-        x = torch.randn(self.batch_size, *input_shape, device=self.dev, dtype=dtype)
-        if self.dev.type == "cpu":
-            prev = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                return self._time(lambda: model(x))
-            finally:
-                torch.set_num_threads(prev)
-        if self.cuda_graph:
-            for _ in range(3):
-                model(x)  # warm up kernels before capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                model(x)
-            return self._time_cuda(graph.replay)
-        return self._time_cuda(lambda: model(x))
+    def _threads(self) -> Any:
+        return _Threads(self.threads) if self.dev.type == "cpu" else super()._threads()
 
-    def _time_cuda(self, fn: Any) -> Timing:
-        """CUDA events around each run after warm-up, until min_run_time has elapsed."""
-        for _ in range(max(self.warmup, 10)):
-            fn()
-        torch.cuda.synchronize()
-        times: list[float] = []
-        total = 0.0
-        while total < self.min_run_time * 1e3 or len(times) < 10:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            total += times[-1]
-        times.sort()
-        q = statistics.quantiles(times, n=100, method="inclusive")
-        return Timing(statistics.median(times), q[89], q[74] - q[24], len(times))
+    @torch.no_grad()
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        m = copy.deepcopy(model).eval().to(self.dev, dtype)  # the caller's model stays where it is
+        x = torch.randn(self.batch_size, *input_shape, device=self.dev, dtype=dtype)
+
+        def run() -> None:
+            with torch.no_grad():
+                m(x)
+
+        if self.dev.type == "cpu":
+            return wall_timed(run)
+        if not self.cuda_graph:
+            return cuda_timed(run)
+        # warm up on a side stream (cuDNN/cuBLAS choose their kernels), then capture one forward pass
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = m(x)
+        keep = (m, x, y)  # the graph reads and writes these buffers: the closure keeps them alive
+        return cuda_timed(lambda: (graph.replay(), keep))
 
 
 class TensorRTBackend(Backend):
@@ -292,7 +319,7 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable("TensorRT failed to build an engine (see its log above)")
         return trt.Runtime(logger).deserialize_cuda_engine(plan)
 
-    def measure(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
         engine = self.build(export_onnx_bytes(model, torch.zeros(self.batch_size, *input_shape)), input_shape)
         ctx = engine.create_execution_context()
         x = torch.randn(self.batch_size, *input_shape, device="cuda")
@@ -301,18 +328,17 @@ class TensorRTBackend(Backend):
         ctx.set_tensor_address(engine.get_tensor_name(0), x.data_ptr())
         ctx.set_tensor_address(out_name, y.data_ptr())
         stream = torch.cuda.current_stream()
-        helper = TorchBackend(device="cuda", batch_size=self.batch_size, precision="fp32", threads=self.threads,
-                              min_run_time=self.min_run_time, warmup=self.warmup)
-        return helper._time_cuda(lambda: ctx.execute_async_v3(stream.cuda_stream))
+        keep = (engine, x, y)
+        return cuda_timed(lambda: (ctx.execute_async_v3(stream.cuda_stream), keep))
 
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def make_backend(name: str, *, device: str = "cpu", batch_size: int = 1, precision: str = "fp32",
-                 threads: int = 1, min_run_time: float = 0.05, warmup: int = 5, cuda_graph: bool = False) -> Backend:
+                 threads: int = 1, protocol: TimingProtocol | None = None, cuda_graph: bool = False) -> Backend:
     """The backend called ``name``; BackendUnavailable says what is missing and what to use instead."""
-    kw = dict(batch_size=batch_size, precision=precision, threads=threads, min_run_time=min_run_time, warmup=warmup)
+    kw: dict[str, Any] = dict(batch_size=batch_size, precision=precision, threads=threads, protocol=protocol)
     if name == "onnxruntime":
         return OnnxRuntimeBackend(device=device, **kw)
     if name == "torch":
@@ -324,10 +350,17 @@ def make_backend(name: str, *, device: str = "cpu", batch_size: int = 1, precisi
     raise BackendUnavailable(f"unknown latency backend {name!r}; choose one of {BACKENDS}")
 
 
-def target_backend(target: Any, min_run_time: float, warmup: int = 5) -> Backend:
+def timing_protocol(target: Any, **overrides: Any) -> TimingProtocol:
+    """The ``TimingProtocol`` of a ``TargetConfig``'s ``timing`` block."""
+    t = target.timing
+    base = dict(passes=t.passes, window_s=t.window_ms / 1e3, min_span_s=t.span_s)
+    return TimingProtocol(**{**base, **overrides})
+
+
+def target_backend(target: Any) -> Backend:
     """``make_backend`` for a ``TargetConfig`` (the params' `target` section)."""
     return make_backend(target.backend, device=target.device, batch_size=target.batch_size, precision=target.precision,
-                        threads=target.threads, min_run_time=min_run_time, warmup=warmup, cuda_graph=target.cuda_graph)
+                        threads=target.threads, protocol=timing_protocol(target), cuda_graph=target.cuda_graph)
 
 
 def check_fingerprint(recorded: dict[str, Any], current: dict[str, Any], what: str) -> None:
