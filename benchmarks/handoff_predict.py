@@ -28,7 +28,9 @@ def main() -> int:
     p.add_argument("-n", type=int, default=20)
     args = p.parse_args()
     from pipeline.data import load_prepared
-    from pipeline.deploy import latency_percentiles, ort_session, verify_bundle
+    from pipeline.deploy import engine_latency, ort_session, verify_bundle
+    from pipeline.latency import TimingProtocol
+    from pipeline.latency.backends import wall_timed
 
     data = load_prepared(REPO / args.data)
     manifest = verify_bundle(REPO / args.bundle)
@@ -51,14 +53,15 @@ def main() -> int:
         / np.asarray(pre["std"], np.float32).reshape(1, -1, 1, 1)
     sess = ort_session(REPO / args.bundle / manifest["model"]["onnx"], "cpu", threads=manifest["latency"]["threads"])
     feed = {manifest["input"]["name"]: x}
-    lat = latency_percentiles(lambda: sess.run(None, feed), 50, 1000)
+    lat = engine_latency(wall_timed(lambda: sess.run(None, feed)), TimingProtocol(passes=40, min_span_s=2.0))
     budget = manifest["budget"]["budget_ms"]
     print(f"machine: {machine()}")
     print(f"predict on {args.n} test images: {correct}/{args.n} correct ({correct / args.n:.2%}); bundle reports "
           f"{manifest['accuracy']['test_acc_engine']:.2%} on all {manifest['accuracy']['test_images']}")
-    print(f"bundle latency (manifest): p50 {manifest['latency']['p50_ms']:.4f} ms; re-measured (model.onnx, ONNX Runtime "
-          f"full optimisation): p50 {lat['p50_ms']:.4f} ms, p90 {lat['p90_ms']:.4f}, p99 {lat['p99_ms']:.4f}; budget "
-          f"{budget:.4f} ms -> {'within' if lat['p50_ms'] <= budget else 'OVER'} ({lat['p50_ms'] / budget:.3f})")
+    print(f"bundle latency (manifest): {manifest['latency']['ms']:.4f} ms; re-measured (model.onnx, ONNX Runtime "
+          f"full optimisation): {lat['ms']:.4f} ms (p50 of all calls {lat['p50_ms']:.4f}, p90 {lat['p90_ms']:.4f}, "
+          f"p99 {lat['p99_ms']:.4f}); budget {budget:.4f} ms -> {'within' if lat['ms'] <= budget else 'OVER'} "
+          f"({lat['ms'] / budget:.3f})")
     return 0
 
 

@@ -246,10 +246,10 @@ class EngineConfig(Section):
     calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
-    latency_runs: int = Field(1000, ge=10, le=1000000, description="timed calls for p50/p90/p99")
-    warmup: int = Field(50, ge=0, le=100000)
-    on_over_budget: Literal["fail", "warn"] = Field("fail", description="measured p50 over the budget: fail "
-                                                    "the stage or only warn")
+    timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")
+    timing_span_s: float = Field(2.0, ge=0.0, le=600.0, description="least wall time the windows spread over")
+    on_over_budget: Literal["fail", "warn"] = Field("fail", description="measured latency over the budget (beyond "
+                                                    "the measured noise): fail the stage or only warn")
 
 
 class HandoffConfig(Section):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 
 from pipeline.errors import SlimdeployError
 from pipeline.io import file_sha256
+from pipeline.latency.timing import TimedCall, TimingProtocol, measure_calls
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -85,24 +84,25 @@ def parity(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
 # Latency
 
 
-def latency_percentiles(fn: Callable[[], Any], warmup: int = 20, runs: int = 500,
-                        sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Per-call wall times of ``fn`` (ms): p50, p90, p99, mean, over ``runs`` after ``warmup``.
-    ``sync`` (e.g. ``torch.cuda.synchronize``) is called after each call, inside the timing."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=100, method="inclusive")
-    return {"p50_ms": statistics.median(times), "p90_ms": q[89], "p99_ms": q[98],
-            "mean_ms": statistics.fmean(times), "runs": runs}
+def engine_latency(call: TimedCall, protocol: TimingProtocol) -> dict[str, Any]:
+    """Latency of a deployed engine (``call`` runs one batch synchronously and returns ms), with
+    the project's protocol (``pipeline.latency.timing``): ``ms`` is the estimate (fastest window
+    median), ``interval_ms`` [fastest, median] window median (how much the machine moved), and
+    ``p50_ms``/``p90_ms``/``p99_ms`` over every timed call."""
+    t = measure_calls([call], protocol)[0]
+    return {"ms": t.ms, "interval_ms": [t.ms, statistics.median(t.window_ms)], "p50_ms": t.p50_ms,
+            "p90_ms": t.p90_ms, "p99_ms": t.p99_ms, "runs": t.calls, "windows": len(t.window_ms),
+            "window_ms": protocol.window_s * 1e3, "span_s": protocol.min_span_s}
+
+
+def budget_verdict(ms: float, budget_ms: float, noise: float) -> tuple[bool, str]:
+    """(within, how): within the budget, or above it by less than the measured noise (a relative
+    figure the prune stage measured by repeating the student's measurement), or over."""
+    if ms <= budget_ms:
+        return True, "within"
+    if ms <= budget_ms * (1 + noise):
+        return True, f"above by {ms / budget_ms - 1:.1%}, within the measured noise of {noise:.1%}"
+    return False, f"over by {ms / budget_ms - 1:.1%} (measured noise {noise:.1%})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,6 +240,14 @@ class BudgetPenalty:
 # Hard masks
 
 
+def effective_band(band: tuple[float, float], noise: float) -> tuple[float, float]:
+    """The closed loop's target band, its top lowered by the measured ``noise`` (relative), so a
+    network it accepts stays under the budget when measured again; the band keeps at least 0.05
+    of width (its bottom moves down if it must)."""
+    hi = band[1] * (1 - noise)
+    return min(band[0], hi - 0.05), hi
+
+
 def allowed_widths(size: int, multiple: int, min_fraction: float) -> list[int]:
     """Widths a group may be pruned to: the latency table's lattice (never empty, never 0)."""
     return grid_values(size, multiple, min_fraction)
@@ -346,25 +354,33 @@ def closed_loop(
         scale = ms / rec["predicted_ms"] if rec["predicted_ms"] > 0 else 1.0
         if ms > hi:
             options = []
+            mid = (lo + hi) / 2
             for g, a in allowed.items():
                 smaller = [w for w in a if w < widths[g]]
                 if not smaller:
                     continue
-                cand = _step(state, keep_probs, g, max(smaller))
-                landing = scale * predict(widths_of(cand))
-                saving = ms - landing  # on the staircase a narrower layer can be predicted no faster
-                per_ms = (cost(cand) - c) / saving if saving > 0 else float("nan")
-                # prefer moves that do not overshoot below the band, then moves predicted to save
-                # time at all, then the cheapest in validation loss per ms saved
-                options.append((landing < lo, saving <= 0, per_ms if landing >= lo and saving > 0 else -landing,
-                                g, cand, per_ms))
+                landing_of = {w: scale * predict({**widths, g: w}) for w in smaller}
+                # the next smaller width, and the one predicted to land nearest the band's middle (one
+                # measurement instead of many small steps on a fine lattice)
+                for w in {max(smaller), min(smaller, key=lambda v: (abs(landing_of[v] - mid), -v))}:
+                    cand = _step(state, keep_probs, g, w)
+                    landing = landing_of[w]
+                    saving = ms - landing  # on the staircase a narrower layer can be predicted no faster
+                    per_ms = (cost(cand) - c) / saving if saving > 0 else float("nan")
+                    # prefer moves predicted to land in the band, then moves still over it, then those
+                    # overshooting below it (the least); among them the cheapest in validation loss per
+                    # ms saved; moves predicted to save nothing last
+                    where = 0 if landing <= hi and landing >= lo else (1 if landing > hi else 2)
+                    options.append((saving <= 0, where, per_ms if where < 2 and saving > 0 else -landing,
+                                    g, -w, cand, per_ms))
             if not options:
                 status = "unreachable"
                 reason = (f"every prunable group is at its smallest allowed width and the network measures "
                           f"{ms:.4f} ms > budget {budget_ms:.4f} ms")
                 break
-            _, _, _, g, state, per_ms = min(options, key=lambda o: (o[0], o[1], o[2], o[3]))
-            rec["action"] = f"shrink {g} to {widths_of(state)[g]} (val loss {per_ms:+.3g} per ms saved)"
+            *_, g, _w, state, per_ms = min(options, key=lambda o: o[:5])
+            why = "predicted to save nothing" if math.isnan(per_ms) else f"val loss {per_ms:+.3g} per ms saved"
+            rec["action"] = f"shrink {g} to {widths_of(state)[g]} ({why})"
         else:
             options = []
             for g, a in allowed.items():

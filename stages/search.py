@@ -4,7 +4,6 @@ under a parameter budget. Writes arch.json (a `cifar_resnet` arch_config) and se
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 

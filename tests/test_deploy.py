@@ -125,7 +125,7 @@ def test_predict_applies_the_manifest_preprocessing(tmp_path: Path, digits: Prep
 
 def _engine_run(tmp_path: Path, digits_dir: Path, budget_ms: float, **engine_values: object) -> int:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["engine"].update(latency_runs=20, warmup=2, **engine_values)
+    params["engine"].update(timing_passes=3, timing_span_s=0.0, **engine_values)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     export_onnx(_model(), (1, 8, 8), tmp_path / "m.onnx")
     (tmp_path / "masks.json").write_text(json.dumps({"budget_ms": budget_ms, "predicted_ms": 0.01, "measured_ms": 0.01}))
@@ -139,6 +139,7 @@ def test_engine_stage_onnxruntime_within_budget(tmp_path: Path, digits_dir: Path
     m = json.loads((tmp_path / "engine.json").read_text())
     assert m["backend"] == "onnxruntime" and m["top1_agreement_with_onnx"] >= 0.995 and m["within_budget"]
     assert m["latency"]["p50_ms"] <= m["latency"]["p90_ms"] <= m["latency"]["p99_ms"]
+    assert 0 < m["latency"]["ms"] <= m["latency"]["interval_ms"][1] and m["latency"]["windows"] == 3
     assert (tmp_path / "engine" / "model.opt.onnx").is_file() and (tmp_path / "engine" / "engine.json").is_file()
 
 
@@ -153,6 +154,14 @@ def test_engine_stage_fails_over_budget_and_writes_no_engine(tmp_path: Path, dig
 def test_engine_stage_over_budget_can_warn(tmp_path: Path, digits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert _engine_run(tmp_path, digits_dir, budget_ms=1e-6, on_over_budget="warn") == 0
     assert "over the budget" in caplog.text and (tmp_path / "engine" / "model.opt.onnx").is_file()
+
+
+def test_budget_verdict_allows_the_measured_noise_and_no_more() -> None:
+    assert deploy.budget_verdict(0.099, 0.1, 0.02) == (True, "within")
+    within, how = deploy.budget_verdict(0.1015, 0.1, 0.02)  # 1.5% over, noise 2%: a pass, said so
+    assert within and "within the measured noise of 2.0%" in how
+    assert deploy.budget_verdict(0.103, 0.1, 0.02)[0] is False
+    assert deploy.budget_verdict(0.1001, 0.1, 0.0)[0] is False
 
 
 def test_tensorrt_engine_build(tmp_path: Path, digits: PreparedData) -> None:

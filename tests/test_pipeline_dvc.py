@@ -44,7 +44,7 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}
     params["prune"].update(epochs=2, latency_budget=1.0, budget_unit="ms", band=[0.05, 1.0],
                            progress=False)  # far above the tiny student: mechanics, not the method
-    params["engine"].update(latency_runs=50, warmup=5, on_over_budget="warn")  # budget = the student's own latency
+    params["engine"].update(timing_passes=4, timing_span_s=0.0, on_over_budget="warn")  # budget = the student's own latency
     params["search"].update(epochs=1, progress=False, budget_ratio=0.6)
     params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from models import build_model
-from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, deactivation_prob,
+from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, deactivation_prob, effective_band,
                             gumbel_keep_mask, harden, nearest_allowed, prune_groups, widths_of)
 from pipeline.slim import apply_masks, random_masks
 
@@ -203,3 +204,32 @@ def test_closed_loop_oscillating_across_the_band_keeps_the_best_network_under_bu
     result = closed_loop(masks, keep, allowed, 100.0, measure, predict, cost, max_iterations=30)
     assert result.status == "below_band" and result.measured_ms <= 100.0
     assert len(result.history) < 30
+
+
+def test_closed_loop_on_a_fine_lattice_jumps_instead_of_creeping() -> None:
+    # Seen on a machine whose step was detected as 1-2: shrinking one group by a channel or two per
+    # measurement ran out of iterations far from the band. A move predicted to land in the band is
+    # taken in one measurement.
+    sizes = {"a": 64, "b": 48}
+    allowed = {g: allowed_widths(n, 1, 0.25) for g, n in sizes.items()}
+    keep = {g: torch.linspace(1, 0, n) for g, n in sizes.items()}
+    masks = harden({g: torch.ones(n) for g, n in sizes.items()}, allowed)
+
+    def predict(widths: dict) -> float:
+        return float(sum(widths.values()))
+
+    def cost(m: dict) -> float:
+        return -float(sum(int(v.sum()) for v in m.values()))
+
+    result = closed_loop(masks, keep, allowed, 70.0, lambda m: 1.05 * predict(widths_of(m)), predict, cost,
+                         max_iterations=20)
+    assert result.status == "in_band" and 0.9 * 70 <= result.measured_ms <= 70
+    assert len(result.history) <= 4
+
+
+def test_effective_band_leaves_room_for_measured_noise() -> None:
+    assert effective_band((0.9, 1.0), 0.0) == (0.9, 1.0)
+    lo, hi = effective_band((0.9, 1.0), 0.03)
+    assert hi == pytest.approx(0.97) and lo == 0.9
+    lo, hi = effective_band((0.95, 1.0), 0.04)  # keeps 0.05 of width
+    assert hi == pytest.approx(0.96) and lo == pytest.approx(0.91)

@@ -10,7 +10,7 @@ its calibration on real sub-networks. Stages import these names only.
 
 from pipeline.latency.backends import (
     BACKENDS, Backend, BackendUnavailable, FingerprintMismatch, check_fingerprint, device_record, export_onnx_bytes,
-    make_backend, target_backend, timing_protocol,
+    make_backend, measure_reference, target_backend, timing_protocol,
 )
 from pipeline.latency.calibrate import CalibrationResult, calibrate, error_metrics, fit_scale_offset
 from pipeline.latency.staircase import StepDetection, detect_step, measure_step
@@ -24,6 +24,6 @@ __all__ = [
     "BACKENDS", "Backend", "BackendUnavailable", "CalibrationResult", "FingerprintMismatch", "LatencyPredictor",
     "LatencyTable", "StepDetection", "Timing", "TimingProtocol", "build_table", "calibrate", "check_fingerprint",
     "check_supported_layers", "conv_layers", "detect_step", "device_record", "error_metrics", "export_onnx_bytes",
-    "fit_scale_offset", "grid_values", "make_backend", "measure_step", "micro_model", "sample_values",
+    "fit_scale_offset", "grid_values", "make_backend", "measure_reference", "measure_step", "micro_model", "sample_values",
     "target_backend", "timing_protocol",
 ]

@@ -138,6 +138,20 @@ class Backend(ABC):
         }
 
 
+MAX_NOISE = 0.05
+
+
+def measure_reference(backend: Backend, reference: nn.Module, other: nn.Module, input_shape: tuple[int, ...],
+                      repeats: int = 3) -> tuple[float, float, float]:
+    """(reference ms, other ms, noise): both measured together ``repeats`` times, each the fastest
+    of its repeats; ``noise`` is how much the reference's repeats differ, (slowest - fastest) /
+    fastest, at most ``MAX_NOISE``: the allowance a verdict against a budget should give one
+    measurement on this machine."""
+    reps = [backend.measure_many([reference, other], input_shape) for _ in range(repeats)]
+    ref = [r[0].ms for r in reps]
+    return min(ref), min(r[1].ms for r in reps), min(MAX_NOISE, (max(ref) - min(ref)) / min(ref))
+
+
 def device_record(device: str) -> dict[str, Any]:
     """Hardware record for a latency figure: GPU name/capability/driver on "cuda", else the CPU."""
     return _cuda_device() if device == "cuda" else _cpu_device()
