@@ -18,6 +18,9 @@ install: $(STAMP)
 
 run: install
 	dvc repro
+	@# every stage is done: a resume state left by an interrupted run (even one DVC then restored from
+	@# its run-cache without running it) is stale
+	rm -rf .resume
 	python -m pipeline.report
 
 test: install

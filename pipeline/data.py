@@ -137,6 +137,12 @@ def _walk_tar(path: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
     try:
         with tarfile.open(path) as tar:
             for m in tar:
+                if m.name.startswith("/") or ".." in Path(m.name).parts or m.issym() or m.islnk():
+                    # nothing is ever extracted to disk, but such an entry is a sign of a crafted archive
+                    # (and could smuggle a class in from outside train/ and test/): refuse it
+                    raise DataError(f"prepare.root: archive {path} has an entry that leaves its folder or links "
+                                    f"elsewhere: {m.name!r} ({'link' if m.issym() or m.islnk() else 'path'}); "
+                                    "only plain files under train/<class>/ and test/<class>/ are allowed")
                 loc = _split_parts(m.name)
                 if loc is None:
                     continue

@@ -28,9 +28,36 @@ class DeployError(SlimdeployError):
 # ONNX
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, opset: int = 17) -> None:
+METADATA_KEY = "slimdeploy"
+
+
+def preprocessing_spec(data_meta: dict[str, Any]) -> dict[str, Any]:
+    """How an image becomes the model's input, from the prepare stage's metadata."""
+    h, w = data_meta["image_size"]
+    c = data_meta["channels"]
+    return {"resize": [h, w], "resample": "bilinear", "channels": c,
+            "channel_order": "L (grayscale)" if c == 1 else "RGB", "scale": 1 / 255,
+            "mean": data_meta["mean"], "std": data_meta["std"]}
+
+
+def model_card(data_meta: dict[str, Any]) -> dict[str, Any]:
+    """What must travel inside the model file (covered by its hash): the class list in output
+    order, the input spec and the preprocessing."""
+    h, w = data_meta["image_size"]
+    return {"format": "slimdeploy-model/1", "classes": list(data_meta["classes"]),
+            "input": {"name": INPUT, "shape": ["batch", data_meta["channels"], h, w], "dtype": "float32",
+                      "layout": "NCHW"},
+            "output": {"name": OUTPUT, "shape": ["batch", len(data_meta["classes"])], "meaning": "logits"},
+            "preprocessing": preprocessing_spec(data_meta)}
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, opset: int = 17,
+                card: dict[str, Any] | None = None) -> None:
     """Export ``model`` (eval, fp32, CPU) to one ONNX file with a dynamic batch axis, then run
-    ``onnx.checker`` on it. ``input_shape``: (C, H, W)."""
+    ``onnx.checker`` on it. ``input_shape``: (C, H, W). ``card`` (``model_card``) is stored in the
+    model's metadata as JSON under ``METADATA_KEY``."""
+    import json
+
     import onnx
 
     model = model.eval().cpu()
@@ -39,6 +66,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
         torch.onnx.export(model, (torch.zeros(2, *input_shape),), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    if card is not None:
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(card, sort_keys=True)})
+        onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
@@ -251,6 +282,64 @@ def check_manifest(manifest: dict[str, Any]) -> None:
         raise DeployError("manifest.json files must map file names to sha256")
 
 
+def read_model_card(onnx_path: str | Path) -> dict[str, Any]:
+    """The card ``export_onnx`` stored in an ONNX model, or a DeployError naming the file."""
+    import json
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as err:
+        raise DeployError(f"{onnx_path} is not a readable ONNX model: {type(err).__name__}: {err}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise DeployError(f"{onnx_path} carries no {METADATA_KEY!r} metadata: it was not exported by this pipeline "
+                          "(or by an older version); its class list and input cannot be checked")
+    try:
+        card = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise DeployError(f"{onnx_path}: its {METADATA_KEY!r} metadata is not valid JSON: {err}") from None
+    graph_in = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    card["_graph"] = {"inputs": {i.name: dims(i) for i in graph_in}, "outputs": {o.name: dims(o) for o in proto.graph.output}}
+    return card
+
+
+def check_model_matches_manifest(manifest: dict[str, Any], card: dict[str, Any], what: str) -> None:
+    """Refuse a manifest whose classes, input or preprocessing disagree with the model file's own
+    card, or a card that disagrees with the model's graph: every difference is named."""
+    problems = []
+    if manifest["classes"] != card.get("classes"):
+        m, c = manifest["classes"], card.get("classes") or []
+        how = ("the same names in another order" if sorted(m) == sorted(c) else
+               f"{len(m)} classes in the manifest, {len(c)} in the model" if len(m) != len(c) else "different names")
+        problems.append(f"classes: {how} (manifest {m[:6]}{'...' if len(m) > 6 else ''}, model {c[:6]}"
+                        f"{'...' if len(c) > 6 else ''})")
+    for key in ("input", "preprocessing"):
+        mine, theirs = manifest.get(key), card.get(key)
+        if key == "input":
+            mine = {k: mine.get(k) for k in ("name", "shape", "dtype", "layout")} if isinstance(mine, dict) else mine
+            theirs = {k: theirs.get(k) for k in ("name", "shape", "dtype", "layout")} if isinstance(theirs, dict) else theirs
+        if mine != theirs:
+            problems.append(f"{key}: manifest {mine}, model {theirs}")
+    graph = card.get("_graph", {})
+    inp = card.get("input", {})
+    if inp.get("name") not in graph.get("inputs", {}):
+        problems.append(f"the model's graph has no input {inp.get('name')!r} (it has {sorted(graph.get('inputs', {}))})")
+    else:
+        shape = graph["inputs"][inp["name"]]
+        if [d for d in shape[1:]] != list(inp["shape"][1:]):
+            problems.append(f"the model's input {inp['name']} is {shape}, its card says {inp['shape']}")
+    outs = graph.get("outputs", {})
+    k = len(card.get("classes") or [])
+    if len(outs) != 1 or next(iter(outs.values()), [None, None])[-1] != k:
+        problems.append(f"the model's outputs {outs} do not give one score per class ({k} classes)")
+    if problems:
+        raise DeployError(f"{what}: the manifest and the model disagree; refusing to predict:\n  " + "\n  ".join(problems))
+
+
 def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` and check every listed file's sha256; a missing or altered file is
     a DeployError naming it. Returns the manifest."""
@@ -271,4 +360,8 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
             raise DeployError(f"bundle file {name} listed in manifest.json is missing from {bundle}")
         if sha256(f) != digest:
             raise DeployError(f"bundle file {name} does not match its sha256 in manifest.json (altered or corrupted)")
+    onnx_name = manifest["model"].get("onnx") if isinstance(manifest.get("model"), dict) else None
+    if onnx_name not in manifest["files"]:
+        raise DeployError(f"manifest.json model.onnx ({onnx_name!r}) is not one of its hashed files")
+    check_model_matches_manifest(manifest, read_model_card(bundle / onnx_name), f"bundle {bundle}")
     return manifest

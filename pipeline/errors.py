@@ -15,3 +15,7 @@ class DataError(SlimdeployError):
 
 class CheckpointError(SlimdeployError):
     """A checkpoint or artifact is missing, malformed or does not match its architecture."""
+
+
+class TrainingDiverged(SlimdeployError):
+    """Training produced a non-finite loss, or a model no better than chance: nothing is written."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import json
 import hashlib
+import io
+import json
 import os
 import shutil
 import tempfile
@@ -75,8 +76,14 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` with byte-identical output for identical content: torch names the zip's root
+    folder after the file, so saving through a random temporary name would embed that name (and
+    change DVC's hash of bit-identical weights). Saved to memory first (root "archive"), then the
+    bytes are written atomically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def file_sha256(path: str | Path) -> str:

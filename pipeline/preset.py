@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import validate_params
 from pipeline.errors import ConfigError, SlimdeployError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,24 +81,6 @@ def absolute_root(params: dict[str, Any], root_dir: Path = REPO) -> dict[str, An
         params = copy.deepcopy(params)
         params["prepare"]["root"] = str((root_dir / root).resolve())
     return params
-
-
-def validate_params(params: dict[str, Any]) -> None:
-    """Every section through its typed config: the same checks the stages make, before any work."""
-    from pipeline import config as c
-
-    sections = {
-        "prepare": c.PrepareConfig, "train": c.TrainConfig, "ensemble": c.EnsembleConfig, "distill": c.DistillConfig,
-        "search": c.SearchConfig, "student": c.StudentConfig, "target": c.TargetConfig, "profile": c.ProfileConfig,
-        "prune": c.PruneConfig, "slim": c.SlimConfig, "compare": c.CompareConfig, "export": c.ExportConfig,
-        "engine": c.EngineConfig, "handoff": c.HandoffConfig,
-    }
-    for name, model in sections.items():
-        c.parse_section(params, name, model)
-    c.parse_teachers(params)
-    launcher = (params.get("run") or {}).get("launcher")
-    if not isinstance(launcher, str) or not launcher.strip():
-        raise ConfigError("run.launcher must be a command such as `python` or `torchrun --standalone --nproc_per_node=N`")
 
 
 def resolve(name: str, base: Path | dict[str, Any] = REPO / "params.yaml") -> dict[str, Any]:

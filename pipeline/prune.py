@@ -138,6 +138,7 @@ class SoftMaskedNet(nn.Module):
         self.gates = nn.ParameterDict({
             _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind == "gate"})
         self.register_buffer("lam", torch.zeros(()))
+        self.register_buffer("budget_scale", torch.ones(()))  # BudgetPenalty's calibration, resumed with the weights
         self.fixed: dict[str, torch.Tensor] | None = None
         self._modules_by_name = dict(net.named_modules())
         self._cache: dict[str, torch.Tensor] = {}
@@ -220,8 +221,16 @@ class BudgetPenalty:
     def __init__(self, net: SoftMaskedNet, predictor: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                  target_ms: float, dual_lr: float, sparsity: float = 0.0) -> None:
         self.net, self.predictor, self.target, self.dual_lr, self.sparsity = net, predictor, target_ms, dual_lr, sparsity
-        self.scale = 1.0
         self.last_expected_ms = float("nan")
+
+    @property
+    def scale(self) -> float:
+        """Stored in the network's ``budget_scale`` buffer, so a resumed run continues with it."""
+        return float(self.net.budget_scale)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.net.budget_scale.fill_(value)
 
     def __call__(self) -> torch.Tensor:
         widths = {g: w.to("cpu", torch.float64) for g, w in self.net.expected_widths(straight_through=True).items()}

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingDiverged
+from pipeline.train import diverged_message
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -364,6 +365,7 @@ def run_search(
         return oracle_kd_loss(s_logits.float(), t_logits.float(), yb, temperature, alpha, mode, average)["loss"]
 
     history = []
+    check_every = 25 if cuda else 1
     for epoch in tqdm(range(epochs), desc="search", unit="epoch", disable=not progress):
         tau = tau_at(epoch, epochs, tau_max, tau_min)
         supernet.train()
@@ -384,6 +386,13 @@ def run_search(
             (a_loss + cost_weight * c_loss).backward()
             a_opt.step()
             sums += torch.stack([loss.detach(), a_loss.detach(), c_loss.detach()]).double()
+            if (i + 1) % check_every == 0 or i + 1 == steps:
+                if not torch.isfinite(sums).all():  # one host read per check_every steps
+                    where = f"step {i + 1} of {steps}" if check_every == 1 else f"within steps up to {i + 1} of {steps}"
+                    bad = float(sums[~torch.isfinite(sums)][0])
+                    raise TrainingDiverged(diverged_message("search", bad, epoch + 1, epochs, where,
+                                                            w_opt.param_groups[0]["lr"], amp and cuda,
+                                                            lr_key="search.lr / search.arch_lr", warmup=False))
         supernet.eval()
         supernet.set_mode("argmax", tau)
         with torch.no_grad():

@@ -273,7 +273,8 @@ def masks_from_kept(groups: list[ChannelGroup], kept: Mapping[str, list[int]]) -
     out = {}
     for name, idx in kept.items():
         if name not in sizes:
-            raise ConfigError(f"channel manifest names unknown group {name!r}")
+            raise ConfigError(f"channel manifest names unknown channel group {name!r}; this network's groups: "
+                              f"{', '.join(sorted(sizes))}")
         m = torch.zeros(sizes[name], dtype=torch.bool)
         m[torch.as_tensor(idx, dtype=torch.long)] = True
         out[name] = m

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData, Split, augment_batch, normalize
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.io import torch_save
 from pipeline.runtime import DistContext
 
@@ -68,6 +68,38 @@ def _autocast(device: torch.device, amp: bool):  # noqa: ANN202
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+# How often the loss is checked for NaN/inf: every step where reading it costs nothing (CPU), every
+# CHECK_EVERY steps on CUDA (reading it there waits for the GPU).
+CHECK_EVERY_CUDA = 25
+
+
+def diverged_message(what: str, value: float, epoch: int, epochs: int, step: str, lr: float, amp: bool,
+                     lr_key: str = "the stage's optimizer.lr", warmup: bool = True) -> str:
+    """What a user needs to know when a loss stops being finite: where, at which learning rate,
+    and what to change."""
+    hints = [f"lower the learning rate ({lr_key})"] + (["add warm-up (optimizer.warmup_epochs)"] if warmup else [])
+    if amp:
+        hints.append("or train without bf16 autocast (train.amp: false)")
+    return (f"{what}: the training loss became {value} at epoch {epoch}/{epochs}, {step}, learning rate {lr:.3g}: "
+            f"training diverged. {'; '.join(hints)}. Nothing was written.")
+
+
+def check_above_chance(acc: float, num_classes: int, samples: int, what: str,
+                       resume_path: str | Path | None = None) -> None:
+    """Refuse a model whose accuracy is at chance level: 1 / ``num_classes`` plus three standard
+    errors of a chance accuracy on ``samples`` images (at least 2 points). ``resume_path``, if
+    given, is deleted first: such a run is not resumed from."""
+    chance = 1.0 / num_classes
+    margin = max(0.02, 3 * math.sqrt(chance * (1 - chance) / max(1, samples)))
+    if not acc > chance + margin:
+        if resume_path is not None:
+            Path(resume_path).unlink(missing_ok=True)
+        raise TrainingDiverged(
+            f"{what}: accuracy {acc:.2%} on {samples} images is at chance level for {num_classes} classes "
+            f"(chance {chance:.2%}, limit {chance + margin:.2%}): the model has not learned. A learning rate too "
+            "high (diverged) or too low, too few epochs, or broken data are the usual causes. Nothing was written.")
 
 
 def _stats(x: list[float], device: torch.device) -> torch.Tensor:
@@ -181,18 +213,30 @@ def train_classifier(
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     show = cfg.progress and ctx.is_main
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY_CUDA
+    amp_on = cfg.amp and device.type == "cuda"
+
+    def diverged(value: float, epoch: int, step: str) -> TrainingDiverged:
+        if resume_path is not None and ctx.is_main:
+            resume_path.unlink(missing_ok=True)  # a diverged run is never resumed from
+        return TrainingDiverged(diverged_message(desc, value, epoch + 1, epochs, step, opt.param_groups[0]["lr"],
+                                                 amp_on))
+
     epoch_bar = tqdm(range(start, epochs), desc=desc, unit="epoch", disable=not show, initial=start, total=epochs)
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         net.train()
         sampler.set_epoch(epoch)
+        # every random draw of the epoch (e.g. the soft masks' Gumbel noise) from a seed of its own:
+        # a resumed run draws what the uninterrupted one drew
+        torch.manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
         order = torch.tensor(list(sampler), device=device)
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         batches = [order[i : i + per_rank] for i in range(0, len(order), per_rank)]
         if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
             batches.pop()
-        for idx in tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
+        for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
             xb, yb = train_x[idx], train_y[idx]
             if cfg.augment == "padcrop_flip":
                 xb = augment_batch(xb, cfg.crop_padding, gen)
@@ -211,6 +255,11 @@ def train_classifier(
                 sums[0] += loss.detach().double() * n
                 sums[1] += (logits.argmax(1) == yb).sum()
                 sums[2] += n
+            if (step + 1) % check_every == 0 or step + 1 == len(batches):
+                if not math.isfinite(sums[0].item()):  # NaN/inf anywhere in the epoch stays in the sum
+                    where = (f"step {step + 1} of {len(batches)}" if check_every == 1 else
+                             f"within steps {max(1, step + 2 - check_every)}-{step + 1} of {len(batches)}")
+                    raise diverged(sums[0].item(), epoch, where)
         if ctx.enabled:
             dist.all_reduce(sums)
         if device.type == "cuda":
@@ -220,6 +269,8 @@ def train_classifier(
         val_logits = predict_logits(model, data.val, mean, std, device, cfg.eval_batch_size, cfg.amp, use_cl)
         val_loss = nn.functional.cross_entropy(val_logits, data.val.y).item()
         val_acc = (val_logits.argmax(1) == data.val.y).float().mean().item()
+        if not math.isfinite(val_loss):
+            raise diverged(val_loss, epoch, "on the validation split after the epoch")
         loss_sum, correct, count = sums.tolist()
         record = {
             "epoch": epoch + 1,
@@ -238,6 +289,8 @@ def train_classifier(
         if not show and ctx.is_main:
             log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f, %.1f s", desc, epoch + 1,
                      epochs, record["train_loss"], record["train_acc"], val_acc, train_seconds)
+        if on_epoch_end is not None:  # before the resume state: what it changes is resumed too
+            on_epoch_end(record)
         if resume_path and ctx.is_main:
             torch_save(
                 {
@@ -248,6 +301,4 @@ def train_classifier(
                 },
                 resume_path,
             )
-        if on_epoch_end is not None:
-            on_epoch_end(record)
     return TrainResult(copy.copy(best_state), best_epoch, best_acc, history)

@@ -97,6 +97,9 @@ def _select(stages: list[tuple[str, str]], first: str | None, last: str | None) 
 
     lo = index(first, True) if first else 0
     hi = index(last, False) if last else len(names) - 1
+    if lo > hi:
+        raise PlanError(f"--from {first} comes after --until {last} in dvc.yaml's order ({', '.join(names)}): "
+                        "nothing would run")
     return stages[lo : hi + 1]
 
 
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pipeline.errors import SlimdeployError
-    from pipeline.preset import absolute_root, load_yaml, resolve, validate_params
+    from pipeline.config import validate_params
+    from pipeline.preset import absolute_root, load_yaml, resolve
 
     workdir = args.workdir.resolve()
     target = workdir / "params.yaml"

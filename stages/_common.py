@@ -30,6 +30,9 @@ def load_params(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of sections")
+    from pipeline.config import validate_params
+
+    validate_params(data)  # the whole file, whichever stage runs first
     return data
 
 

@@ -21,7 +21,7 @@ from pipeline.latency import LatencyTable, target_backend
 from pipeline.prune import allowed_widths
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
-from pipeline.train import test_accuracy, train_classifier
+from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import load_params, log, parser, read_pruned, run
 from stages._teachers import load_student, load_teachers
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                              seed=cfg.seed, device=device, criterion=criterion, desc=f"{method} fine-tune")
             chosen.model.to(cpu)
             after = test_accuracy(chosen.model, data, cpu)  # last epoch's weights, as for ours
+            check_above_chance(after, data.num_classes, len(data.test.y), f"compare: {method} baseline (test split)")
             result[method] = describe(chosen, before, after, count_params(chosen.model),
                                       {"candidates": {c.label: c.measured_ms for c in cands},
                                        "measured_over_ours": chosen.measured_ms / ours_ms})

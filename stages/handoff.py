@@ -15,7 +15,7 @@ import torch
 from pipeline.checkpoint import load_model
 from pipeline.config import HandoffConfig, TargetConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
-from pipeline.deploy import INPUT, OUTPUT, check_manifest, sha256, verify_bundle
+from pipeline.deploy import INPUT, OUTPUT, check_manifest, model_card, sha256, verify_bundle
 from pipeline.errors import CheckpointError
 from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.latency import LatencyTable, target_backend
@@ -150,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             lat = eng["latency"]
             files = {f: sha256(tmp / f) for f in sorted({"model.onnx", eng["engine_file"], "widths.png", "pareto.png"})}
             h, w = data.meta["image_size"]
-            pre = {"resize": [h, w], "resample": "bilinear", "channels": data.channels,
-                   "channel_order": "L (grayscale)" if data.channels == 1 else "RGB", "scale": 1 / 255,
-                   "mean": data.meta["mean"], "std": data.meta["std"]}
+            card = model_card(data.meta)  # what export stored inside model.onnx; the manifest repeats it
+            pre = card["preprocessing"]
             verdict = (f"{'met' if eng['within_budget'] else 'NOT met'} (the engine measures "
                        f"{lat['ms'] / eng['budget_ms']:.3f} of it: {eng['verdict']})")
             readme = README.format(
@@ -184,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                           "params": sum(q.numel() for q in slimmed.parameters())},
                 "engine": {"file": eng["engine_file"], "backend": eng["backend"], "reason": eng["backend_reason"],
                            "precision": eng["precision"]},
-                "input": {"name": INPUT, "shape": ["batch", data.channels, h, w], "dtype": "float32", "layout": "NCHW"},
-                "output": {"name": OUTPUT, "shape": ["batch", data.num_classes], "meaning": "logits"},
-                "preprocessing": pre, "classes": data.meta["classes"],
+                "input": card["input"], "output": card["output"], "preprocessing": pre, "classes": card["classes"],
                 "accuracy": {"test_acc_engine": eng["test_acc"], "test_acc_onnx": eng["test_acc_onnx"],
                              "top1_agreement_engine_onnx": eng["top1_agreement_with_onnx"],
                              "test_images": len(data.test.y), "models": points},

@@ -28,7 +28,7 @@ from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_w
                             harden, prune_groups, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import apply_masks, prune_structure
-from pipeline.train import test_accuracy, train_classifier
+from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 from stages._teachers import load_student, load_teachers
 
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         slimmed = prune_structure(masked, example, masks)
         acc_student = test_accuracy(student, data, cpu)
         acc_pruned = test_accuracy(masked, data, cpu)
+        check_above_chance(acc_pruned, data.num_classes, len(data.test.y), "pruned network (test split)", resume)
         final_widths = widths_of(masks)
         predicted_ms = predictor(final_widths).item()
         kept = {g: m.nonzero().flatten().tolist() for g, m in masks.items()}

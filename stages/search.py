@@ -16,6 +16,7 @@ from pipeline.flops import count_params
 from pipeline.io import write_csv, write_json
 from pipeline.runtime import resolve_device
 from pipeline.search import SearchSpace, SuperNet, family_params, run_search
+from pipeline.train import check_above_chance
 from stages._common import load_params, log, parser, run
 from stages._teachers import load_teachers
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=cfg.seed, device=device, progress=cfg.progress, amp=train_cfg.amp,
             channels_last=train_cfg.channels_last,
         )
+        check_above_chance(history[-1]["val_acc_argmax"], data.num_classes, len(data.val.y),
+                           "search (the supernet's argmax architecture on the validation split)")
         arch, repaired = _repair(supernet.derive(), budget, data.num_classes, data.channels)
         n = family_params(data.num_classes, data.channels, arch)
         result = {

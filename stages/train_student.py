@@ -18,7 +18,7 @@ from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
 from pipeline.io import file_sha256, write_csv, write_json
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
-from pipeline.train import predict_logits, test_accuracy, train_classifier
+from pipeline.train import check_above_chance, predict_logits, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, read_arch, run
 from stages._teachers import load_teachers
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(result.best_state)
         cpu = torch.device("cpu")
         test_acc = test_accuracy(model.to(cpu), data, cpu)
+        check_above_chance(test_acc, data.num_classes, len(data.test.y), "student (test split)", resume)
         mean, std = data.norm()
         t_logits = torch.stack([predict_logits(t, data.test, mean, std, cpu) for t in teachers.values()])
         ens = ensemble_report(t_logits, data.test.y, names, data.meta["classes"])

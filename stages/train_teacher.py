@@ -19,7 +19,7 @@ from pipeline.data import load_prepared
 from pipeline.io import write_csv, write_json
 from pipeline.plots import history_png
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
-from pipeline.train import test_accuracy, train_classifier
+from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         model.load_state_dict(result.best_state)
         test_acc = test_accuracy(model, data, device, train_cfg.eval_batch_size, train_cfg.amp)
+        check_above_chance(test_acc, data.num_classes, len(data.test.y), f"teacher {args.name} (test split)", resume)
         epoch_s = [h["epoch_seconds"] for h in result.history]
         meta = {
             "stage": "train_teacher", "name": args.name, "best_epoch": result.best_epoch,

@@ -14,7 +14,7 @@ from PIL import Image
 from models import build_model
 from pipeline import deploy
 from pipeline.data import PreparedData, normalize
-from pipeline.deploy import (DeployError, check_manifest, export_onnx, ort_logits, ort_session, parity,
+from pipeline.deploy import (DeployError, check_manifest, export_onnx, model_card, ort_logits, ort_session, parity,
                              select_backend, sha256, verify_bundle)
 from pipeline.predict import main as predict_main
 from pipeline.predict import predict
@@ -54,24 +54,86 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_backend("auto", "cpu")[0] == "onnxruntime"  # a CPU target never gets a GPU engine
 
 
-def _manifest(files: dict[str, str]) -> dict:
+META = {"image_size": [8, 8], "channels": 1, "mean": [0.3], "std": [0.3], "classes": [str(i) for i in range(10)]}
+
+
+def _manifest(files: dict[str, str], meta: dict = META) -> dict:
+    card = model_card(meta)
     return {
         "format": "slimdeploy-handoff/1", "model": {"onnx": "model.onnx"}, "engine": {"file": "model.onnx"},
-        "input": {"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": "logits"},
-        "preprocessing": {"resize": [8, 8], "resample": "bilinear", "channels": 1, "channel_order": "L",
-                          "scale": 1 / 255, "mean": [0.3], "std": [0.3]},
-        "classes": [str(i) for i in range(10)], "accuracy": {}, "latency": {}, "budget": {}, "device": {},
+        "input": card["input"], "output": card["output"], "preprocessing": card["preprocessing"],
+        "classes": card["classes"], "accuracy": {}, "latency": {}, "budget": {}, "device": {},
         "versions": {}, "git_revision": "x", "files": files,
     }
 
 
-def _bundle(tmp_path: Path) -> Path:
+def _bundle(tmp_path: Path, meta: dict = META) -> Path:
     b = tmp_path / "bundle"
     b.mkdir()
-    export_onnx(_model(), (1, 8, 8), b / "model.onnx")
-    (b / "manifest.json").write_text(json.dumps(_manifest({"model.onnx": sha256(b / "model.onnx")})))
+    export_onnx(_model(), (1, 8, 8), b / "model.onnx", card=model_card(meta))
+    (b / "manifest.json").write_text(json.dumps(_manifest({"model.onnx": sha256(b / "model.onnx")}, meta)))
     return b
+
+
+def _edit_manifest(b: Path, **changes: object) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    m.update(changes)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_that_disagrees_with_the_model_is_refused(tmp_path: Path, digits: PreparedData,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    b = _bundle(tmp_path)
+    img = tmp_path / "x.png"
+    Image.fromarray(digits.test.x[0, 0].numpy()).save(img)
+    assert predict_main(["--bundle", str(b), str(img)]) == 0
+    capsys.readouterr()
+    _edit_manifest(b, classes=[str(i) for i in reversed(range(10))])  # labels reversed, hashes untouched
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "classes: the same names in another order" in capsys.readouterr().err
+    _edit_manifest(b, classes=[str(i) for i in range(9)])  # one short: was an IndexError traceback
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "9 classes in the manifest, 10 in the model" in capsys.readouterr().err
+    _edit_manifest(b, classes=META["classes"], preprocessing={**model_card(META)["preprocessing"], "std": [1.0]})
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "preprocessing: manifest" in capsys.readouterr().err
+
+
+def test_swapped_model_with_rewritten_hashes(tmp_path: Path, digits: PreparedData,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """What a bundle can and cannot detect when someone swaps model.onnx and rewrites its sha256."""
+    img = tmp_path / "x.png"
+    Image.fromarray(digits.test.x[0, 0].numpy()).save(img)
+    b = _bundle(tmp_path)
+
+    def swap(writer) -> None:  # noqa: ANN001
+        writer(b / "model.onnx")
+        m = json.loads((b / "manifest.json").read_text())
+        m["files"]["model.onnx"] = sha256(b / "model.onnx")
+        (b / "manifest.json").write_text(json.dumps(m))
+
+    # detected: an ONNX model from elsewhere (no card), whatever it computes
+    swap(lambda p: export_onnx(build_model("resnet_tiny", num_classes=10, in_channels=1).eval(), (1, 8, 8), p))
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "carries no 'slimdeploy' metadata" in capsys.readouterr().err
+    # detected: a model of ours for other classes (its card and its graph say 5 outputs)
+    other = {**META, "classes": list("abcde")}
+    swap(lambda p: export_onnx(build_model("resnet_tiny", num_classes=5, in_channels=1).eval(), (1, 8, 8), p,
+                               card=model_card(other)))
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "5 in the model" in capsys.readouterr().err
+    # detected: a card edited to claim 10 classes over a 5-output graph
+    swap(lambda p: export_onnx(build_model("resnet_tiny", num_classes=5, in_channels=1).eval(), (1, 8, 8), p,
+                               card=model_card(META)))
+    assert predict_main(["--bundle", str(b), str(img)]) == 2
+    assert "do not give one score per class" in capsys.readouterr().err
+    # NOT detectable without a signature: another network for the same classes, exported with the same
+    # card and its hash rewritten consistently. The manifest's hashes protect against corruption and
+    # accidental edits, not against a deliberate, consistent rewrite.
+    torch.manual_seed(123)
+    swap(lambda p: export_onnx(build_model("resnet_tiny", num_classes=10, in_channels=1).eval(), (1, 8, 8), p,
+                               card=model_card(META)))
+    assert predict_main(["--bundle", str(b), str(img)]) == 0
 
 
 def test_manifest_schema() -> None:

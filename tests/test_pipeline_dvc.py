@@ -38,14 +38,14 @@ def _copy_repo(dst: Path) -> None:
 def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params = yaml.safe_load(path.read_text())
     params["prepare"]["image_size"] = 8
-    params["train"].update(progress=False, batch_size=128)
+    params["train"].update(progress=False, batch_size=32)  # enough steps to learn in 1 epoch
     params["profile"].update(arch="student", staircase_channels=8, staircase_repeats=2, staircase_passes=1,
                              fit_samples=4, heldout_samples=4, max_points=3, progress=False)
     params["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}
     params["prune"].update(epochs=2, latency_budget=1.0, budget_unit="ms", band=[0.05, 1.0],
                            progress=False)  # far above the tiny student: mechanics, not the method
     params["engine"].update(timing_passes=4, timing_span_s=0.0, on_over_budget="warn")  # budget = the student's own latency
-    params["search"].update(epochs=1, progress=False, budget_ratio=0.6)
+    params["search"].update(epochs=1, batch_size=16, progress=False, budget_ratio=0.6)
     params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {
         "a": {"arch": "resnet_tiny", "seed": 0, "epochs": 1},

@@ -15,7 +15,7 @@ from tests.conftest import REPO, make_imagefolder
 
 TINY = yaml.safe_load((REPO / "params.yaml").read_text())
 TINY["prepare"]["image_size"] = 8
-TINY["train"].update(progress=False, batch_size=128)
+TINY["train"].update(progress=False, batch_size=32)  # enough steps for 1-2 epochs to beat chance
 TINY["profile"].update(arch="resnet_tiny", staircase_channels=8, staircase_repeats=2, staircase_passes=1,
                        fit_samples=4, heldout_samples=4, max_points=3, progress=False)
 TINY["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}

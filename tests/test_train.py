@@ -43,8 +43,8 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path: Path) ->
 
     resume = tmp_path / "resume.pt"
 
-    def stop_after_two(record: dict) -> None:
-        if record["epoch"] == 2:
+    def stop_after_two(record: dict) -> None:  # interrupted at the end of epoch 3, before its state is saved
+        if record["epoch"] == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
@@ -92,3 +92,49 @@ def test_lr_schedules() -> None:
     step = OptimizerConfig(schedule="multistep", milestones=(0.5, 0.75), gamma=0.1)
     assert [lr_factor(s, 100, 0, step) for s in (0, 49, 50, 75, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     assert lr_factor(42, 100, 0, OptimizerConfig(schedule="constant")) == 1.0
+
+
+def test_nan_loss_stops_training_at_once_and_drops_the_resume_state(digits, tmp_path: Path) -> None:  # noqa: ANN001
+    from pipeline.errors import TrainingDiverged
+
+    resume = tmp_path / "resume.pt"
+    calls = {"n": 0}
+    base = torch.nn.CrossEntropyLoss()
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = base(logits, labels)
+        return loss * float("nan") if calls["n"] == 3 + 20 else loss  # step 3 of the second epoch
+
+    with pytest.raises(TrainingDiverged) as err:
+        train_classifier(_model(), digits, TrainConfig(batch_size=64, progress=False), OPT, epochs=3, seed=0,
+                         device=CPU, criterion=criterion, resume_path=resume, fingerprint="f")
+    msg = str(err.value)
+    assert "became nan at epoch 2/3, step 3 of 20" in msg and "learning rate" in msg and "optimizer.lr" in msg
+    assert calls["n"] == 23  # stopped at once, not at the end of the epoch
+    assert not resume.exists()  # the state from epoch 1 is not resumed into the same divergence
+
+
+def test_a_learning_rate_of_ten_is_refused_not_cached(digits) -> None:  # noqa: ANN001
+    from pipeline.errors import TrainingDiverged
+    from pipeline.train import check_above_chance, test_accuracy
+
+    model = _model()
+    try:
+        train_classifier(model, digits, TrainConfig(batch_size=64, progress=False), OptimizerConfig(lr=10.0),
+                         epochs=2, seed=0, device=CPU)
+    except TrainingDiverged as err:  # NaN/inf: stopped during training
+        assert "diverged" in str(err)
+        return
+    with pytest.raises(TrainingDiverged, match="at chance level for 10 classes"):  # finite but learned nothing
+        check_above_chance(test_accuracy(model, digits, CPU), 10, len(digits.test.y), "teacher")
+
+
+def test_chance_limit() -> None:
+    from pipeline.errors import TrainingDiverged
+    from pipeline.train import check_above_chance
+
+    check_above_chance(0.5, 10, 270, "x")
+    with pytest.raises(TrainingDiverged, match="limit 15.48%"):
+        check_above_chance(0.15, 10, 270, "x")
+    check_above_chance(0.56, 2, 100000, "x")  # 2 classes, many images: 56% is above chance

@@ -1,0 +1,482 @@
+"""Bad input, table-driven: every case runs a real entry point on a broken input and must give exit
+code 2, a message that names the thing and what is allowed, and leave nothing valid-looking behind
+(no output file that DVC could cache as if it were good).
+
+One tiny pipeline (digits 8x8, two resnet_tiny teachers, a latency table, a pruned network, its
+export and a bundle) is built once per session; each case copies what it needs and breaks it.
+`python -m tests.test_bad_inputs` prints the cases as the Markdown table in docs/BAD_INPUTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, make_imagefolder
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str  # what is broken, for the docs table
+    message: str  # a fragment the message must contain
+    run: Callable[[dict, Path], tuple[int, list[Path]]]  # -> (exit code, paths that must not exist)
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny pipeline every case starts from
+
+
+def _params(tmp: Path, **sections: dict) -> Path:
+    from tests.test_stages import TINY
+
+    params = json.loads(json.dumps(TINY))
+    for k, v in sections.items():
+        if k == "teachers":
+            params[k] = v
+        else:
+            params.setdefault(k, {}).update(v)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from stages import export, handoff, prune, slim
+    from tests.test_stages import run_prepare, run_profile, run_teacher
+
+    w = tmp_path_factory.mktemp("world")
+    params = _params(w, prune={"epochs": 1, "progress": False, "band": [0.05, 1.0], "latency_budget": 1.0,
+                               "budget_unit": "ms"},
+                     compare={"methods": []}, engine={"timing_passes": 2, "timing_span_s": 0.0})
+    assert run_prepare(w, params) == 0
+    assert run_teacher(w, params, "a") == 0 and run_teacher(w, params, "b") == 0
+    assert run_profile(w, params, w / "prep") == 0
+    p = ["--params", str(params), "--data", str(w / "prep")]
+    assert prune.main([*p, "--teachers", str(w / "t"), "--student", str(w / "t" / "a.pt"), "--table",
+                       str(w / "prof" / "table.json"), "--out-dir", str(w / "pr"), "--metrics",
+                       str(w / "m" / "prune.json"), "--plots-dir", str(w / "p" / "prune"),
+                       "--resume-dir", str(w / "resume")]) == 0
+    assert slim.main([*p, "--model", str(w / "pr" / "model.pt"), "--masks", str(w / "pr" / "masks.json"),
+                      "--out", str(w / "s" / "model.pt"), "--metrics", str(w / "m" / "slim.json")]) == 0
+    assert export.main([*p, "--model", str(w / "s" / "model.pt"), "--out", str(w / "x" / "model.onnx"),
+                        "--metrics", str(w / "m" / "export.json")]) == 0
+    from stages import engine
+
+    assert engine.main([*p, "--onnx", str(w / "x" / "model.onnx"), "--pruned", str(w / "pr" / "masks.json"),
+                        "--out-dir", str(w / "e"), "--metrics", str(w / "m" / "engine.json")]) == 0
+    (w / "p" / "prune" / "widths.png").exists() or pytest.fail("prune wrote no widths.png")
+    assert handoff.main([*p, "--teachers", str(w / "t"), "--student", str(w / "t" / "a.pt"), "--slim",
+                         str(w / "s" / "model.pt"), "--onnx", str(w / "x" / "model.onnx"), "--engine-dir", str(w / "e"),
+                         "--widths-png", str(w / "p" / "prune" / "widths.png"), "--latency-table",
+                         str(w / "prof" / "table.json"), "--out-dir", str(w / "bundle")]) == 0
+    return {"dir": w, "params": params}
+
+
+def _copy(world: dict, tmp: Path, *names: str) -> None:
+    for n in names:
+        src = world["dir"] / n
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _teacher(params: Path, data: Path, tmp: Path, name: str = "a") -> tuple[int, list[Path]]:
+    from stages import train_teacher
+
+    out = tmp / "out" / f"{name}.pt"
+    code = train_teacher.main(["--params", str(params), "--name", name, "--data", str(data), "--out", str(out),
+                               "--metrics", str(tmp / "out" / "m.json"), "--plots", str(tmp / "out" / "h.csv"),
+                               "--resume-dir", str(tmp / "resume")])
+    return code, [out, tmp / "out" / "m.json", tmp / "out" / "h.csv"]
+
+
+def _prepare(params: Path, tmp: Path) -> tuple[int, list[Path]]:
+    from stages import prepare
+
+    code = prepare.main(["--params", str(params), "--out", str(tmp / "prep_out"), "--metrics", str(tmp / "pm.json")])
+    return code, [tmp / "prep_out", tmp / "pm.json"]
+
+
+def _ensemble(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from stages import ensemble
+
+    code = ensemble.main(["--params", str(world["params"]), "--data", str(world["dir"] / "prep"), "--teachers",
+                          str(tmp / "t"), "--metrics", str(tmp / "em.json"), "--plots-dir", str(tmp / "ep")])
+    return code, [tmp / "em.json", tmp / "ep"]
+
+
+def _prune(world: dict, tmp: Path, table: Path, params: Path | None = None) -> tuple[int, list[Path]]:
+    from stages import prune
+
+    w = world["dir"]
+    code = prune.main(["--params", str(params or world["params"]), "--data", str(w / "prep"), "--teachers",
+                       str(w / "t"), "--student", str(w / "t" / "a.pt"), "--table", str(table),
+                       "--out-dir", str(tmp / "pr"), "--metrics", str(tmp / "prm.json"), "--plots-dir",
+                       str(tmp / "pp"), "--resume-dir", str(tmp / "resume")])
+    return code, [tmp / "pr", tmp / "prm.json"]
+
+
+def _slim(world: dict, tmp: Path, masks: Path) -> tuple[int, list[Path]]:
+    from stages import slim
+
+    w = world["dir"]
+    code = slim.main(["--params", str(world["params"]), "--data", str(w / "prep"), "--model", str(w / "pr" / "model.pt"),
+                      "--masks", str(masks), "--out", str(tmp / "s" / "model.pt"), "--metrics", str(tmp / "sm.json")])
+    return code, [tmp / "s" / "model.pt", tmp / "sm.json"]
+
+
+def _predict(bundle: Path, tmp: Path, capsys: pytest.CaptureFixture[str] | None = None) -> tuple[int, list[Path]]:
+    from PIL import Image
+
+    from pipeline.predict import main as predict_main
+
+    img = tmp / "img.png"
+    if not img.exists():
+        Image.new("L", (8, 8), 128).save(img)
+    return predict_main(["--bundle", str(bundle), str(img)]), []
+
+
+def _runner(*args: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "stages", *args], cwd=REPO, capture_output=True, text=True)
+    return proc.returncode, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The cases
+
+
+def c_params_typo_late_section(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, prune={"latency_budgt": 0.5}), world["dir"] / "prep", tmp)
+
+
+def c_params_unknown_section(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    params = _params(tmp)
+    data = yaml.safe_load(params.read_text())
+    data["prunee"] = {"epochs": 3}
+    params.write_text(yaml.safe_dump(data))
+    return _teacher(params, world["dir"] / "prep", tmp)
+
+
+def c_params_budget_zero(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, prune={"latency_budget": 0}), world["dir"] / "prep", tmp)
+
+
+def c_params_lr_nan(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    params = _params(tmp)
+    data = yaml.safe_load(params.read_text())
+    data["prune"]["optimizer"]["lr"] = float("nan")
+    params.write_text(yaml.safe_dump(data))
+    assert ".nan" in params.read_text()
+    return _teacher(params, world["dir"] / "prep", tmp)
+
+
+def c_params_not_yaml(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "params.yaml").write_text("prepare: [unclosed\n")
+    return _teacher(tmp / "params.yaml", world["dir"] / "prep", tmp)
+
+
+def c_params_missing(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(tmp / "nope.yaml", world["dir"] / "prep", tmp)
+
+
+def c_params_bad_timing(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, target={"timing": {"passes": 0}}), world["dir"] / "prep", tmp)
+
+
+def _folder_params(tmp: Path, root: Path, **prepare: object) -> Path:
+    return _params(tmp, prepare={"source": "imagefolder", "root": str(root), "image_size": 8, **prepare})
+
+
+def c_data_root_missing(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _prepare(_folder_params(tmp, tmp / "missing"), tmp)
+
+
+def c_data_empty_class(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    (root / "train" / "empty").mkdir()
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_corrupt_image(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    (root / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_mixed_sizes(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from tests.conftest import write_image
+
+    root = make_imagefolder(tmp / "ds", per_class=4, size=12)
+    write_image(root / "train" / "cat" / "big.png", size=20, fmt="PNG")
+    return _prepare(_folder_params(tmp, root, image_size=None), tmp)
+
+
+def c_data_only_non_images(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    (root / "train" / "notes").mkdir()
+    (root / "train" / "notes" / "readme.txt").write_text("not an image")
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_archive_traversal(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    with tarfile.open(tmp / "ds.tar.gz", "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "train" / "cat" / "000.jpg", arcname="../../train/evil/000.jpg")
+    return _prepare(_folder_params(tmp, tmp / "ds.tar.gz"), tmp)
+
+
+def c_data_archive_link(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    (root / "train" / "cat" / "link.jpg").symlink_to("/etc/passwd")
+    with tarfile.open(tmp / "ds.tar", "w") as tar:
+        tar.add(root / "train", arcname="train")
+    return _prepare(_folder_params(tmp, tmp / "ds.tar"), tmp)
+
+
+def c_data_archive_corrupt(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "ds.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    return _prepare(_folder_params(tmp, tmp / "ds.tar.gz"), tmp)
+
+
+def c_prepared_data_missing(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(world["params"], tmp / "no_prep", tmp)
+
+
+def c_ckpt_truncated(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    _copy(world, tmp, "t")
+    data = (tmp / "t" / "a.pt").read_bytes()
+    (tmp / "t" / "a.pt").write_bytes(data[: len(data) // 2])
+    return _ensemble(world, tmp)
+
+
+def c_ckpt_other_arch(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    _copy(world, tmp, "t")
+    ckpt = torch.load(tmp / "t" / "a.pt", weights_only=True)
+    ckpt["arch"] = "mobilenetv2_tiny"  # resnet weights under another architecture's name
+    ckpt["arch_config"] = {k: v for k, v in ckpt["arch_config"].items() if k in ("num_classes", "in_channels")}
+    torch.save(ckpt, tmp / "t" / "a.pt")
+    return _ensemble(world, tmp)
+
+
+def c_ckpt_pickled_module(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from models import build_model
+
+    _copy(world, tmp, "t")
+    torch.save(build_model("resnet_tiny", num_classes=10, in_channels=1), tmp / "t" / "a.pt")  # a whole module
+    return _ensemble(world, tmp)
+
+
+def c_ckpt_not_ours(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    _copy(world, tmp, "t")
+    torch.save({"weights": torch.zeros(3)}, tmp / "t" / "a.pt")
+    return _ensemble(world, tmp)
+
+
+def c_table_other_target(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    table = json.loads((world["dir"] / "prof" / "table.json").read_text())
+    table["fingerprint"]["threads"] = 8
+    (tmp / "table.json").write_text(json.dumps(table))
+    return _prune(world, tmp, tmp / "table.json")
+
+
+def c_table_hand_edited_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "table.json").write_text((world["dir"] / "prof" / "table.json").read_text()[:-40])
+    return _prune(world, tmp, tmp / "table.json")
+
+
+def c_table_hand_edited_keys(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    table = json.loads((world["dir"] / "prof" / "table.json").read_text())
+    del table["calibration"]
+    (tmp / "table.json").write_text(json.dumps(table))
+    return _prune(world, tmp, tmp / "table.json")
+
+
+def c_table_other_network(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    table = json.loads((world["dir"] / "prof" / "table.json").read_text())
+    table["model"]["arch_config"] = {**table["model"]["arch_config"], "blocks": [9, 9]}
+    (tmp / "table.json").write_text(json.dumps(table))
+    return _prune(world, tmp, tmp / "table.json")
+
+
+def _masks(world: dict, tmp: Path, edit: Callable[[dict], None]) -> Path:
+    masks = json.loads((world["dir"] / "pr" / "masks.json").read_text())
+    edit(masks)
+    (tmp / "masks.json").write_text(json.dumps(masks))
+    return tmp / "masks.json"
+
+
+def c_masks_unknown_group(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _slim(world, tmp, _masks(world, tmp, lambda m: m["kept"].update({"nope.conv": [0]})))
+
+
+def c_masks_empty_group(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _slim(world, tmp, _masks(world, tmp, lambda m: m["kept"].update({next(iter(m["kept"])): []})))
+
+
+def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "masks.json").write_text("{not json")
+    return _slim(world, tmp, tmp / "masks.json")
+
+
+def _bundle(world: dict, tmp: Path) -> Path:
+    shutil.copytree(world["dir"] / "bundle", tmp / "bundle")
+    return tmp / "bundle"
+
+
+def _manifest(b: Path, edit: Callable[[dict], None]) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+def c_bundle_missing_file(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    (b / "model.onnx").unlink()
+    return _predict(b, tmp)
+
+
+def c_bundle_altered_file(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    return _predict(b, tmp)
+
+
+def c_bundle_reversed_classes(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    _manifest(b, lambda m: m.update(classes=m["classes"][::-1]))
+    return _predict(b, tmp)
+
+
+def c_bundle_short_classes(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    _manifest(b, lambda m: m.update(classes=m["classes"][:-1]))
+    return _predict(b, tmp)
+
+
+def c_bundle_swapped_model(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from models import build_model
+    from pipeline.deploy import export_onnx, sha256
+
+    b = _bundle(world, tmp)
+    export_onnx(build_model("resnet_tiny", num_classes=10, in_channels=1).eval(), (1, 8, 8), b / "model.onnx")
+    _manifest(b, lambda m: m["files"].update({"model.onnx": sha256(b / "model.onnx")}))  # hashes rewritten
+    return _predict(b, tmp)
+
+
+def c_bundle_unreadable_image(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "img.png").write_bytes(b"not a png")
+    return _predict(world["dir"] / "bundle", tmp)
+
+
+def c_runner_unknown_stage(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    code, err = _runner("--params", str(world["params"]), "--workdir", str(tmp / "w"), "--from", "nope")
+    print(err, file=sys.stderr)
+    return code, [tmp / "w" / "metrics"]
+
+
+def c_runner_from_after_until(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    code, err = _runner("--params", str(world["params"]), "--workdir", str(tmp / "w"), "--from", "prune",
+                        "--until", "prepare")
+    print(err, file=sys.stderr)
+    return code, [tmp / "w" / "metrics"]
+
+
+CASES = [
+    Case("params-typo-late-section", "a typo in `prune` (`latency_budgt`), run by the first training stage",
+         "prune.latency_budgt: unknown key; allowed: latency_budget", c_params_typo_late_section),
+    Case("params-unknown-section", "an unknown section `prunee:`", "prunee: unknown section; allowed:",
+         c_params_unknown_section),
+    Case("params-budget-zero", "`prune.latency_budget: 0`", "prune.latency_budget", c_params_budget_zero),
+    Case("params-lr-nan", "`prune.optimizer.lr: .nan`", "prune.optimizer.lr", c_params_lr_nan),
+    Case("params-not-yaml", "params.yaml that is not YAML", "is not valid YAML", c_params_not_yaml),
+    Case("params-missing", "a params file that does not exist", "nope.yaml does not exist", c_params_missing),
+    Case("params-timing", "`target.timing.passes: 0`", "target.timing.passes", c_params_bad_timing),
+    Case("data-root-missing", "`prepare.root` that does not exist", "does not exist; expected a directory or .tar",
+         c_data_root_missing),
+    Case("data-empty-class", "an empty class folder", "empty class folder(s)", c_data_empty_class),
+    Case("data-corrupt-image", "a truncated JPEG", "unreadable image(s)", c_data_corrupt_image),
+    Case("data-mixed-sizes", "images of two sizes with `image_size: null`", "have different sizes",
+         c_data_mixed_sizes),
+    Case("data-non-images", "a class folder with only a .txt file", "empty class folder(s)", c_data_only_non_images),
+    Case("data-archive-traversal", "a .tar.gz entry `../../train/evil/000.jpg`", "leaves its folder or links elsewhere",
+         c_data_archive_traversal),
+    Case("data-archive-link", "a .tar with a symlink to /etc/passwd", "leaves its folder or links elsewhere",
+         c_data_archive_link),
+    Case("data-archive-corrupt", "a .tar.gz that is not gzip", "cannot read archive", c_data_archive_corrupt),
+    Case("data-prepared-missing", "a training stage without prepared data", "run the prepare stage first",
+         c_prepared_data_missing),
+    Case("ckpt-truncated", "a teacher checkpoint cut in half", "cannot read checkpoint", c_ckpt_truncated),
+    Case("ckpt-other-arch", "a resnet's weights labelled as mobilenetv2_tiny", "weights do not match",
+         c_ckpt_other_arch),
+    Case("ckpt-pickled-module", "a pickled nn.Module instead of weights", "cannot read checkpoint",
+         c_ckpt_pickled_module),
+    Case("ckpt-not-ours", "a .pt that is not a slimdeploy checkpoint", "is not a slimdeploy checkpoint",
+         c_ckpt_not_ours),
+    Case("table-other-target", "a latency table measured with 8 threads", "different target fingerprint",
+         c_table_other_target),
+    Case("table-edited-json", "a latency table cut short by hand", "not a latency table written by the profile stage",
+         c_table_hand_edited_json),
+    Case("table-edited-keys", "a latency table without its calibration", "not a latency table written by the profile",
+         c_table_hand_edited_keys),
+    Case("table-other-network", "a latency table of another network", "not the student", c_table_other_network),
+    Case("masks-unknown-group", "masks.json naming a group the network lacks", "unknown channel group",
+         c_masks_unknown_group),
+    Case("masks-empty-group", "masks.json emptying a group", "removes all", c_masks_empty_group),
+    Case("masks-not-json", "masks.json that is not JSON", "is not valid JSON", c_masks_not_json),
+    Case("bundle-missing-file", "a bundle without model.onnx", "listed in manifest.json is missing",
+         c_bundle_missing_file),
+    Case("bundle-altered-file", "a bundle whose model.onnx changed by one byte", "does not match its sha256",
+         c_bundle_altered_file),
+    Case("bundle-reversed-classes", "manifest.json with the class list reversed", "the same names in another order",
+         c_bundle_reversed_classes),
+    Case("bundle-short-classes", "manifest.json with one class missing", "classes in the manifest",
+         c_bundle_short_classes),
+    Case("bundle-swapped-model", "another ONNX model swapped in, its sha256 rewritten", "carries no 'slimdeploy' metadata",
+         c_bundle_swapped_model),
+    Case("predict-unreadable-image", "an image file that is not an image", "cannot read image",
+         c_bundle_unreadable_image),
+    Case("runner-unknown-stage", "`python -m stages --from nope`", "no stage 'nope'", c_runner_unknown_stage),
+    Case("runner-from-after-until", "`python -m stages --from prune --until prepare`", "comes after",
+         c_runner_from_after_until),
+]
+
+
+def test_there_are_enough_cases() -> None:
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, must_not_exist = case.run(world, tmp_path)
+    text = caplog.text + capsys.readouterr().err
+    assert code == 2, f"exit {code}, expected 2; output:\n{text}"
+    assert case.message in text, f"expected {case.message!r} in:\n{text}"
+    assert "Traceback" not in text
+    left = [str(p) for p in must_not_exist if p.exists()]
+    assert not left, f"outputs left behind: {left}"
+
+
+if __name__ == "__main__":
+    print("| # | case | broken input | exit | the message says (fragment) |")
+    print("|---|---|---|---|---|")
+    for i, c in enumerate(CASES, 1):
+        print(f"| {i} | `{c.id}` | {c.input} | 2 | {c.message} |")
