@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
               f"held-out MAPE {100 * pr_['heldout_mape']:.1f}% (max {100 * pr_['heldout_max_ape']:.1f}%, "
               f"{100 * pr_['heldout_within_10pct']:.0f}% within 10%, Spearman {pr_['heldout_spearman']:.3f}) on "
               f"{pr_['heldout_samples']} sub-networks")
+        for warning in m.get("warnings", []):
+            print(f"WARNING: {warning}")
     slim = args.metrics_dir / "slim.json"
     if slim.is_file():
         m = read_json(slim)

@@ -75,7 +75,7 @@ Image classifier built by slimdeploy (git {git}). Everything here is listed with
   disturbances of the shared machine included: p50 {p50:.4f} ms, p90 {p90:.4f} ms, p99 {p99:.4f} ms
 - latency budget {budget:.4f} ms: {verdict}
 - latency model used to prune: channel step {step} ({step_source}); predictor error on {held_n} held-out
-  sub-networks: MAPE {held_mape:.1%}, {held_within:.0%} within +-10%, Spearman {held_rho:.3f}
+  sub-networks: MAPE {held_mape:.1%}, {held_within:.0%} within +-10%, Spearman {held_rho:.3f}{model_warnings}
 
 ## Use
 
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat_steps": stair.get("repeat_steps"), "scale": table.calibration["scale"],
             "offset_ms": table.calibration["offset_ms"], "heldout": held,
             "fit_samples": len(table.calibration.get("fit_set", [])),
+            "warnings": table.calibration.get("warnings", []),
         }
         git = _git_revision()
         device_name = eng["device"].get("name", "?")
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget=eng["budget_ms"], verdict=verdict, step=table.step, step_source=stair.get("source", "?"),
                 held_n=held["samples"], held_mape=held["mape"], held_within=held["within_10pct"],
                 held_rho=held["spearman"],
+                model_warnings="".join(f"\n  - WARNING: {w}" for w in latency_model["warnings"]),
                 files_table="\n".join(f"| `{f}` | {d} |" for f, d in (
                     ("model.onnx", "ONNX (opset 17+), dynamic batch; runs anywhere ONNX Runtime runs"),
                     (eng["engine_file"], "TensorRT engine (this GPU and TensorRT version only)" if eng["backend"] == "tensorrt"

@@ -105,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                         "total": time.perf_counter() - t_start},
             "warn_mape": cfg.warn_mape, "max_mape": cfg.max_mape,
         }
+        poor = held["mape"] > cfg.warn_mape
+        metrics["predictor"]["poor"] = poor
+        metrics["warnings"] = ([f"latency predictor held-out MAPE {held['mape']:.1%} is above profile.warn_mape "
+                                f"{cfg.warn_mape:.0%}: pruning is guided less well; the closed loop and the engine "
+                                f"still measure the real network"] if poor else [])
+        table.calibration["warnings"] = metrics["warnings"]  # travels with the table into the bundle's manifest
         if cfg.max_mape is not None and held["mape"] > cfg.max_mape:
             write_json(args.metrics, metrics)  # the evidence, for the person reading the error
             raise PredictorContractError(
                 f"latency predictor held-out MAPE {held['mape']:.1%} on {held['samples']} sub-networks exceeds "
                 f"profile.max_mape {cfg.max_mape:.0%} (opt-in; null turns the check off); see {args.metrics}")
-        if held["mape"] > cfg.warn_mape:
+        if poor:
             log.warning("latency predictor held-out MAPE %.1f%% is above profile.warn_mape %.0f%% (Spearman %.3f): "
                         "pruning is guided less well; the closed loop still measures the real network. Noise: the "
                         "full network's windows spread %.1f%%.", 100 * held["mape"], 100 * cfg.warn_mape,

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         test_acc = test_accuracy(model.to(cpu), data, cpu)
         check_above_chance(test_acc, data.num_classes, len(data.test.y), "student (test split)", resume)
         mean, std = data.norm()
-        t_logits = torch.stack([predict_logits(t, data.test, mean, std, cpu) for t in teachers.values()])
+        # the ensemble moved the teachers to the training device: evaluate them where the inputs are
+        t_logits = torch.stack([predict_logits(t.to(cpu), data.test, mean, std, cpu) for t in teachers.values()])
         ens = ensemble_report(t_logits, data.test.y, names, data.meta["classes"])
         shape = (data.channels, *data.meta["image_size"])
         n_params, flops = count_params(model), count_flops(model, shape)

@@ -40,7 +40,8 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params["prepare"]["image_size"] = 8
     params["train"].update(progress=False, batch_size=32)  # enough steps to learn in 1 epoch
     params["profile"].update(arch="student", staircase_channels=8, staircase_repeats=2, staircase_passes=1,
-                             fit_samples=4, heldout_samples=4, max_points=3, progress=False)
+                             fit_samples=4, heldout_samples=4, max_points=3, progress=False,
+                             warn_mape=1e-9)  # any error is "poor": the pipeline must still complete, flagged
     params["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}
     params["prune"].update(epochs=2, latency_budget=1.0, budget_unit="ms", band=[0.05, 1.0],
                            progress=False)  # far above the tiny student: mechanics, not the method
@@ -75,8 +76,12 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"model.onnx", "model.opt.onnx", "README.md", "pareto.png", "widths.png"} <= set(manifest["files"])
     assert manifest["engine"]["backend"] == "onnxruntime" and manifest["git_revision"]
+    profile = json.loads((repo / "metrics" / "profile.json").read_text())
+    assert profile["predictor"]["poor"] and "warn_mape" in profile["warnings"][0]
+    assert manifest["latency_model"]["warnings"] == profile["warnings"]  # a poor predictor is flagged, not fatal
     report = _sh([sys.executable, "-m", "pipeline.report"], repo)  # what `make run` prints at the end
     assert "pruned to" in report and "Torch-Pruning L1" in report and "closed loop" in report
+    assert "WARNING: latency predictor held-out MAPE" in report
 
     again = _sh(["dvc", "repro"], repo)
     assert "Running stage" not in again and "up to date" in again

@@ -159,6 +159,10 @@ def test_profile_never_fails_on_predictor_error_unless_asked(tmp_path: Path, dig
     params = write_params(tmp_path, profile={"warn_mape": 1e-9})  # any error is "poor": a warning, exit 0
     assert run_profile(tmp_path, params, digits_dir) == 0
     assert "above profile.warn_mape" in caplog.text and (tmp_path / "prof" / "table.json").is_file()
+    m = json.loads((tmp_path / "m" / "profile.json").read_text())
+    assert m["predictor"]["poor"] and len(m["warnings"]) == 1
+    table = json.loads((tmp_path / "prof" / "table.json").read_text())
+    assert table["calibration"]["warnings"] == m["warnings"]
 
 
 def test_profile_opt_in_contract_failure_writes_no_table(tmp_path: Path, digits_dir: Path,
