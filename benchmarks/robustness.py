@@ -8,10 +8,12 @@ commands (``dvc repro``, ``dvc status``, ``python -m pipeline.predict``), not wi
 2. ``diverged``: teacher t1 with ``optimizer.lr: 10.0``: the stage's exit code, its last message,
    whether a checkpoint was left, what ``dvc status`` says; then the lr restored and ``dvc repro``
    again: the teacher's sha256 against the original.
-3. ``killed_teacher``: ``dvc repro -f`` of teacher t0 killed with SIGKILL after its first
-   finished epoch, then ``dvc repro``: sha256 against the original, and ``dvc status``.
-4. ``killed_prune``: the same for the prune stage (its multiplier, calibration and closed loop
-   carry state): measured latency, widths and accuracy against the uninterrupted run.
+3. ``killed_teacher``: a teacher config DVC has not run (t0 with seed 7): ``dvc repro`` killed
+   with SIGKILL after its first finished epoch, ``dvc repro`` again (does it resume?), then a
+   forced uninterrupted run: the two checkpoints' sha256; then the original params back and
+   ``dvc repro``: ``dvc status`` clean.
+4. ``killed_prune``: the same for the prune stage with ``prune.seed: 1`` (its multiplier,
+   calibration and closed loop carry state): measured latency, widths, accuracy, checkpoint.
 5. ``bundle``: ``pipeline.predict`` on copies of ``artifacts/handoff`` with the class list
    reversed, one class short, and model.onnx swapped for another network with its sha256
    rewritten: exit code and message of each.
@@ -36,6 +38,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -107,31 +110,48 @@ def diverged(params_text: str) -> dict[str, Any]:
             "restored_identical": Path("artifacts/teachers/t1.pt").is_file() and file_sha256("artifacts/teachers/t1.pt") == original}
 
 
-def killed_teacher() -> dict[str, Any]:
-    original = file_sha256("artifacts/teachers/t0.pt")
-    code = kill_after(["dvc", "repro", "-f", "-s", "train_teacher@t0"], Path(".resume/train_teacher/t0.pt"))
-    # without the run-cache, so the stage really runs and resumes (by default DVC would restore the
-    # checkpoint it cached before, which says nothing about resuming)
-    rerun = sh("dvc", "repro", "--no-run-cache")
+def _killed(params_text: str, edit: Callable[[dict], None], stage: str, marker: str, read: Callable[[], Any]) -> dict[str, Any]:
+    """A config DVC has never run (``edit`` of the params): its first ``dvc repro`` is killed with
+    SIGKILL once the stage has written its resume state, then ``dvc repro`` again (it must resume),
+    then a forced uninterrupted run of the same config for comparison; then the original params
+    back and ``dvc repro``, which restores the original outputs from DVC's cache: ``dvc status``
+    must be clean. (Killing ``dvc repro -f`` of an unchanged stage proves nothing: DVC keeps the
+    previous, still valid, output and the re-run has nothing to do.)"""
+    params = yaml.safe_load(params_text)
+    edit(params)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        # --no-run-cache: a config this repository ran before (an earlier run of this script) is
+        # not restored from DVC's run-cache, it runs
+        code = kill_after(["dvc", "repro", "--no-run-cache", "-s", stage], Path(marker))
+        rerun = sh("dvc", "repro", "--no-run-cache", "-s", stage)
+        resumed = read()
+        resume_left = Path(marker).exists()
+        sh("dvc", "repro", "-f", "--no-run-cache", "-s", stage, check=True)
+        whole = read()
+    finally:
+        Path("params.yaml").write_text(params_text)
+    back = sh("dvc", "repro")
     clean, status = dvc_clean()
-    return {"killed_exit": code, "rerun_exit": rerun.returncode, "resumed_from_state": "resum" in rerun.stderr + rerun.stdout,
-            "ran": [ln.split("'")[1] for ln in rerun.stdout.splitlines() if ln.startswith("Running stage")],
-            "identical": file_sha256("artifacts/teachers/t0.pt") == original, "dvc_status_clean": clean,
-            "dvc_status": status, "resume_left": Path(".resume/train_teacher/t0.pt").exists()}
+    return {"killed_exit": code, "rerun_exit": rerun.returncode, "resumed_from_state": "resuming" in rerun.stderr + rerun.stdout,
+            "resume_left": resume_left, "resumed": resumed, "uninterrupted": whole,
+            "equal": resumed == whole if not isinstance(whole, dict) else {k: resumed.get(k) == v for k, v in whole.items()},
+            "restored_exit": back.returncode, "dvc_status_clean": clean, "dvc_status": status}
 
 
-def killed_prune() -> dict[str, Any]:
+def killed_teacher(params_text: str) -> dict[str, Any]:
+    return _killed(params_text, lambda p: p["teachers"]["t0"].update(seed=7), "train_teacher@t0",
+                   ".resume/train_teacher/t0.pt", lambda: file_sha256("artifacts/teachers/t0.pt"))
+
+
+def killed_prune(params_text: str) -> dict[str, Any]:
     keys = ("measured_ms", "measured_over_budget", "test_acc", "widths", "loop_status", "final_lambda")
-    sh("dvc", "repro", "-f", "-s", "prune", check=True)  # the uninterrupted run, measured now (same conditions)
-    whole = json.loads(Path("metrics/prune.json").read_text())
-    code = kill_after(["dvc", "repro", "-f", "-s", "prune"], Path(".resume/prune/prune.pt"))
-    rerun = sh("dvc", "repro", "--no-run-cache", "-s", "prune")
-    cut = json.loads(Path("metrics/prune.json").read_text())
-    sh("dvc", "repro", check=True)  # the stages after prune, for the new pruned network: the repository is left consistent
-    return {"killed_exit": code, "rerun_exit": rerun.returncode, "resumed_from_state": "resum" in rerun.stderr + rerun.stdout,
-            "resume_left": Path(".resume/prune/prune.pt").exists(),
-            "uninterrupted": {k: whole.get(k) for k in keys}, "resumed": {k: cut.get(k) for k in keys},
-            "equal": {k: whole.get(k) == cut.get(k) for k in keys}}
+
+    def read() -> dict[str, Any]:
+        m = json.loads(Path("metrics/prune.json").read_text())
+        return {k: m.get(k) for k in keys} | {"model_sha256": file_sha256("artifacts/prune/model.pt")}
+
+    return _killed(params_text, lambda p: p["prune"].update(seed=1), "prune", ".resume/prune/prune.pt", read)
 
 
 def bundle(tmp: Path) -> dict[str, Any]:
@@ -204,8 +224,8 @@ def main() -> int:
     try:
         for step in steps:
             t0 = time.perf_counter()
-            if step == "diverged":
-                results[step] = diverged(params_text)
+            if step in ("diverged", "killed_teacher", "killed_prune"):
+                results[step] = globals()[step](params_text)
             elif step == "bundle":
                 with tempfile.TemporaryDirectory() as tmp:
                     results[step] = bundle(Path(tmp))

@@ -1,10 +1,18 @@
-"""Baselines at a given measured latency: uniform width scaling and Torch-Pruning L1 magnitude.
+"""Baselines under the same protocol as ours: uniform width scaling and Torch-Pruning L1 magnitude.
 
-Both start from the same trained student as the prune stage, are cut until their latency
-*measured on the target* matches the pruned model's, then fine-tuned with the same loss for the
-same number of epochs. The channel counts they may take are the latency table's lattice for
-uniform scaling (our own constraint, so the comparison isolates *which* channels and *how many
-per layer*), and Torch-Pruning's ``round_to`` for L1.
+The protocol, fixed here and used by the `compare` stage and the benchmarks:
+
+* **Same start.** Every method starts from the same trained student and its weights.
+* **Same measured latency.** Every method is cut to the same band of the budget that the prune
+  stage's closed loop aims at ([low, high] x budget, the top lowered by the measured noise),
+  measured on the target paired with the student (interleaved windows; the ratio to the student
+  times the student's latency). A baseline's one knob is continuous (uniform: the width ratio;
+  L1: the global pruning ratio) and is bisected until the largest network at most ``high`` x
+  budget is found; where the knob's steps are too coarse to land in the band, the metrics say how
+  far below it the baseline landed.
+* **Same training.** Every method trains its final network with the same distillation loss and
+  optimizer for the same total number of epochs (``prune.epochs``; ours spends part of them
+  searching its masks).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,63 +41,74 @@ class Candidate:
     measured_ms: float = float("nan")
 
 
-def uniform_candidates(model: nn.Module, example: torch.Tensor, allowed: dict[str, list[int]],
-                       ratios: list[float]) -> list[Candidate]:
-    """Every prunable group scaled by the same ratio (nearest allowed width), channels kept by
-    the L1 norm of the group's root filters. Distinct width configurations only."""
-    graph = ChannelGraph(model, example)
+def uniform_widths(sizes: dict[str, int], allowed: dict[str, list[int]], ratio: float) -> dict[str, int]:
+    """Every prunable group scaled by ``ratio``, to the nearest allowed width."""
+    return {g: nearest_allowed(max(1, round(ratio * n)), allowed[g]) for g, n in sizes.items() if g in allowed}
+
+
+def uniform_candidate(model: nn.Module, example: torch.Tensor, allowed: dict[str, list[int]], ratio: float,
+                      graph: ChannelGraph | None = None) -> Candidate:
+    """``uniform_widths``, channels kept by the L1 norm of each group's root filters."""
+    graph = graph or ChannelGraph(model, example)
     modules = dict(model.named_modules())
-    out: list[Candidate] = []
-    seen: set[tuple[tuple[str, int], ...]] = set()
-    for r in ratios:
-        masks = {}
-        for g in graph.groups:
-            if g.name not in allowed:
-                continue
-            score = modules[g.name].weight.detach().abs().flatten(1).sum(1)
-            masks[g.name] = top_mask(score, nearest_allowed(max(1, round(r * g.size)), allowed[g.name]))
-        widths = {g: int(m.sum()) for g, m in masks.items()}
-        key = tuple(sorted(widths.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(Candidate(f"ratio {r:.2f}", prune_structure(model, example, masks), widths))
-    return out
+    widths = uniform_widths({g.name: g.size for g in graph.groups}, allowed, ratio)
+    masks = {g: top_mask(modules[g].weight.detach().abs().flatten(1).sum(1), w) for g, w in widths.items()}
+    return Candidate(f"ratio {ratio:.3f}", prune_structure(model, example, masks), widths)
 
 
-def l1_candidates(model: nn.Module, example: torch.Tensor, ratios: list[float], round_to: int,
-                  max_ratio: float) -> list[Candidate]:
-    """Torch-Pruning ``MagnitudePruner`` (L1, global ranking across groups, classifier ignored)
-    at each pruning ratio. Distinct architectures only."""
+def l1_candidate(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int, max_ratio: float) -> Candidate:
+    """Torch-Pruning ``MagnitudePruner`` (L1, global ranking across groups, classifier ignored) at
+    pruning ratio ``ratio``."""
     import torch_pruning as tp
 
-    out: list[Candidate] = []
-    seen: set[tuple[int, ...]] = set()
-    for r in ratios:
-        net = copy.deepcopy(model).eval()
-        classifier = ChannelGraph(net, example).classifier  # the last layer executed: never pruned
-        with warnings.catch_warnings(), torch.enable_grad():
-            warnings.simplefilter("ignore")
-            pruner = tp.pruner.MagnitudePruner(
-                net, example, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
-                pruning_ratio=r, max_pruning_ratio=max_ratio, ignored_layers=[classifier], round_to=round_to)
-            pruner.step()
-        shape = tuple(m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d))
-        if shape in seen:
+    net = copy.deepcopy(model).eval()
+    classifier = ChannelGraph(net, example).classifier  # the last layer executed: never pruned
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MagnitudePruner(
+            net, example, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
+            pruning_ratio=ratio, max_pruning_ratio=max_ratio, ignored_layers=[classifier], round_to=round_to)
+        pruner.step()
+    widths = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    return Candidate(f"ratio {ratio:.3f}", net, widths)
+
+
+@dataclass
+class Match:
+    chosen: Candidate
+    probes: list[dict[str, Any]] = field(default_factory=list)  # every candidate measured, in order
+
+
+def candidates(make: Callable[[float], Candidate], knobs: list[float],
+               key: Callable[[float], Any] | None = None) -> list[Candidate]:
+    """``make(knob)`` over a fine grid of the method's continuous knob, one per distinct network
+    (Torch-Pruning's global ratio is not monotone in the size it gives once ``round_to`` and
+    ``max_pruning_ratio`` bite, so the knob is swept, not bisected). ``key(knob)``, when cheap,
+    skips building a network already built."""
+    out: dict[Any, Candidate] = {}
+    for k in knobs:
+        if key is not None and key(k) in out:
             continue
-        seen.add(shape)
-        widths = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-        out.append(Candidate(f"ratio {r:.2f}", net, widths))
-    return out
+        c = make(k)
+        out.setdefault(key(k) if key is not None else tuple(sorted(c.widths.items())), c)
+    return list(out.values())
 
 
-def match_latency(cands: list[Candidate], measure: Callable[[nn.Module], float], target_ms: float,
-                  tolerance: float) -> Candidate:
-    """Measure every candidate; the one with the largest latency at most ``target_ms * (1 +
-    tolerance)``, or the fastest when none is that fast."""
-    for c in cands:
+def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
+                 measure: Callable[[nn.Module], float], high_ms: float) -> Match:
+    """The largest candidate that *measures* at most ``high_ms``: candidates are ranked by the
+    latency table's prediction and measured from the one predicted just under ``high_ms``
+    (allowing the prediction 10% of error upwards) down, until one fits. When none fits, the
+    smallest is returned with its measurement (the budget is out of the method's reach)."""
+    ranked = sorted(cands, key=predict, reverse=True)
+    probes: list[dict[str, Any]] = []
+    start = next((i for i, c in enumerate(ranked) if predict(c) <= 1.1 * high_ms), len(ranked) - 1)
+    for c in ranked[start:]:
         c.measured_ms = measure(c.model)
-    ok = [c for c in cands if c.measured_ms <= target_ms * (1 + tolerance)]
-    return max(ok, key=lambda c: c.measured_ms) if ok else min(cands, key=lambda c: c.measured_ms)
+        probes.append({"label": c.label, "predicted_ms": predict(c), "measured_ms": c.measured_ms})
+        if c.measured_ms <= high_ms:
+            return Match(c, probes)
+    return Match(ranked[-1], probes)
 
 
 def describe(c: Candidate, acc_before: float, acc_after: float, params: int, extra: dict[str, Any]) -> dict[str, Any]:

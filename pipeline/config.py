@@ -181,8 +181,11 @@ class PruneConfig(Section):
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
     epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
-    settle_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="last fraction of the epochs trained with "
-                                   "the closed loop's hard masks fixed; 0: decide at the end (pure SCP)")
+    settle_fraction: float = Field(0.75, ge=0.0, lt=1.0, description="last fraction of the epochs training the "
+                                   "decided network (masks fixed); the rest searches the masks; 0: pure SCP")
+    allocation: Literal["knapsack", "threshold"] = Field("knapsack", description="how widths are decided after the "
+                                                         "mask search: knapsack = least importance lost per ms saved "
+                                                         "(latency table); threshold = channels with keep > 0.5")
     optimizer: OptimizerConfig = PRUNE_OPTIMIZER
     seed: int = Field(0, ge=0)
     coupled: Literal["gate", "keep"] = Field("gate", description="groups without BatchNorm+ReLU (residual "
@@ -192,7 +195,8 @@ class PruneConfig(Section):
     threshold: float = Field(0.95, gt=0.0, lt=1.0, description="SCP: c0 in pi = sigmoid(k (q - c0))")
     mask_tau: float = Field(0.5, gt=0.0, le=10.0, description="Gumbel-softmax temperature of the soft masks")
     gate_init: float = Field(0.95, gt=0.5, lt=1.0, description="initial keep probability of gated channels")
-    dual_lr: float = Field(2.0, gt=0.0, le=1000.0, description="dual ascent step of the budget multiplier")
+    dual_lr: float = Field(10.0, gt=0.0, le=10000.0, description="budget multiplier's rise per epoch of relative "
+                           "excess (dual ascent, divided over the epoch's steps)")
     sparsity: float = Field(0.0, ge=0.0, le=1.0, description="optional SCP regulariser weight (lambda)")
     multiple: int | None = Field(None, ge=1, le=512, description="kept widths in multiples of this; null: the "
                                  "latency table's measured step")
@@ -225,8 +229,6 @@ class CompareConfig(Section):
 
     methods: tuple[Literal["uniform", "l1"], ...] = Field(("uniform", "l1"), description="uniform: every group "
                                                           "scaled by one factor; l1: Torch-Pruning global L1")
-    tolerance: float = Field(0.03, ge=0.0, le=1.0, description="a baseline may measure this much above ours "
-                             "(measurement noise)")
     seed: int = Field(0, ge=0)
 
 

@@ -1,6 +1,8 @@
-"""compare: baselines cut from the same student to the pruned model's measured latency (uniform
-width scaling; Torch-Pruning global L1 magnitude), fine-tuned with the same distillation loss for
-as many epochs as the prune stage trained, all measured in this run on the target."""
+"""compare: the baselines under the same protocol as ours (pipeline/compare.py): cut from the same
+student to the same measured-latency band of the budget (uniform width scaling, bisected on the
+width ratio; Torch-Pruning global L1 magnitude, bisected on the pruning ratio), trained with the
+same distillation loss for as many epochs as the prune stage trained, and measured together with
+ours and the student at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import time
 import torch
 
 from pipeline.checkpoint import load_model
-from pipeline.compare import describe, l1_candidates, match_latency, uniform_candidates
+from pipeline.compare import (Candidate, candidates, describe, l1_candidate, match_budget, uniform_candidate,
+                              uniform_widths)
 from pipeline.config import (CompareConfig, DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section,
                              parse_teachers)
 from pipeline.data import load_prepared
@@ -18,14 +21,12 @@ from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.flops import count_params
 from pipeline.io import write_json
 from pipeline.latency import LatencyTable, target_backend
-from pipeline.prune import allowed_widths
+from pipeline.prune import allowed_widths, effective_band
 from pipeline.runtime import describe_device, resolve_device
-from pipeline.slim import channel_groups, masks_from_kept, prune_structure
+from pipeline.slim import ChannelGraph, channel_groups, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import load_params, log, parser, read_pruned, run
 from stages._teachers import load_student, load_teachers
-
-RATIOS = [round(0.05 * i, 2) for i in range(20, 0, -1)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,47 +55,73 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.zeros(1, *shape)
         backend = target_backend(target)
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
-        pruned = read_pruned(args.pruned, "kept")
-        kept = pruned["kept"]
+        pruned = read_pruned(args.pruned, "kept", "budget_ms", "student_ms")
+        budget_ms, student_ms = pruned["budget_ms"], pruned["student_ms"]
+        band = effective_band(prune_cfg.band, float(pruned.get("noise", 0.0)))
         masked, _ = load_model(args.model)
-        ours = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), kept))
+        ours = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), pruned["kept"]))
         cpu = torch.device("cpu")
 
         def measure(model: torch.nn.Module) -> float:
-            return backend.measure(model, shape).ms
+            # paired with the student, as the prune stage's closed loop measures ours
+            t_model, t_student = backend.measure_many([model, student], shape)
+            return student_ms * t_model.ms / t_student.ms
 
-        ours_ms = measure(ours)
-        result: dict = {"ours": {"measured_ms": ours_ms, "test_acc": test_accuracy(ours, data, cpu),
-                                 "params": count_params(ours), "widths": pruned.get("widths")},
-                        "student": {"measured_ms": measure(student), "test_acc": test_accuracy(student, data, cpu)},
-                        "epochs": prune_cfg.epochs, "methods": list(cfg.methods), "tolerance": cfg.tolerance}
+        result: dict = {
+            "protocol": {"budget_ms": budget_ms, "band": list(band), "epochs": prune_cfg.epochs,
+                         "loss": f"distill ({kd.mode}, T={kd.temperature}, alpha={kd.alpha})", "seed": cfg.seed,
+                         "measured": "paired with the student, interleaved windows"},
+            "ours": {"test_acc": test_accuracy(ours, data, cpu), "params": count_params(ours),
+                     "widths": pruned.get("widths"), "measured_ms_prune_stage": pruned.get("measured_ms")},
+            "student": {"test_acc": test_accuracy(student, data, cpu), "measured_ms": student_ms},
+            "methods": list(cfg.methods),
+        }
+        finals: dict[str, torch.nn.Module] = {"ours": ours}
         if cfg.methods:
             device = resolve_device(train_cfg.device)
             ensemble = TeacherEnsemble(list(load_teachers(args.teachers, names, data.meta).values())).to(device)
             criterion = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
             multiple = prune_cfg.multiple or table.step
             low = float(table.meta["min_fraction"])
-            sizes = {g.name: g.size for g in channel_groups(student, example)}
-            allowed = {g: allowed_widths(n, multiple, low) for g, n in sizes.items()}
+            graph = ChannelGraph(student, example)
+            allowed = {g.name: allowed_widths(g.size, multiple, low) for g in graph.groups}
+        predictor = table.predictor()
+
+        def predict(c: Candidate) -> float:  # groups are named by their root convolution: its output width
+            return predictor({g: float(c.widths[g]) for g in table.groups}).item()
+
         for method in cfg.methods:
             if method == "uniform":
-                cands = uniform_candidates(student, example, allowed, RATIOS)
+                knobs = [low + (1 - low) * i / 150 for i in range(151)]
+                sizes = {g.name: g.size for g in graph.groups}
+                cands = candidates(lambda k: uniform_candidate(student, example, allowed, k, graph), knobs,
+                                   key=lambda k: tuple(sorted(uniform_widths(sizes, allowed, k).items())))
             else:
-                cands = l1_candidates(student, example, [r for r in RATIOS if r < 1.0], multiple, 1.0 - low)
-            chosen = match_latency(cands, measure, ours_ms, cfg.tolerance)
+                knobs = [(1 - low) * i / 60 for i in range(61)]
+                cands = candidates(lambda k: l1_candidate(student, example, k, multiple, 1.0 - low), knobs)
+            match = match_budget(cands, predict, measure, band[1] * budget_ms)
+            chosen = match.chosen
             before = test_accuracy(chosen.model, data, cpu)
             train_classifier(chosen.model, data, train_cfg, prune_cfg.optimizer, epochs=prune_cfg.epochs,
                              seed=cfg.seed, device=device, criterion=criterion, desc=f"{method} fine-tune")
-            chosen.model.to(cpu)
+            chosen.model.to(cpu).eval()
             after = test_accuracy(chosen.model, data, cpu)  # last epoch's weights, as for ours
             check_above_chance(after, data.num_classes, len(data.test.y), f"compare: {method} baseline (test split)")
-            result[method] = describe(chosen, before, after, count_params(chosen.model),
-                                      {"candidates": {c.label: c.measured_ms for c in cands},
-                                       "measured_over_ours": chosen.measured_ms / ours_ms})
-            result[f"ours_minus_{method}"] = result["ours"]["test_acc"] - after
-            log.info("%s: %s, %.4f ms (ours %.4f ms), test acc %.4f -> %.4f after %d epochs (ours %.4f)", method,
-                     chosen.label, chosen.measured_ms, ours_ms, before, after, prune_cfg.epochs,
-                     result["ours"]["test_acc"])
+            result[method] = describe(chosen, before, after, count_params(chosen.model), {"probes": match.probes})
+            finals[method] = chosen.model
+            log.info("%s: %s, %.4f ms (%.3f of the budget), test acc %.4f -> %.4f after %d epochs", method,
+                     chosen.label, chosen.measured_ms, chosen.measured_ms / budget_ms, before, after, prune_cfg.epochs)
+        # every final network measured together, with the student, in one interleaved run
+        timings = backend.measure_many([student, *finals.values()], shape)
+        for (name, _), t in zip(finals.items(), timings[1:]):
+            ms = student_ms * t.ms / timings[0].ms
+            result[name].update(measured_ms=ms, measured_over_budget=ms / budget_ms,
+                                in_band=band[0] * budget_ms <= ms <= band[1] * budget_ms)
+        for method in cfg.methods:
+            result[f"ours_minus_{method}"] = result["ours"]["test_acc"] - result[method]["test_acc"]
+        log.info("at %.4f ms budget: ours %.4f (%.3f of the budget)%s", budget_ms, result["ours"]["test_acc"],
+                 result["ours"]["measured_over_budget"], "".join(
+                     f", {m} {result[m]['test_acc']:.4f} ({result[m]['measured_over_budget']:.3f})" for m in cfg.methods))
         result.update(backend=target.backend, device=backend.fingerprint()["device"],
                       seconds=time.perf_counter() - t0)
         if cfg.methods:

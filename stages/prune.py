@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,18 +20,27 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared, normalize
 from pipeline.distill import TeacherEnsemble, kd_criterion
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SlimdeployError
 from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
-from pipeline.prune import (BudgetError, BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, effective_band,
-                            harden, prune_groups, top_mask, widths_of)
+from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_widths,
+                            closed_loop, effective_band, harden, masks_for_widths, prune_groups, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
-from pipeline.slim import apply_masks, prune_structure
+from pipeline.slim import apply_masks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 from stages._teachers import load_student, load_teachers
+
+
+def _read_state(path: Path, key: str) -> dict | None:
+    """A state file an interrupted run of the same configuration left (``key`` matches), else None."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {g.name: g.size for g in groups}
         floor_masks = {g: top_mask(torch.ones(sizes[g]), a[0]) for g, a in allowed.items()}
         floor_pred = predictor(widths_of(floor_masks)).item()
-        student_ms, floor_ms, noise = measure_reference(backend, student, prune_structure(student, example, floor_masks),
-                                                        shape)
+        # An interrupted run's reference measurement is reused: the budget (a fraction of the measured
+        # student) is part of the training state's fingerprint, so re-measuring would orphan it.
+        state_dir = Path(args.resume_dir) / "prune"
+        ref_key = digest(cfg.model_dump(exclude={"progress"}), target.model_dump(), file_sha256(args.student),
+                         file_sha256(args.table))
+        ref = _read_state(state_dir / "reference.json", ref_key)
+        if ref is not None:
+            student_ms, floor_ms, noise = ref["student_ms"], ref["floor_ms"], ref["noise"]
+            log.info("resuming with the reference latencies the interrupted run measured (student %.4f ms)", student_ms)
+        else:
+            student_ms, floor_ms, noise = measure_reference(backend, student,
+                                                            prune_structure(student, example, floor_masks), shape)
         budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
         band = effective_band(cfg.band, noise)
         how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
@@ -90,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                  "measurement repeats within %.1f%%, so the closed loop aims at [%.3f, %.3f] of the budget",
                  budget_ms, budget_ms / student_ms, student_ms, floor_ms, 100 * noise, *band)
 
+        if ref is None:
+            write_json(state_dir / "reference.json", {"key": ref_key, "student_ms": student_ms, "floor_ms": floor_ms,
+                                                      "noise": noise})
+
         # --- joint training: oracle distillation + budget penalty with dual ascent
         torch.manual_seed(cfg.seed)
         net = SoftMaskedNet(copy.deepcopy(student), groups, cfg.eps, cfg.sharpness, cfg.threshold, cfg.mask_tau, cfg.gate_init)
@@ -102,13 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
         aim_ms = budget_ms * (band[0] + band[1]) / 2
-        penalty = BudgetPenalty(net, predictor, aim_ms, cfg.dual_lr, cfg.sparsity)
+        steps_per_epoch = max(1, len(data.train.y) // train_cfg.batch_size)
+        penalty = BudgetPenalty(net, predictor, aim_ms, cfg.dual_lr, cfg.sparsity, steps_per_epoch)
         plain_student = copy.deepcopy(student)
 
         def criterion(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
             return distil(logits, labels, inputs) + penalty()
 
         def on_epoch_end(record: dict[str, float]) -> None:
+            record.update(expected_ms=penalty.last_expected_ms, lam=float(net.lam),
+                          expected_channels=float(sum(w.item() for w in net.expected_widths(False).values())))
+            if cfg.allocation == "knapsack":  # widths are allocated from the table at the end: nothing to calibrate
+                return
             # calibrate the predictor on the target: measure the network as it would be hardened now
             # and rescale what the penalty sees (the predictor at the expected widths) to that
             # (on rank 0 only under DDP, then broadcast, so every rank uses the same penalty)
@@ -124,15 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 scale = torch.tensor([penalty.scale], dtype=torch.float64, device=device)
                 torch.distributed.broadcast(scale, 0)
                 penalty.scale = scale.item()
-            record.update(expected_ms=penalty.last_expected_ms, lam=float(net.lam),
-                          expected_channels=float(sum(w.item() for w in net.expected_widths(False).values())),
-                          hardened_measured_ms=measured, hardened_predicted_ms=predicted, calibration=penalty.scale)
+            record.update(hardened_measured_ms=measured, hardened_predicted_ms=predicted, calibration=penalty.scale)
 
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]
         fingerprint = digest(cfg.model_dump(exclude={"progress"}), "calibrated", kd.model_dump(),
                              train_cfg.model_dump(exclude={"progress"}), file_sha256(args.student), teacher_files,
                              budget_ms, data.meta["split_hashes"], ctx.world_size)
-        resume = Path(args.resume_dir) / "prune" / "prune.pt"
+        resume = state_dir / "prune.pt"
         settle = round(cfg.settle_fraction * cfg.epochs)
         soft_epochs = max(1, cfg.epochs - settle)
         settle = cfg.epochs - soft_epochs
@@ -147,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         # The last epoch's weights, not the best by validation: early epochs are over budget.
         cpu = torch.device("cpu")
         net.to(cpu).eval()
-        keep = net.keep_probs()
+        keep = net.importance()  # unsaturated: ranks channels without the ties of the sharpened probability
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
         plain.load_state_dict(net.net.state_dict())
         plain.eval()
-        soft_acc = test_accuracy(net, data, cpu)  # hooks: hard masks keep > 0.5, before rounding
+        soft_acc = test_accuracy(net, data, cpu)  # the expected masks, before any channel is cut
 
         # --- harden, then the closed loop on the target
         mean, std = data.norm()
@@ -167,9 +194,26 @@ def main(argv: list[str] | None = None) -> int:
             sub_t, ref_t = backend.measure_many([prune_structure(plain, example, masks), student], shape)
             return student_ms * sub_t.ms / ref_t.ms
 
-        masks = harden(keep, allowed)
-        loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,
-                           band, cfg.max_iterations)
+        decided = _read_state(state_dir / "decision.json", fingerprint)
+        if decided is not None:  # the interrupted run's closed loop measured and decided already
+            loop = LoopResult(masks_from_kept(groups, decided["kept"]), decided["measured_ms"], decided["status"],
+                              decided["reason"], decided["history"])
+            log.info("resuming with the widths the interrupted run's closed loop decided (%.4f ms measured)",
+                     loop.measured_ms)
+        else:
+            if cfg.allocation == "knapsack":
+                alloc, alloc_ms = allocate_widths(keep, allowed, lambda w: predictor(w).item(), aim_ms)
+                masks = masks_for_widths(keep, alloc)
+                log.info("allocated widths for %.4f ms (predicted %.4f ms): %s", aim_ms, alloc_ms, alloc)
+            else:
+                masks = harden(net.keep_probs(), allowed)
+            loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,
+                               band, cfg.max_iterations)
+            if loop.status != "unreachable":
+                write_json(state_dir / "decision.json", {
+                    "key": fingerprint, "kept": {g: m.nonzero().flatten().tolist() for g, m in loop.masks.items()},
+                    "measured_ms": loop.measured_ms, "status": loop.status, "reason": loop.reason,
+                    "history": loop.history})
         masks = loop.masks
         plots = Path(args.plots_dir)
         write_csv(plots / "loop.csv", [{k: v for k, v in h.items() if k != "widths"} for h in loop.history])
@@ -186,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             fixed.fixed = masks
             extra = train_classifier(fixed, data, train_cfg, cfg.optimizer.model_copy(update={"warmup_epochs": 0}),
                                      epochs=epochs, seed=cfg.seed + len(history), device=device, criterion=distil,
-                                     desc=what)
+                                     desc=what, resume_path=state_dir / f"{what.split()[0]}.pt",
+                                     fingerprint=digest(fingerprint, what, loop.history[-1] if loop.history else None))
             history += [{**h, "epoch": len(history) + i + 1, "phase": what} for i, h in enumerate(extra.history)]
             fixed.to(cpu)
             plain = build_model(ckpt["arch"], **ckpt["arch_config"])
@@ -196,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         slimmed = prune_structure(masked, example, masks)
         acc_student = test_accuracy(student, data, cpu)
         acc_pruned = test_accuracy(masked, data, cpu)
-        check_above_chance(acc_pruned, data.num_classes, len(data.test.y), "pruned network (test split)", resume)
+        try:
+            check_above_chance(acc_pruned, data.num_classes, len(data.test.y), "pruned network (test split)")
+        except SlimdeployError:
+            shutil.rmtree(state_dir, ignore_errors=True)  # nothing of this run is resumed from
+            raise
         final_widths = widths_of(masks)
         predicted_ms = predictor(final_widths).item()
         kept = {g: m.nonzero().flatten().tolist() for g, m in masks.items()}
@@ -227,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "band": list(cfg.band), "band_effective": list(band), "noise": noise,
             "loop_status": loop.status, "loop_reason": loop.reason, "loop_iterations": len(loop.history),
             "smallest_network_ms": floor_ms, "smallest_network_predicted_ms": floor_pred,
-            "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_hard": soft_acc,
+            "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_expected": soft_acc, "allocation": cfg.allocation,
             "test_acc_at_decision": acc_decided,
             "acc_drop": acc_student - acc_pruned,
             "params_student": count_params(student), "params": count_params(slimmed),
@@ -242,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "epoch_seconds": [h["epoch_seconds"] for h in history],
         }
         write_json(args.metrics, metrics)
-        resume.unlink(missing_ok=True)
+        shutil.rmtree(state_dir, ignore_errors=True)  # the training states, the reference and the decision
         log.info("pruned: measured %.4f ms for a budget of %.4f ms (%.3f; predicted %.4f ms) after %d loop "
                  "iteration(s), %s; test acc %.4f (student %.4f)", loop.measured_ms, budget_ms,
                  loop.measured_ms / budget_ms, predicted_ms, len(loop.history), loop.status, acc_pruned, acc_student)

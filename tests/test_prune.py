@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from models import build_model
-from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allowed_widths, closed_loop, deactivation_prob, effective_band,
-                            gumbel_keep_mask, harden, nearest_allowed, prune_groups, widths_of)
+from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allocate_widths, allowed_widths, closed_loop, deactivation_prob,
+                            effective_band, gumbel_keep_mask, harden, masks_for_widths, nearest_allowed, prune_groups,
+                            widths_of)
 from pipeline.slim import apply_masks, random_masks
 
 
@@ -233,3 +234,69 @@ def test_effective_band_leaves_room_for_measured_noise() -> None:
     assert hi == pytest.approx(0.97) and lo == 0.9
     lo, hi = effective_band((0.95, 1.0), 0.04)  # keeps 0.05 of width
     assert hi == pytest.approx(0.96) and lo == pytest.approx(0.91)
+
+
+def test_dual_step_is_per_epoch_whatever_the_number_of_batches() -> None:
+    """The multiplier's rise over one epoch of constant excess is dual_lr x excess, on 10 steps or 1,000."""
+    rises = []
+    for steps in (10, 1000):
+        model, example = _tiny()
+        net = SoftMaskedNet(model, prune_groups(model, example))
+        full = sum(g.size for g in net.groups)
+        penalty = BudgetPenalty(net, lambda w: torch.tensor(1.0) + 0 * sum(w.values()) / full, target_ms=0.5,
+                                dual_lr=2.0, steps_per_epoch=steps)
+        for _ in range(steps):
+            penalty()
+        rises.append(float(net.lam))
+    assert rises[0] == pytest.approx(2.0 * 1.0, rel=1e-4) and rises[1] == pytest.approx(rises[0], rel=1e-3)
+
+
+def test_masks_are_float32_under_bf16_autocast_and_eval_uses_the_expected_mask() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    net = SoftMaskedNet(model, groups, mask_tau=0.5)
+    g = next(g for g in net.groups if g.kind == "scp")
+    x = torch.randn(4, 1, 8, 8)
+    net.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        mask = net._mask(g, torch.zeros(4, g.size, 2, 2, dtype=torch.bfloat16))
+    assert torch.isfinite(out.float()).all() and mask.dtype == torch.float32 and torch.isfinite(mask).all()
+    net.eval()
+    with torch.no_grad():  # eval: the keep probability itself, not a 0/1 cut that can empty a group mid-search
+        m = net._mask(g, torch.zeros(1, g.size, 2, 2))
+    assert torch.allclose(m.flatten(), net.keep_prob(g).detach())
+
+
+def test_knapsack_cuts_where_importance_per_ms_is_cheapest_and_stays_under_target() -> None:
+    allowed = {"a": [16, 32, 48, 64], "b": [16, 32, 48, 64]}
+    # "a" costs 1 ms per 16 channels, "b" 0.1 ms; b's channels matter 10x less per channel than a's
+    cost = {"a": 1.0 / 16, "b": 0.1 / 16}
+    imp = {"a": torch.linspace(1.0, 0.5, 64), "b": torch.linspace(0.1, 0.05, 64)}
+
+    def predict(w: dict) -> float:
+        return sum(cost[g] * w[g] for g in w)
+
+    full = predict({"a": 64, "b": 64})
+    widths, ms = allocate_widths(imp, allowed, predict, target_ms=full - 1.0)
+    assert ms <= full - 1.0 + 1e-9 and ms == pytest.approx(predict(widths))
+    # saving 1 ms: a's 16 least important channels cost ~0.5 x 16 = 8 importance per ms; b would need
+    # all 48 cuttable channels (0.3 ms) and cannot save 1 ms, so "a" is cut, and b is kept full
+    assert widths == {"a": 48, "b": 64}
+    masks = masks_for_widths(imp, widths)
+    assert int(masks["a"].sum()) == 48 and bool(masks["a"][:48].all())  # the most important channels are kept
+
+
+def test_knapsack_never_takes_a_cut_that_saves_nothing_and_gives_back_an_overshoot() -> None:
+    allowed = {"flat": [16, 32], "steep": [16, 32, 48, 64]}
+    imp = {"flat": torch.zeros(32), "steep": torch.ones(64)}  # "flat" would be free to cut...
+
+    def predict(w: dict) -> float:  # ...but saves no time: the staircase
+        return 1.0 + 0.0 * w["flat"] + 0.01 * w["steep"]
+
+    widths, ms = allocate_widths(imp, allowed, predict, target_ms=1.0 + 0.01 * 40)
+    assert widths["flat"] == 32  # never cut for nothing
+    assert widths["steep"] == 32 and ms <= 1.40 + 1e-9  # 64 -> 32 is the largest width under the target
+    # unreachable: the smallest widths come back with their prediction
+    widths, ms = allocate_widths(imp, allowed, predict, target_ms=0.5)
+    assert widths["steep"] == 16 and ms == pytest.approx(1.16)

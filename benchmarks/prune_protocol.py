@@ -1,0 +1,151 @@
+"""Ours against uniform width scaling and Torch-Pruning L1 under the fair protocol
+(pipeline/compare.py), over budgets and seeds: mean +- std of test accuracy at equal measured
+latency, and where each method landed in the budget.
+
+For every (budget, seed) it runs the real `prune` and `compare` stage entry points (as `dvc repro`
+runs them) on the same upstream artifacts (prepared data, teachers, student, latency table), in a
+directory of its own, with `prune.latency_budget`, `prune.seed` and `compare.seed` set. Prepare the
+upstream once, e.g. for the CIFAR-10 CPU preset (about 35 minutes on 2 cores):
+
+    python -m stages --preset cifar10-cpu --workdir runs/c10 --until profile
+    python -m benchmarks.prune_protocol --upstream runs/c10 --preset cifar10-cpu --budgets 0.3 0.5 0.7 --seeds 0 1 2 \\
+        --out benchmarks/results/prune_protocol/cifar10-cpu
+
+With DVC the same sweep is `dvc exp run --queue -S prune.latency_budget=B -S prune.seed=S
+-S compare.seed=S` per pair, then `dvc exp run --run-all` (benchmarks/prune_budgets.py does that
+for budgets). `--set key=value` changes params for every run (ablations); `--only-ours` skips the
+baselines. A budget out of reach is reported as such, not left out. Re-running skips the pairs whose
+metrics exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks._runner import machine, run_stage, write_params
+from benchmarks.latency_model import set_key
+
+
+def _link(upstream: Path, work: Path) -> None:
+    (work / "artifacts").mkdir(parents=True, exist_ok=True)
+    for name in ("prepare", "teachers", "student", "profile"):
+        dst = work / "artifacts" / name
+        if not dst.exists():
+            os.symlink((upstream / "artifacts" / name).resolve(), dst)
+
+
+def run_pair(upstream: Path, out: Path, params: dict[str, Any], budget: float, seed: int, baselines: bool) -> dict:
+    work = out / f"budget{budget:g}_seed{seed}"
+    done = work / "metrics" / ("compare.json" if baselines else "prune.json")
+    if done.is_file():
+        return _collect(work, baselines)
+    _link(upstream, work)
+    p = json.loads(json.dumps(params))
+    p["prune"].update(latency_budget=budget, seed=seed, progress=False)
+    p["compare"].update(seed=seed, methods=p["compare"]["methods"] if baselines else [])
+    pfile = write_params(work, p)
+    a = work / "artifacts"
+    common = ["--data", str(a / "prepare"), "--teachers", str(a / "teachers")]
+    try:
+        run_stage("prune", *common, "--student", str(a / "student" / "model.pt"), "--table",
+                  str(a / "profile" / "latency_table.json"), "--out-dir", str(a / "prune"), "--metrics",
+                  str(work / "metrics" / "prune.json"), "--plots-dir", str(work / "plots" / "prune"),
+                  "--resume-dir", str(work / ".resume"), params=pfile)
+        if baselines:
+            run_stage("compare", *common, "--student", str(a / "student" / "model.pt"), "--table",
+                      str(a / "profile" / "latency_table.json"), "--pruned", str(a / "prune" / "masks.json"),
+                      "--model", str(a / "prune" / "model.pt"), "--metrics", str(work / "metrics" / "compare.json"),
+                      params=pfile)
+    except subprocess.CalledProcessError as err:
+        return {"budget": budget, "seed": seed, "failed": f"stage exited {err.returncode}"}
+    return _collect(work, baselines)
+
+
+def _collect(work: Path, baselines: bool) -> dict:
+    pr = json.loads((work / "metrics" / "prune.json").read_text())
+    row = {"budget": pr["budget"], "seed": json.loads(json.dumps(yaml.safe_load((work / "params.yaml").read_text())))
+           ["prune"]["seed"], "prune": pr}
+    if baselines:
+        row["compare"] = json.loads((work / "metrics" / "compare.json").read_text())
+    return row
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
+
+
+def table(rows: list[dict], baselines: bool) -> str:
+    lines = ["| budget | seeds | student | ours | uniform | Torch-Pruning L1 | ours - best baseline | "
+             "measured / budget: ours; uniform; L1 (mean) | ours: epochs searching + training |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for b in sorted({r["budget"] for r in rows}):
+        rs = [r for r in rows if r["budget"] == b and "failed" not in r]
+        failed = [r for r in rows if r["budget"] == b and "failed" in r]
+        if not rs:
+            lines.append(f"| {b:g} | {len(failed)} failed: {failed[0]['failed']} | | | | | | | |")
+            continue
+        acc = {"ours": [r["prune"]["test_acc"] for r in rs], "student": [r["prune"]["test_acc_student"] for r in rs]}
+        land = {"ours": [r["prune"]["measured_over_budget"] for r in rs]}
+        for m in ("uniform", "l1"):
+            acc[m] = [r["compare"][m]["test_acc"] for r in rs if baselines and m in r.get("compare", {})]
+            land[m] = [r["compare"][m]["measured_over_budget"] for r in rs if baselines and m in r.get("compare", {})]
+        diffs = [a - max(u, l1) for a, u, l1 in zip(acc["ours"], acc["uniform"], acc["l1"])] if acc["uniform"] else []
+        p0 = rs[0]["prune"]
+        lines.append(
+            f"| {b:g} | {', '.join(str(r['seed']) for r in rs)}{f' ({len(failed)} failed)' if failed else ''} | "
+            f"{mean_std(acc['student'])} | **{mean_std(acc['ours'])}** | {mean_std(acc['uniform'])} | "
+            f"{mean_std(acc['l1'])} | {mean_std(diffs)} | "
+            f"{'; '.join(f'{statistics.mean(v):.3f}' if v else '-' for v in land.values())} | "
+            f"{p0['soft_epochs']} + {p0['settle_epochs']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upstream", type=Path, required=True, help="work directory with artifacts/{prepare,teachers,"
+                   "student,profile} and its params.yaml (python -m stages ... --until profile)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--preset", default=None, help="take the params from this preset on today's params.yaml "
+                   "(default: the upstream's params.yaml)")
+    p.add_argument("--params", type=Path, default=None, help="params file for every run (default: the upstream's "
+                   "params.yaml; an upstream built by an older revision needs today's)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides for every run")
+    p.add_argument("--only-ours", action="store_true", help="skip the baselines (ablations)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    if args.preset:  # today's defaults and the preset (the upstream's own params may be older)
+        from pipeline.preset import resolve
+
+        params = resolve(args.preset)
+    else:
+        params = yaml.safe_load((args.params or args.upstream / "params.yaml").read_text())
+    for a in args.set:
+        set_key(params, a)
+    rows = []
+    for b in args.budgets:
+        for s in args.seeds:
+            rows.append(run_pair(args.upstream, args.out, params, b, s, not args.only_ours))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k in ("budget", "seed", "failed")}), flush=True)
+    text = (f"## Pruning protocol ({date.today()}), machine: {machine()}; upstream {args.upstream}; "
+            f"overrides {args.set or 'none'}\n\n" + table(rows, not args.only_ours))
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "table.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
