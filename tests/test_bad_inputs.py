@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -490,5 +491,7 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|")
     for i, c in enumerate(CASES, 1):
         r = seen.get(c.id, {"exit": "not run", "message": ""})
-        msg = r["message"][:300].replace("|", "\\|").replace(c.message, f"**{c.message}**", 1) or f"**{c.message}**"
+        text = re.sub(r"^(ERROR|WARNING)\s+slimdeploy:\S+:\d+\s+", "", r["message"])
+        text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/", "<tmp>/", text)
+        msg = text[:300].replace("|", "\\|").replace(c.message, f"**{c.message}**", 1) or f"**{c.message}**"
         print(f"| {i} | `{c.id}` | {c.input} | {r['exit']} | {msg} |")
