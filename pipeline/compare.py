@@ -7,9 +7,9 @@ The protocol, fixed here and used by the `compare` stage and the benchmarks:
   stage's closed loop aims at ([low, high] x budget, the top lowered by the measured noise),
   measured on the target paired with the student (interleaved windows; the ratio to the student
   times the student's latency). A baseline's one knob is continuous (uniform: the width ratio;
-  L1: the global pruning ratio) and is bisected until the largest network at most ``high`` x
-  budget is found; where the knob's steps are too coarse to land in the band, the metrics say how
-  far below it the baseline landed.
+  L1: the global pruning ratio) and is swept finely; the largest resulting network that measures
+  at most ``high`` x budget is taken (``match_budget``); where the knob's steps are too coarse to
+  land in the band, the metrics say how far below it the baseline landed.
 * **Same training.** Every method trains its final network with the same distillation loss and
   optimizer for the same total number of epochs (``prune.epochs``; ours spends part of them
   searching its masks).
@@ -96,19 +96,31 @@ def candidates(make: Callable[[float], Candidate], knobs: list[float],
 
 def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
                  measure: Callable[[nn.Module], float], high_ms: float) -> Match:
-    """The largest candidate that *measures* at most ``high_ms``: candidates are ranked by the
-    latency table's prediction and measured from the one predicted just under ``high_ms``
-    (allowing the prediction 10% of error upwards) down, until one fits. When none fits, the
-    smallest is returned with its measurement (the budget is out of the method's reach)."""
+    """The largest candidate that *measures* at most ``high_ms``. Candidates are ranked by the
+    latency table's prediction; measuring starts at the one predicted just under ``high_ms``
+    (allowing the prediction 10% of error upwards) and walks down until one fits, then back up
+    past where it started until one does not, so a predictor that errs either way cannot hand a
+    baseline a smaller network than it could have had. When none fits, the smallest is returned
+    with its measurement (the budget is out of the method's reach)."""
     ranked = sorted(cands, key=predict, reverse=True)
     probes: list[dict[str, Any]] = []
-    start = next((i for i, c in enumerate(ranked) if predict(c) <= 1.1 * high_ms), len(ranked) - 1)
-    for c in ranked[start:]:
+
+    def fits(i: int) -> bool:
+        c = ranked[i]
         c.measured_ms = measure(c.model)
         probes.append({"label": c.label, "predicted_ms": predict(c), "measured_ms": c.measured_ms})
-        if c.measured_ms <= high_ms:
-            return Match(c, probes)
-    return Match(ranked[-1], probes)
+        return c.measured_ms <= high_ms
+
+    start = next((i for i, c in enumerate(ranked) if predict(c) <= 1.1 * high_ms), len(ranked) - 1)
+    best = next((i for i in range(start, len(ranked)) if fits(i)), None)
+    if best is None:
+        return Match(ranked[-1], probes)
+    if best == start:  # the start fitted: larger ones (predicted over the start) may fit too
+        for i in range(start - 1, -1, -1):
+            if not fits(i):
+                break
+            best = i
+    return Match(ranked[best], probes)
 
 
 def describe(c: Candidate, acc_before: float, acc_after: float, params: int, extra: dict[str, Any]) -> dict[str, Any]:

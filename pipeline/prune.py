@@ -21,18 +21,21 @@ Soft channel pruning (SCP, Kang & Han, ICML 2020) extended with a latency lookup
   with ReLU); gradients reach gamma/beta (scp) or the logits (gate) through the mask.
 * Budget: expected kept channels E[c_g] = sum_c keep_c feed the differentiable lookup-table
   predictor; the loss adds lambda * (E[latency] / budget - 1), with lambda >= 0 updated by dual
-  ascent after every step, lambda += dual_lr * (E[latency] / budget - 1), so the expected latency
-  is driven to the budget and released below it. After every epoch the network as it would be hardened is
-  measured on the target and the penalty rescaled by measured / expected (calibration), and
-  training aims at the middle of the closed loop's band, so that the hardened network lands in
-  it. The sharpened sigmoid has a derivative of ~1e-8
+  ascent after every step, lambda += (dual_lr / steps per epoch) * (E[latency] / budget - 1), so
+  the expected latency is driven to the budget and released below it, at a rate per epoch that
+  does not depend on the dataset's size. With ``allocation: threshold``, after every epoch the
+  network as it would be hardened is measured on the target and the penalty rescaled by measured
+  / expected (calibration); training aims at the middle of the closed loop's band. The sharpened sigmoid has a derivative of ~1e-8
   for a healthy channel, so the budget term's gradient is taken straight through the
   sharpening (through 1 - q_c, whose derivative is the normal density): its value is the
   sharpened expectation, its gradient ranks channels by how close BatchNorm is to switching them
   off. The SCP sparsity regulariser sum_c (beta_c + 2|gamma_c|) is optional (``sparsity``).
-* Hardening: per group the count of channels with keep > 0.5, rounded to the nearest allowed
-  width (the latency table's lattice: multiples of the measured staircase step, and the full
-  width), never zero; the channels kept are the most probable ones.
+* Widths (``allocate_widths``, the default ``allocation: knapsack``): from full width, the cut
+  with the least channel importance lost per predicted ms saved, until the prediction is at the
+  target (HALP's latency-aware knapsack, greedy, on the measured table). ``harden`` (``allocation:
+  threshold``, SCP's rule): per group the count of channels with keep > 0.5. Either way widths are
+  on the latency table's lattice (multiples of the measured staircase step, and the full width),
+  never zero; the channels kept are the most important ones.
 * Closed loop (``closed_loop``): the hard network is slimmed and measured end to end on the
   target; over budget, the group whose next smaller width costs the least validation loss per
   millisecond saved shrinks; under ``band[0]`` of the budget, the group whose missing channels
@@ -274,8 +277,9 @@ def allocate_widths(importance: Mapping[str, torch.Tensor], allowed: Mapping[str
     smaller width of its lattice; the move with the least importance lost per predicted ms saved
     is taken, until the prediction is at most ``target_ms``. Keeping w channels of a group is worth
     the sum of its w largest channel importances. Moves predicted to save nothing are never taken
-    (on the staircase a narrower layer can cost the same). Returns (widths, predicted ms); the
-    smallest widths when the target cannot be predicted reachable."""
+    (on the staircase a narrower layer can cost the same). Returns (widths, predicted ms); when the
+    target cannot be predicted reachable, where the greedy stopped: every cut that saves anything
+    taken (a group whose cuts save nothing keeps its width)."""
     widths = {g: max(a) for g, a in allowed.items()}
     kept_value = {g: torch.cat([torch.zeros(1), importance[g].sort(descending=True).values.cumsum(0)]).tolist()
                   for g in allowed}

@@ -139,6 +139,15 @@ def test_accuracy(model: nn.Module, data: PreparedData, device: torch.device, ba
     return (logits.argmax(1) == data.test.y).double().mean().item()
 
 
+def epoch_steps(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimiser steps per epoch of ``train_classifier`` on ``samples`` training images: each rank
+    takes ceil(samples / world_size) of them in batches of batch_size / world_size, and a tail of
+    one sample is dropped (BatchNorm cannot train on it)."""
+    per_rank = max(1, batch_size // world_size)
+    full, rest = divmod(-(-samples // world_size), per_rank)
+    return max(1, full + (1 if rest >= 2 or full == 0 else 0))
+
+
 def train_classifier(
     model: nn.Module,
     data: PreparedData,
@@ -178,8 +187,7 @@ def train_classifier(
     sampler = DistributedSampler(
         range(len(train_y)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
     )
-    full, rest = divmod(len(sampler), per_rank)
-    steps_per_epoch = max(1, full + (1 if rest >= 2 or full == 0 else 0))  # the loop drops a 1-sample tail
+    steps_per_epoch = epoch_steps(len(train_y), cfg.batch_size, ctx.world_size)
     opt = torch.optim.SGD(
         model.parameters(), lr=optim.lr, momentum=optim.momentum,
         nesterov=optim.nesterov and optim.momentum > 0, weight_decay=optim.weight_decay,

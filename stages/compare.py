@@ -1,6 +1,6 @@
 """compare: the baselines under the same protocol as ours (pipeline/compare.py): cut from the same
-student to the same measured-latency band of the budget (uniform width scaling, bisected on the
-width ratio; Torch-Pruning global L1 magnitude, bisected on the pruning ratio), trained with the
+student to the same measured-latency band of the budget (uniform width scaling, its width ratio
+swept; Torch-Pruning global L1 magnitude, its pruning ratio swept), trained with the
 same distillation loss for as many epochs as the prune stage trained, and measured together with
 ours and the student at the end."""
 

@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         table = build_table(model, shape, backend, {"arch": arch, "arch_config": arch_config}, step.step,
                             cfg.min_fraction, cfg.max_points, progress=cfg.progress)
         t2 = time.perf_counter()
+        if all(len(widths) <= 1 for widths in table.lattice().values()):
+            raise ConfigError(
+                f"profile.min_fraction {cfg.min_fraction:g} with channel step {step.step} leaves every channel group at "
+                f"its full width: there is nothing to prune or to calibrate on; lower profile.min_fraction (e.g. 0.25) "
+                f"or target.channel_step")
         result = calibrate(model, table, backend, cfg.fit_samples, cfg.heldout_samples, cfg.seed, progress=cfg.progress)
         t3 = time.perf_counter()
         table.meta["staircase"] = step.as_dict()

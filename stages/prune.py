@@ -29,7 +29,7 @@ from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNe
                             closed_loop, effective_band, harden, masks_for_widths, prune_groups, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import apply_masks, masks_from_kept, prune_structure
-from pipeline.train import check_above_chance, test_accuracy, train_classifier
+from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 from stages._teachers import load_student, load_teachers
 
@@ -110,23 +110,24 @@ def main(argv: list[str] | None = None) -> int:
                  "measurement repeats within %.1f%%, so the closed loop aims at [%.3f, %.3f] of the budget",
                  budget_ms, budget_ms / student_ms, student_ms, floor_ms, 100 * noise, *band)
 
-        if ref is None:
-            write_json(state_dir / "reference.json", {"key": ref_key, "student_ms": student_ms, "floor_ms": floor_ms,
-                                                      "noise": noise})
-
         # --- joint training: oracle distillation + budget penalty with dual ascent
         torch.manual_seed(cfg.seed)
         net = SoftMaskedNet(copy.deepcopy(student), groups, cfg.eps, cfg.sharpness, cfg.threshold, cfg.mask_tau, cfg.gate_init)
         teachers = load_teachers(args.teachers, names, data.meta)
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
-        if ctx.enabled:  # every rank measured the student; rank 0's budget is the one used
-            b = torch.tensor([budget_ms], dtype=torch.float64, device=device)
+        if ctx.enabled:  # every rank measured the student; rank 0's reference is the one used by all
+            b = torch.tensor([student_ms, floor_ms, noise], dtype=torch.float64, device=device)
             torch.distributed.broadcast(b, 0)
-            budget_ms = b.item()
+            student_ms, floor_ms, noise = b.tolist()
+            budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
+            band = effective_band(cfg.band, noise)
+        if ref is None and ctx.is_main:
+            write_json(state_dir / "reference.json", {"key": ref_key, "student_ms": student_ms, "floor_ms": floor_ms,
+                                                      "noise": noise})
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
         aim_ms = budget_ms * (band[0] + band[1]) / 2
-        steps_per_epoch = max(1, len(data.train.y) // train_cfg.batch_size)
+        steps_per_epoch = epoch_steps(len(data.train.y), train_cfg.batch_size, ctx.world_size)
         penalty = BudgetPenalty(net, predictor, aim_ms, cfg.dual_lr, cfg.sparsity, steps_per_epoch)
         plain_student = copy.deepcopy(student)
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]
         fingerprint = digest(cfg.model_dump(exclude={"progress"}), "calibrated", kd.model_dump(),
                              train_cfg.model_dump(exclude={"progress"}), file_sha256(args.student), teacher_files,
-                             budget_ms, data.meta["split_hashes"], ctx.world_size)
+                             budget_ms, data.meta["split_hashes"], ctx.world_size,
+                             ref_key, noise)  # ref_key: the latency table and the target; noise sets the band
         resume = state_dir / "prune.pt"
         settle = round(cfg.settle_fraction * cfg.epochs)
         soft_epochs = max(1, cfg.epochs - settle)

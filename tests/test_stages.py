@@ -173,6 +173,14 @@ def test_profile_opt_in_contract_failure_writes_no_table(tmp_path: Path, digits_
     assert not (tmp_path / "prof" / "table.json").exists()
 
 
+def test_profile_with_nothing_to_prune_is_a_clear_error(tmp_path: Path, digits_dir: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, profile={"min_fraction": 1.0})  # one width per group: no sub-network
+    assert run_profile(tmp_path, params, digits_dir) == 2  # was an IndexError traceback
+    assert "profile.min_fraction 1 with channel step" in caplog.text and "nothing to prune" in caplog.text
+    assert not (tmp_path / "prof" / "table.json").exists() and not (tmp_path / "m" / "profile.json").exists()
+
+
 def test_profile_uses_the_step_the_target_states(tmp_path: Path, digits_dir: Path) -> None:
     params = write_params(tmp_path, target={"channel_step": 2})
     assert run_profile(tmp_path, params, digits_dir) == 0

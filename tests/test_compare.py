@@ -1,0 +1,55 @@
+"""The baselines' side of the protocol: which candidate a baseline gets for a band of the budget."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pipeline.compare import Candidate, match_budget
+from pipeline.train import epoch_steps
+
+
+def _cands(measured: list[float], predicted: list[float]) -> tuple[list[Candidate], dict[str, float]]:
+    cands, pred = [], {}
+    for i, (m, p) in enumerate(zip(measured, predicted)):
+        net = nn.Identity()
+        net.true_ms = m  # what the target would measure
+        cands.append(Candidate(f"c{i}", net, {"g": i}))
+        pred[f"c{i}"] = p
+    return cands, pred
+
+
+def _match(measured: list[float], predicted: list[float], high: float) -> tuple[str, int]:
+    cands, pred = _cands(measured, predicted)
+    m = match_budget(cands, lambda c: pred[c.label], lambda net: net.true_ms, high)
+    return m.chosen.label, len(m.probes)
+
+
+def test_the_largest_candidate_that_measures_under_the_top_is_taken() -> None:
+    measured = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    assert _match(measured, measured, 0.75)[0] == "c3"  # exact predictor
+
+
+def test_a_predictor_that_over_predicts_does_not_hand_the_baseline_a_smaller_network() -> None:
+    # predicted 25% high: c1 (0.72) fits 0.75 but is predicted at 0.9, beyond 1.1 x the top
+    measured = [0.96, 0.72, 0.64, 0.56, 0.48]
+    predicted = [1.2 * m for m in measured]
+    label, probes = _match(measured, predicted, 0.75)
+    assert label == "c1" and probes >= 2  # walked up from where it started
+
+
+def test_a_predictor_that_under_predicts_walks_down_until_one_fits() -> None:
+    measured = [1.0, 0.9, 0.8, 0.7, 0.6]
+    predicted = [0.7 * m for m in measured]  # everything predicted under the top
+    assert _match(measured, predicted, 0.65)[0] == "c4"
+
+
+def test_nothing_fits_gives_the_smallest() -> None:
+    assert _match([1.0, 0.9], [1.0, 0.9], 0.5)[0] == "c1"
+
+
+def test_epoch_steps_counts_what_the_training_loop_runs() -> None:
+    assert epoch_steps(1257, 64) == 20  # 19 full batches and a tail of 41
+    assert epoch_steps(1000, 128) == 8  # the tail batch counts
+    assert epoch_steps(129, 128) == 1  # a one-sample tail is dropped
+    assert epoch_steps(10, 128) == 1
+    assert epoch_steps(1000, 128, world_size=2) == 8  # 500 per rank in batches of 64
