@@ -3,6 +3,7 @@ params file, exactly as ``dvc repro`` would (same modules, same arguments)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -36,3 +37,10 @@ def machine() -> str:
     from pipeline.runtime import cpu_name
 
     return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def write_results(out: Path, rows_name: str, rows: Any, text: str) -> None:
+    """A benchmark's raw rows (JSON) and its Markdown table, side by side in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / rows_name).write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(text + "\n")

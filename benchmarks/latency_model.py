@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks._runner import REPO, machine, run_stage, write_params
+from benchmarks._runner import REPO, machine, run_stage, write_params, write_results
 
 
 def set_key(params: dict[str, Any], assignment: str) -> None:
@@ -107,9 +107,7 @@ def main() -> int:
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "runs.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "table.md").write_text(text + "\n")
+        write_results(args.out, "runs.json", rows, text)
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks._runner import machine, run_stage, write_params
+from benchmarks._runner import machine, run_stage, write_params, write_results
 from benchmarks.latency_model import set_key
 
 
@@ -141,9 +141,7 @@ def main() -> int:
     text = (f"## Pruning protocol ({date.today()}), machine: {machine()}; upstream {args.upstream}; "
             f"overrides {args.set or 'none'}\n\n" + table(rows, not args.only_ours))
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "table.md").write_text(text + "\n")
+    write_results(args.out, "rows.json", rows, text)
     return 0
 
 

@@ -47,9 +47,13 @@ from benchmarks._runner import machine
 from pipeline.io import file_sha256
 
 
+def _env() -> dict[str, str]:
+    """DVC without analytics, this interpreter's environment first on PATH (for the stages DVC runs)."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def sh(*cmd: str, check: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=_env(), check=False)
     if check and proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -68,9 +72,8 @@ def dvc_clean() -> tuple[bool, str]:
 
 def kill_after(cmd: list[str], marker: Path, timeout: float = 600) -> int:
     """Start ``cmd``, SIGKILL its process group once ``marker`` exists; returns the exit code."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     marker.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
     end = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
