@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Stages run `python -m stages.<name>`: put the virtual environment first on PATH for DVC.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lock gpu-runtime clean
+.PHONY: install run test lock gpu-runtime gpu-bundle clean
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ test: install
 gpu-runtime: install
 	python -m pip uninstall -y -q onnxruntime
 	python -m pip install -q onnxruntime-gpu==1.31.1
+
+# The GPU check's carry folders (README: GPU check): the wheels a bare CUDA machine lacks (built for
+# its Python 3.12) and the CIFAR-10 JPEG archive. Needs a network; the GPU machine needs none.
+CIFAR_TARBALL ?= ../shared/data/cifar10-jpeg/train.tar.gz
+gpu-bundle: install
+	python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	  typing_extensions==4.16.0 torch-pruning==1.6.1
+	mkdir -p .cifar && cp $(CIFAR_TARBALL) .cifar/train.tar.gz
 
 # Regenerate the full lock from requirements.in in a scratch environment.
 lock:

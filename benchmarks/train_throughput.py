@@ -12,8 +12,9 @@ What it measures, on the device torch picks (CUDA when present):
 - training images per second: ``pipeline.train.train_classifier`` on synthetic uint8 32x32 images
   held on the device (pad-crop + flip done there, as in the real stages), epoch time as the loop
   reports it (synchronised on CUDA), median over the epochs after the first, with the range.
-  On CUDA it runs three variants in the same process: the default (bf16 autocast +
-  channels_last), bf16 without channels_last, and fp32; the ratios between them are the point.
+  On CUDA it runs four variants in the same process: the default (bf16 autocast + channels_last,
+  the training step replayed as a CUDA graph: ``train.cuda_graph``), the same step eager, bf16
+  eager without channels_last, and fp32 eager; the ratios between them are the point.
 
 Achieved FLOP/s = FLOPs per image x images per second; utilisation = achieved / matmul FLOP/s.
 The data are random, so the accuracy is meaningless; only time is measured.
@@ -82,16 +83,18 @@ def synthetic_data(images: int, device_hint: str) -> PreparedData:
 
 
 def images_per_second(arch: str, data: PreparedData, batch: int, epochs: int, device: torch.device,
-                      amp: bool, channels_last: bool) -> dict[str, float]:
+                      amp: bool, channels_last: bool, cuda_graph: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, in_channels=3)
-    cfg = TrainConfig(batch_size=batch, augment="padcrop_flip", amp=amp, channels_last=channels_last, progress=False)
+    cfg = TrainConfig(batch_size=batch, augment="padcrop_flip", amp=amp, channels_last=channels_last, progress=False,
+                      cuda_graph=cuda_graph)
     result = train_classifier(model, data, cfg, OptimizerConfig(lr=0.05), epochs=epochs, seed=0, device=device)
     steady = [h["epoch_seconds"] for h in result.history[1:]] or [result.history[0]["epoch_seconds"]]
     n = len(data.train) // batch * batch
     rates = sorted(n / s for s in steady)
     return {"images_per_s": statistics.median(rates), "min": rates[0], "max": rates[-1],
-            "epoch_seconds_median": statistics.median(steady), "epochs_timed": len(steady)}
+            "epoch_seconds_median": statistics.median(steady), "epochs_timed": len(steady),
+            "step_mode": result.step_mode, "final_train_loss": result.history[-1]["train_loss"]}
 
 
 def main() -> None:
@@ -113,11 +116,12 @@ def main() -> None:
     flops, counted = training_flops_per_image(args.arch, args.batch, device)
     peak, peak_lo, peak_hi = matmul_tflops(device, n, dtype)
     data = synthetic_data(images, device.type)
-    variants = [("bf16 autocast + channels_last", True, True), ("bf16 autocast, NCHW", True, False),
-                ("fp32, NCHW", False, False)] if cuda else [("fp32 (CPU)", False, False)]
+    variants = [("bf16 autocast + channels_last, CUDA graph", True, True, True),
+                ("bf16 autocast + channels_last, eager", True, True, False), ("bf16 autocast, NCHW, eager", True, False, False),
+                ("fp32, NCHW, eager", False, False, False)] if cuda else [("fp32 (CPU)", False, False, False)]
     rows = []
-    for label, amp, cl in variants:
-        r = images_per_second(args.arch, data, args.batch, args.epochs, device, amp, cl)
+    for label, amp, cl, graph in variants:
+        r = images_per_second(args.arch, data, args.batch, args.epochs, device, amp, cl, graph)
         achieved = flops * r["images_per_s"] / 1e12
         rows.append({"variant": label, **r, "achieved_tflops": achieved, "utilisation": achieved / peak})
 
@@ -128,15 +132,17 @@ def main() -> None:
     print(f"training FLOPs per image (FlopCounterMode, {counted}): {flops / 1e6:.1f} MFLOP")
     print(f"matmul {n}x{n} {str(dtype).removeprefix('torch.')}: {peak:.3f} TFLOP/s median "
           f"(IQR {peak_lo:.3f}-{peak_hi:.3f})\n")
-    print("| variant | images/s median | range | s/epoch | achieved TFLOP/s | of matmul throughput |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | step | images/s median | range | s/epoch | achieved TFLOP/s | of matmul throughput | last loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | "
-              f"{r['epoch_seconds_median']:.2f} | {r['achieved_tflops']:.3f} | {100 * r['utilisation']:.1f}% |")
+        print(f"| {r['variant']} | {r['step_mode']} | {r['images_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | "
+              f"{r['epoch_seconds_median']:.2f} | {r['achieved_tflops']:.3f} | {100 * r['utilisation']:.1f}% | "
+              f"{r['final_train_loss']:.3f} |")
     if len(rows) > 1:
         base = rows[-1]["images_per_s"]
-        print("\nspeed-up over fp32 NCHW (same run): " +
+        print("\nspeed-up over fp32 NCHW eager (same run): " +
               ", ".join(f"{r['variant']} {r['images_per_s'] / base:.2f}x" for r in rows[:-1]))
+        print(f"CUDA graph over the same step eager (same run): {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

@@ -70,6 +70,8 @@ class TrainConfig(Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
     num_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch; null: torch's default")
+    cuda_graph: bool = Field(True, description="on one CUDA device: capture the training step (forward, backward, "
+                             "optimiser) in a CUDA graph and replay it; eager on CPU, under DDP, or when capture fails")
     progress: bool = Field(True, description="show progress bars")
 
 
@@ -186,6 +188,8 @@ class PruneConfig(Section):
     allocation: Literal["knapsack", "threshold"] = Field("knapsack", description="how widths are decided after the "
                                                          "mask search: knapsack = least importance lost per ms saved "
                                                          "(latency table); threshold = channels with keep > 0.5")
+    depth: bool = Field(True, description="also remove whole residual blocks (those with an identity shortcut): "
+                        "a learned keep gate per block, priced from the latency table")
     optimizer: OptimizerConfig = PRUNE_OPTIMIZER
     seed: int = Field(0, ge=0)
     coupled: Literal["gate", "keep"] = Field("gate", description="groups without BatchNorm+ReLU (residual "
@@ -242,9 +246,14 @@ class ExportConfig(Section):
 class EngineConfig(Section):
     """`engine`: the deployable engine, its accuracy and latency, and the budget check."""
 
-    backend: Literal["auto", "tensorrt", "onnxruntime"] = Field("auto", description="auto: TensorRT when installed "
-                                                                "and a GPU is present, else ONNX Runtime")
-    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision (ONNX Runtime: fp32)")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        "auto", description="auto: TensorRT when installed and a GPU is the target; on a GPU without it ONNX Runtime's "
+        "CUDA provider, else the PyTorch-native engine (torch); ONNX Runtime on a CPU target")
+    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision; torch on CUDA: fp16 "
+                                                       "or fp32 (ONNX Runtime and torch on a CPU: fp32)")
+    aoti: bool = Field(True, description="torch engine: compile the torch.export program with AOTInductor (loaded "
+                       "and checked in a separate process; the exported program is the fallback)")
+    cuda_graph: bool = Field(True, description="torch engine on CUDA: replay the engine as a CUDA graph")
     calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")

@@ -144,19 +144,33 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
+def ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def select_backend(requested: str, device: str) -> tuple[str, str]:
-    """(backend, reason). ``auto``: TensorRT when it is installed and a GPU is present, else ONNX
-    Runtime. An explicit ``tensorrt`` that cannot run is a DeployError."""
-    if requested == "onnxruntime":
-        return "onnxruntime", "requested"
+    """(backend, reason). ``auto``: TensorRT when it is installed and a GPU is the target; on a
+    CUDA target without it, ONNX Runtime when it has its CUDA provider, else the PyTorch-native
+    engine (``pipeline.torch_engine``); on a CPU target, ONNX Runtime. An explicit ``tensorrt``
+    that cannot run is a DeployError."""
+    if requested in ("onnxruntime", "torch"):
+        return requested, "requested"
     if requested == "tensorrt":
         if not tensorrt_available():
             raise DeployError("engine.backend tensorrt needs the `tensorrt` package and a CUDA GPU (the NVIDIA PyTorch "
-                              "container, see the Dockerfile); use engine.backend: auto or onnxruntime here")
+                              "container, see the Dockerfile); use engine.backend: auto, torch or onnxruntime here")
         return "tensorrt", "requested"
     if tensorrt_available() and device == "cuda":
         return "tensorrt", "auto: tensorrt installed and a CUDA GPU present"
     why = "tensorrt not installed" if importlib.util.find_spec("tensorrt") is None else "no CUDA GPU / target.device cpu"
+    if device == "cuda":
+        if ort_has_cuda():
+            return "onnxruntime", f"auto: {why}; onnxruntime has its CUDA provider"
+        return "torch", f"auto: {why}, onnxruntime has no CUDA provider: PyTorch-native engine"
     return "onnxruntime", f"auto: {why}"
 
 

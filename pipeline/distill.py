@@ -59,7 +59,8 @@ def oracle_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     log_p = F.log_softmax(student_logits / temperature, dim=-1)
     kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(-1) * temperature**2
     per_sample = torch.where(has, (1 - alpha) * ce + alpha * kl, ce)
-    kd = kl[has].mean() if has.any() else ce.new_zeros(())
+    # mean over the distilled samples (0 when none), without reading ``has`` on the host: capturable
+    kd = (kl * has).sum() / has.sum().clamp_min(1)
     return {"loss": per_sample.mean(), "ce": ce.mean(), "kd": kd, "distilled": has.float().mean()}
 
 

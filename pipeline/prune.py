@@ -14,6 +14,9 @@ Soft channel pruning (SCP, Kang & Han, ICML 2020) extended with a latency lookup
     tells whether the channel is used. Those get a learnable logit per channel,
     keep_c = sigmoid(logit_c), initialised near 1 (``gate_init``). ``coupled: keep`` leaves them
     at full width instead (SCP's own choice: the identity path keeps its width).
+* ``block`` groups (``depth``): a removable residual block (``pipeline.slim.residual_blocks``),
+  one learnable keep logit, its mask multiplying the residual branch's last BatchNorm (0: the
+  block computes the identity). The latency table prices it from its own units.
 * Training draws a 2-class Gumbel-softmax (Concrete) mask m_c from (keep_c, 1 - keep_c) at
   temperature ``mask_tau`` per sample and channel, and multiplies it into the output of every
   output-side BatchNorm of the group (or the convolution itself when no BatchNorm follows).
@@ -58,7 +61,7 @@ from torch import nn
 
 from pipeline.errors import SlimdeployError
 from pipeline.latency.table import grid_values
-from pipeline.slim import ChannelGraph, tensor_consumers
+from pipeline.slim import BLOCK, ChannelGraph, is_block, residual_blocks, tensor_consumers
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +81,15 @@ class PruneGroup:
 
     name: str
     size: int
-    kind: Literal["scp", "gate", "fixed"]
+    kind: Literal["scp", "gate", "fixed", "block"]
     bns: tuple[str, ...]
     sites: tuple[str, ...]
 
 
 def prune_groups(model: nn.Module, example: torch.Tensor, coupled: Literal["gate", "keep"] = "gate",
-                 graph: ChannelGraph | None = None) -> list[PruneGroup]:
-    """Classify the channel groups of ``model`` (see module docstring)."""
+                 graph: ChannelGraph | None = None, depth: bool = False) -> list[PruneGroup]:
+    """Classify the channel groups of ``model`` (see module docstring); with ``depth``, one
+    ``block`` group per removable residual block after them."""
     graph = graph or ChannelGraph(model, example)
     modules = dict(model.named_modules())
     consumers = tensor_consumers(model, example)
@@ -104,7 +108,16 @@ def prune_groups(model: nn.Module, example: torch.Tensor, coupled: Literal["gate
         else:
             kind = "gate" if coupled == "gate" else "fixed"
         out.append(PruneGroup(g.name, g.size, kind, tuple(bns), tuple(sites)))
+    if depth:
+        out += [PruneGroup(BLOCK + b, 1, "block", (bn,), (bn,)) for b, bn in residual_blocks(model).items()]
     return out
+
+
+def allowed_for(groups: list[PruneGroup], multiple: int, min_fraction: float) -> dict[str, list[int]]:
+    """The widths every prunable group may take: the latency table's lattice for channel groups,
+    [0, 1] (removed, kept) for blocks. Fixed groups are absent (full width)."""
+    return {g.name: [0, 1] if g.kind == "block" else allowed_widths(g.size, multiple, min_fraction)
+            for g in groups if g.kind != "fixed"}
 
 
 def deactivation_prob(gamma: torch.Tensor, beta: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
@@ -143,22 +156,27 @@ class SoftMaskedNet(nn.Module):
         self.eps, self.sharpness, self.threshold, self.mask_tau = eps, sharpness, threshold, mask_tau
         init = math.log(gate_init / (1 - gate_init))
         self.gates = nn.ParameterDict({
-            _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind == "gate"})
+            _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind in ("gate", "block")})
         self.register_buffer("lam", torch.zeros(()))
         self.register_buffer("budget_scale", torch.ones(()))  # BudgetPenalty's calibration, resumed with the weights
         self.fixed: dict[str, torch.Tensor] | None = None
         self._modules_by_name = dict(net.named_modules())
         self._cache: dict[str, torch.Tensor] = {}
-        self._site_group = {s: g for g in self.groups for s in g.sites}
-        for s in self._site_group:
+        self._site_groups: dict[str, list[PruneGroup]] = {}  # a block's last BN is also a site of its stream group
+        for g in self.groups:
+            for s in g.sites:
+                self._site_groups.setdefault(s, []).append(g)
+        for s in self._site_groups:
             self._modules_by_name[s].register_forward_hook(self._hook(s))
 
     def _hook(self, site: str):  # noqa: ANN202
         def hook(_mod: nn.Module, _inp: Any, output: torch.Tensor) -> torch.Tensor:
-            g = self._site_group[site]
-            if g.name not in self._cache:
-                self._cache[g.name] = self._mask(g, output)
-            return (output.float() * self._cache[g.name]).to(output.dtype)
+            out = output.float()
+            for g in self._site_groups[site]:
+                if g.name not in self._cache:
+                    self._cache[g.name] = self._mask(g, output)
+                out = out * self._cache[g.name]
+            return out.to(output.dtype)
         return hook
 
     def _mask(self, g: PruneGroup, output: torch.Tensor) -> torch.Tensor:
@@ -188,7 +206,7 @@ class SoftMaskedNet(nn.Module):
     def keep_prob(self, g: PruneGroup, straight_through: bool = False) -> torch.Tensor:
         """Per-channel keep probability (float32). ``straight_through``: the value of the sharpened
         probability with the gradient of 1 - q (scp groups only; see module docstring)."""
-        if g.kind == "gate":
+        if g.kind in ("gate", "block"):
             return torch.sigmoid(self.gates[_key(g.name)].float())
         q = self.deactivation(g).float()
         keep = 1 - torch.sigmoid(self.sharpness * (q - self.threshold))
@@ -205,8 +223,21 @@ class SoftMaskedNet(nn.Module):
         that the channel is in use, without the sharpening (which saturates at 0 or 1): 1 - q for
         scp groups (BatchNorm then ReLU passes it), the keep probability for gated groups."""
         with torch.no_grad():
-            return {g.name: (self.keep_prob(g) if g.kind == "gate" else 1 - self.deactivation(g)).float().cpu()
+            return {g.name: (self.keep_prob(g) if g.kind in ("gate", "block") else 1 - self.deactivation(g)).float().cpu()
                     for g in self.groups}
+
+    def allocation_values(self) -> dict[str, torch.Tensor]:
+        """``importance`` for width allocation, a block valued like the channels it takes away:
+        its keep probability times the summed importance of the channel groups inside it (the
+        block's inner widths)."""
+        imp = self.importance()
+        out = dict(imp)
+        for g in self.groups:
+            if g.kind == "block":
+                prefix = g.name[len(BLOCK):] + "."
+                inner = [h.name for h in self.groups if h.kind != "block" and h.bns and all(b.startswith(prefix) for b in h.bns)]
+                out[g.name] = imp[g.name] * max(1.0, sum(float(imp[h].sum()) for h in inner))
+        return out
 
     def expected_widths(self, straight_through: bool = True) -> dict[str, torch.Tensor]:
         return {g.name: self.keep_prob(g, straight_through).sum() for g in self.groups}
@@ -356,7 +387,7 @@ def harden(keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[str, list[in
     for name, keep in keep_probs.items():
         n = int((keep > 0.5).sum())
         width = nearest_allowed(n, allowed[name]) if name in allowed else keep.numel()
-        out[name] = top_mask(keep, max(1, width))
+        out[name] = top_mask(keep, width if is_block(name) else max(1, width))  # a block may go, a group not
     return out
 
 

@@ -13,6 +13,12 @@ channel therefore carries exactly zero wherever it flows (ReLU, addition, poolin
 concatenation keep a zero a zero), so no constant (e.g. a BatchNorm shift through ReLU) is left
 to fold into a consumer's bias, and the slimmed model (the same layers without those channels)
 computes the same function. ``slim`` checks that claim numerically.
+
+*Blocks* (depth): a residual block whose shortcut is the identity can be removed whole. Its mask
+is keyed ``"block:<module name>"``, one entry, False = removed. In the masked model the residual
+branch's last BatchNorm is zeroed (scale and shift), so the block computes ``x + 0`` (then a ReLU
+for the ResNet block, whose input is already a ReLU output: ``x`` again); the slimmed model
+replaces the block with ``nn.Identity``. ``residual_blocks`` says which blocks qualify.
 """
 
 from __future__ import annotations
@@ -51,6 +57,51 @@ class ChannelGroup:
 
     def layers(self, kind: str) -> list[str]:
         return [n for n, k in self.members if k == kind]
+
+
+BLOCK = "block:"  # mask key prefix of a removable residual block
+
+
+def is_block(key: str) -> bool:
+    return key.startswith(BLOCK)
+
+
+def residual_blocks(model: nn.Module) -> dict[str, str]:
+    """Residual blocks that can be removed whole: module name -> name of the residual branch's
+    last BatchNorm. A block qualifies when its shortcut is the identity (same width and
+    resolution in and out) and the branch ends in a BatchNorm: the CIFAR ResNet and MobileNetV2
+    blocks of ``models``, torchvision's ResNet BasicBlock and Bottleneck without a downsample,
+    and its MobileNetV2 InvertedResidual with a residual connection. ``slim`` checks the removal
+    numerically, so a block this misjudges fails loudly, never silently."""
+    out = {}
+    for name, m in model.named_modules():
+        kind, module = type(m).__name__, type(m).__module__
+        branch = None
+        if module == "models.resnet_cifar" and kind == "BasicBlock" and isinstance(m.shortcut, nn.Identity):
+            branch = "bn2"
+        elif module == "models.mobilenetv2_cifar" and kind == "InvertedResidual" and m.use_residual:
+            branch = f"conv.{len(m.conv) - 1}"
+        elif module.startswith("torchvision.models") and kind in ("BasicBlock", "Bottleneck") and m.downsample is None:
+            branch = "bn2" if kind == "BasicBlock" else "bn3"
+        elif module == "torchvision.models.mobilenetv2" and kind == "InvertedResidual" and m.use_res_connect:
+            branch = f"conv.{len(m.conv) - 1}"
+        if branch is not None and isinstance(m.get_submodule(branch), nn.BatchNorm2d):
+            out[name] = f"{name}.{branch}" if name else branch
+    return out
+
+
+def block_masks(model: nn.Module, dropped: list[str] = ()) -> dict[str, torch.Tensor]:
+    """Block masks for every removable block of ``model``, False for those in ``dropped``."""
+    blocks = residual_blocks(model)
+    unknown = sorted(set(dropped) - set(blocks))
+    if unknown:
+        raise ConfigError(f"{unknown} are not removable blocks of this network; removable: {sorted(blocks)}")
+    return {BLOCK + b: torch.tensor([b not in dropped]) for b in blocks}
+
+
+def dropped_blocks(masks: Masks) -> list[str]:
+    """Module names of the blocks ``masks`` removes."""
+    return [k[len(BLOCK):] for k, m in masks.items() if is_block(k) and not bool(torch.as_tensor(m).any())]
 
 
 def _tp() -> Any:
@@ -162,17 +213,25 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup
     return ChannelGraph(model, example).groups
 
 
-def validate_masks(groups: list[ChannelGroup], masks: Masks) -> dict[str, torch.Tensor]:
-    """Check names, lengths and that no group is emptied; returns bool CPU masks."""
+def validate_masks(groups: list[ChannelGroup], masks: Masks, blocks: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Check names, lengths and that no group is emptied; returns bool CPU masks. Block masks
+    (``"block:<name>"``, one entry) must name one of ``blocks`` (``residual_blocks``)."""
     known = {g.name: g for g in groups}
-    unknown = sorted(set(masks) - set(known))
+    blocks = blocks or {}
+    unknown = sorted(k for k in masks if k not in known and not (is_block(k) and k[len(BLOCK):] in blocks))
     if unknown:
-        raise ConfigError(f"mask for unknown channel group(s) {unknown}; groups are: {sorted(known)}")
+        raise ConfigError(f"mask for unknown channel group(s) {unknown}; groups are: {sorted(known)}; "
+                          f"removable blocks: {sorted(BLOCK + b for b in blocks) or 'none'}")
     out = {}
     for name, m in masks.items():
         m = torch.as_tensor(m).to("cpu")
         if m.dtype != torch.bool:
             raise ConfigError(f"mask {name!r} must be boolean (True = keep), got {m.dtype}")
+        if is_block(name):
+            if m.numel() != 1:
+                raise ConfigError(f"block mask {name!r} must have exactly one entry (False = remove the block), got {m.numel()}")
+            out[name] = m.reshape(1)
+            continue
         if m.ndim != 1 or m.numel() != known[name].size:
             raise ConfigError(f"mask {name!r} has {m.numel()} entries; group has {known[name].size} channels")
         if not m.any():
@@ -189,10 +248,15 @@ def apply_masks(model: nn.Module, example: torch.Tensor, masks: Masks) -> nn.Mod
     channel zeroed (see module docstring). ``model`` is not modified."""
     masked = copy.deepcopy(model).eval()
     graph = ChannelGraph(masked, example)
-    masks = validate_masks(graph.groups, masks)
+    blocks = residual_blocks(masked)
+    masks = validate_masks(graph.groups, masks, blocks)
     names = {m: n for n, m in masked.named_modules()}
     with torch.no_grad():
-        _zero_masked(graph, masks, names)
+        _zero_masked(graph, {k: m for k, m in masks.items() if not is_block(k)}, names)
+        for b in dropped_blocks(masks):  # the residual branch adds exactly zero
+            bn = masked.get_submodule(blocks[b])
+            bn.weight.zero_()
+            bn.bias.zero_()
     return masked
 
 
@@ -255,15 +319,19 @@ def prune_structure(model: nn.Module, example: torch.Tensor, masks: Masks) -> nn
 def _prune(model: nn.Module, example: torch.Tensor, masks: Masks) -> tuple[nn.Module, dict[str, list[int]]]:
     slimmed = copy.deepcopy(model).eval()
     graph = ChannelGraph(slimmed, example)
-    masks = validate_masks(graph.groups, masks)
+    masks = validate_masks(graph.groups, masks, residual_blocks(slimmed))
     with torch.no_grad():
         for name, keep in masks.items():
             drop = (~keep).nonzero().flatten().tolist()
-            if drop:
+            if drop and not is_block(name):
                 try:
                     graph.pruning_group(name, drop).prune()
                 except (RuntimeError, ValueError, IndexError) as err:
                     raise SlimError(f"Torch-Pruning failed to remove channels of group {name}: {err}") from err
+    # blocks last: channel pruning has kept the widths on both sides of a removed block equal
+    for b in dropped_blocks(masks):
+        parent, _, child = b.rpartition(".")
+        setattr(slimmed.get_submodule(parent) if parent else slimmed, child, nn.Identity())
     return slimmed.eval(), {n: m.nonzero().flatten().tolist() for n, m in masks.items()}
 
 
@@ -272,6 +340,11 @@ def masks_from_kept(groups: list[ChannelGroup], kept: Mapping[str, list[int]]) -
     sizes = {g.name: g.size for g in groups}
     out = {}
     for name, idx in kept.items():
+        if is_block(name):  # the block name is checked against the network where the masks are used
+            if not isinstance(idx, list) or any(i != 0 for i in idx):
+                raise ConfigError(f"channel manifest entry {name!r} must be [0] (kept) or [] (removed), got {idx!r}")
+            out[name] = torch.tensor([bool(idx)])
+            continue
         if name not in sizes:
             raise ConfigError(f"channel manifest names unknown channel group {name!r}; this network's groups: "
                               f"{', '.join(sorted(sizes))}")

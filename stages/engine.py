@@ -1,5 +1,6 @@
-"""engine: build the deployable engine from the ONNX model (TensorRT, or ONNX Runtime where
-TensorRT is absent), check its accuracy and top-1 agreement with ONNX on the test split, measure
+"""engine: build the deployable engine (TensorRT from the ONNX model; where TensorRT is absent,
+ONNX Runtime, or on a GPU without ONNX Runtime's CUDA provider the PyTorch-native engine from the
+slimmed model: torch.export + AOTInductor + CUDA graphs), check its accuracy and top-1 agreement with ONNX on the test split, measure
 its latency at the deployment batch, and verify that it meets the latency budget."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--onnx", required=True, help="ONNX model (export stage)")
     p.add_argument("--pruned", required=True, help="masks.json of the prune stage (budget, predicted latency)")
+    p.add_argument("--model", help="slimmed checkpoint (slim stage): what the torch engine is built from")
     p.add_argument("--out-dir", required=True, help="engine directory")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
@@ -59,6 +61,27 @@ def main(argv: list[str] | None = None) -> int:
                 import onnxruntime
 
                 versions = {"onnxruntime": onnxruntime.__version__}
+            elif backend == "torch":
+                from pipeline.slim import load_slimmed_model
+                from pipeline.torch_engine import TorchEngineRunner, build_torch_engine
+
+                if not args.model:
+                    raise DeployError("the torch engine is built from the slimmed model: pass --model (dvc.yaml does)")
+                if cfg.precision == "int8":
+                    raise DeployError("engine.precision int8 is TensorRT only; the torch engine runs fp16 or fp32")
+                precision = cfg.precision if target.device == "cuda" else "fp32"
+                model, _ = load_slimmed_model(args.model)
+                built = build_torch_engine(model, shape, bs, target.device, precision, tmp, aoti=cfg.aoti)
+                engine_file = built["engine_file"]
+                runner = TorchEngineRunner(tmp / engine_file, built["kind"], target.device, precision, bs, shape,
+                                           cuda_graph=cfg.cuda_graph)
+                if target.device == "cpu":
+                    torch.set_num_threads(target.threads)
+                logits = runner.logits(x)
+                xd = xb.to(target.device, runner.dtype)
+                latency = engine_latency(wall_timed(lambda: runner(xd)), protocol)  # the runner synchronises
+                device, versions = device_record(target.device), {}
+                built["cuda_graph"] = runner.graph_status
             else:
                 import tensorrt
 
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 "noise": noise, "within_budget": within, "verdict": how,
                 "device": device, "versions": {**versions, "torch": torch.__version__}, "threads": target.threads,
             }
+            if backend == "torch":
+                metrics["torch_engine"] = built
             write_json(tmp / "engine.json", metrics)
             if check["top1_agreement"] < cfg.min_agreement:
                 write_json(args.metrics, metrics)

@@ -87,6 +87,16 @@ python -m pipeline.predict --bundle <this directory> image1.png image2.jpg
 """
 
 
+_ENGINE_FILES = {
+    ("tensorrt", None): "TensorRT engine (this GPU and TensorRT version only)",
+    ("onnxruntime", None): "ONNX Runtime graph optimised for the measured device (use model.onnx elsewhere)",
+    ("torch", "aoti"): "PyTorch-native engine: AOTInductor package at the measured batch, load with "
+                       "torch._inductor.aoti_load_package (this torch version and device type)",
+    ("torch", "exported"): "PyTorch-native engine: torch.export program at the measured batch, run with "
+                           "torch.export.load(path).module() (this torch version)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--data", required=True)
@@ -157,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{lat['ms'] / eng['budget_ms']:.3f} of it: {eng['verdict']})")
             readme = README.format(
                 name=cfg.name, git=git, input_name=INPUT, output_name=OUTPUT, c=data.channels, h=h, w=w,
-                trt_batch="" if eng["backend"] != "tensorrt" else " (the TensorRT engine: 1 to its profile's maximum)",
+                trt_batch={"tensorrt": " (the TensorRT engine: 1 to its profile's maximum)",
+                           "torch": f" (the torch engine: exactly {eng['batch_size']})"}.get(eng["backend"], ""),
                 order=pre["channel_order"], mean=pre["mean"], std=pre["std"], k=data.num_classes,
                 classes=", ".join(data.meta["classes"]), acc=eng["test_acc"], acc_onnx=eng["test_acc_onnx"],
                 n_test=len(data.test.y), backend=eng["backend"], precision=eng["precision"], batch=eng["batch_size"],
@@ -168,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 model_warnings="".join(f"\n  - WARNING: {w}" for w in latency_model["warnings"]),
                 files_table="\n".join(f"| `{f}` | {d} |" for f, d in (
                     ("model.onnx", "ONNX (opset 17+), dynamic batch; runs anywhere ONNX Runtime runs"),
-                    (eng["engine_file"], "TensorRT engine (this GPU and TensorRT version only)" if eng["backend"] == "tensorrt"
-                     else "ONNX Runtime graph optimised for the measured CPU (use model.onnx elsewhere)"),
+                    (eng["engine_file"], _ENGINE_FILES.get((eng["backend"], eng.get("torch_engine", {}).get("kind")),
+                                                           "the engine")),
                     ("manifest.json", "everything below, machine-readable, with sha256 of every file"),
                     ("pareto.png", "test accuracy against measured latency: teachers, student, pruned, baselines"),
                     ("widths.png", "channels kept per group by pruning"))),

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": target.batch_size, "threads": target.threads, "full_latency_ms": table.full_ms,
             "step": {k: v for k, v in step.as_dict().items() if k not in ("curve_ms", "repeats_ms")},
             "multiple": table.step, "measurements": table.meta["measurements"],
+            "removable_blocks": len(table.blocks),
             "overhead_ms": table.overhead_ms,
             "predictor": {
                 "model": table.calibration["model"], "scale": table.calibration["scale"],

@@ -25,10 +25,10 @@ from pipeline.flops import count_flops, count_params
 from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
-from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_widths,
+from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
                             closed_loop, effective_band, harden, masks_for_widths, prune_groups, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
-from pipeline.slim import apply_masks, masks_from_kept, prune_structure
+from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
 from stages._teachers import load_student, load_teachers
@@ -75,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"latency table {args.table} profiles {profiled}, not the student "
                               f"{ckpt['arch']} {ckpt['arch_config']}; set profile.arch: student and re-run profile")
         predictor = table.predictor()
-        groups = prune_groups(student, example, cfg.coupled)
+        groups = prune_groups(student, example, cfg.coupled, depth=cfg.depth)
+        blocks = [g.name for g in groups if g.kind == "block"]
+        unpriced = sorted(set(blocks) - predictor.blocks)
+        if unpriced:
+            raise ConfigError(f"prune.depth: true, but the latency table {args.table} prices no removal of the blocks "
+                              f"{[b[len(BLOCK):] for b in unpriced]} (a table from an older profile stage); re-run "
+                              f"profile, or set prune.depth: false")
         multiple = cfg.multiple or table.step
-        allowed = {g.name: allowed_widths(g.size, multiple, table.meta["min_fraction"])
-                   for g in groups if g.kind != "fixed"}
+        allowed = allowed_for(groups, multiple, table.meta["min_fraction"])
 
         # --- the budget, and whether the smallest allowed network can meet it (before training)
         sizes = {g.name: g.size for g in groups}
@@ -99,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
         band = effective_band(cfg.band, noise)
         how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
-               f"{multiple} from {table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled})")
+               f"{multiple} from {table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled}; "
+               + (f"all {len(blocks)} removable blocks removed)" if blocks else
+                  "no block removed: prune.depth is false or the network has no removable block)"))
         if min(floor_pred, floor_ms) > budget_ms * band[1]:
             raise BudgetError(
                 f"prune.latency_budget {cfg.latency_budget:g} {cfg.budget_unit} = {budget_ms:.4f} ms is below what the "
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train_classifier(net, data, train_cfg, cfg.optimizer, epochs=soft_epochs, seed=cfg.seed,
                                       device=device, ctx=ctx, criterion=criterion, resume_path=resume,
-                                      fingerprint=fingerprint, on_epoch_end=on_epoch_end, desc="prune")
+                                      fingerprint=fingerprint, on_epoch_end=on_epoch_end, desc="prune",
+                                      graphable=False)  # the dual step reads the multiplier on the host
         finally:
             shutdown_distributed()
         if not ctx.is_main:
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         net.to(cpu).eval()
         keep = net.importance()  # unsaturated: ranks channels without the ties of the sharpened probability
+        values = net.allocation_values()  # the knapsack's: a block is worth the channels it takes away
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
         plain.load_state_dict(net.net.state_dict())
         plain.eval()
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                      loop.measured_ms)
         else:
             if cfg.allocation == "knapsack":
-                alloc, alloc_ms = allocate_widths(keep, allowed, lambda w: predictor(w).item(), aim_ms)
+                alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms)
                 masks = masks_for_widths(keep, alloc)
                 log.info("allocated widths for %.4f ms (predicted %.4f ms): %s", aim_ms, alloc_ms, alloc)
             else:
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = train_classifier(fixed, data, train_cfg, cfg.optimizer.model_copy(update={"warmup_epochs": 0}),
                                      epochs=epochs, seed=cfg.seed + len(history), device=device, criterion=distil,
                                      desc=what, resume_path=state_dir / f"{what.split()[0]}.pt",
-                                     fingerprint=digest(fingerprint, what, loop.history[-1] if loop.history else None))
+                                     fingerprint=digest(fingerprint, what, loop.history[-1] if loop.history else None),
+                                     graphable=False)  # the fixed masks are copied to the device in the hooks
             history += [{**h, "epoch": len(history) + i + 1, "phase": what} for i, h in enumerate(extra.history)]
             fixed.to(cpu)
             plain = build_model(ckpt["arch"], **ckpt["arch_config"])
@@ -260,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "input_shape": list(shape), "kept": kept, "widths": final_widths,
             "full_widths": {g.name: g.size for g in groups}, "kinds": {g.name: g.kind for g in groups},
             "multiple": multiple, "budget_ms": budget_ms, "measured_ms": loop.measured_ms, "noise": noise,
+            "removed_blocks": dropped_blocks(masks),
             "predicted_ms": predicted_ms, "student_ms": student_ms,
         })
         write_csv(plots / "history.csv", [{"phase": "soft masks", **h} for h in result.history] + history[len(result.history):])
@@ -287,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             "finetune_epochs": cfg.finetune_epochs, "multiple": multiple,
             "final_lambda": float(net.lam), "final_expected_ms": penalty.last_expected_ms,
             "training_target_ms": aim_ms, "final_calibration": penalty.scale,
-            "groups": {k: sum(g.kind == k for g in groups) for k in ("scp", "gate", "fixed")},
+            "groups": {k: sum(g.kind == k for g in groups) for k in ("scp", "gate", "fixed", "block")},
+            "depth": cfg.depth, "removable_blocks": len(blocks), "removed_blocks": dropped_blocks(masks),
             "widths": final_widths, "backend": target.backend, "device": backend.fingerprint()["device"],
             "train_device": describe_device(device), "seconds": time.perf_counter() - t_start,
             "epoch_seconds": [h["epoch_seconds"] for h in history],
@@ -295,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.metrics, metrics)
         shutil.rmtree(state_dir, ignore_errors=True)  # the training states, the reference and the decision
         log.info("pruned: measured %.4f ms for a budget of %.4f ms (%.3f; predicted %.4f ms) after %d loop "
-                 "iteration(s), %s; test acc %.4f (student %.4f)", loop.measured_ms, budget_ms,
-                 loop.measured_ms / budget_ms, predicted_ms, len(loop.history), loop.status, acc_pruned, acc_student)
+                 "iteration(s), %s; %d of %d removable blocks removed; test acc %.4f (student %.4f)", loop.measured_ms,
+                 budget_ms, loop.measured_ms / budget_ms, predicted_ms, len(loop.history), loop.status,
+                 len(dropped_blocks(masks)), len(blocks), acc_pruned, acc_student)
 
     return run(body)
 

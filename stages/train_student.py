@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "arch_config": searched["arch_config"], "params": n_params, "flops": flops,
             "params_ratio_of_largest_teacher": n_params / largest, "budget_params": searched["budget_params"],
             "within_budget": n_params <= searched["budget_params"],
-            "distill": kd.model_dump(), "epochs": cfg.epochs, "best_epoch": result.best_epoch,
+            "distill": kd.model_dump(), "epochs": cfg.epochs, "best_epoch": result.best_epoch, "step_mode": result.step_mode,
             "val_acc": result.best_val_acc, "test_acc": test_acc,
             "ensemble_acc": ens["ensemble_acc"], "best_teacher_acc": ens["best_member_acc"],
             "oracle_acc": ens["oracle_acc"], "gap_to_ensemble": test_acc - ens["ensemble_acc"],

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.metrics, {
             "name": args.name, "arch": cfg.arch,
             "params": sum(p.numel() for p in model.parameters()),
-            "epochs": cfg.epochs, "best_epoch": result.best_epoch,
+            "epochs": cfg.epochs, "best_epoch": result.best_epoch, "step_mode": result.step_mode,
             "val_acc": result.best_val_acc, "test_acc": test_acc,
             "epoch_seconds_median": statistics.median(epoch_s),
             "epoch_seconds_min": min(epoch_s), "epoch_seconds_max": max(epoch_s),

@@ -45,8 +45,13 @@ def test_export_matches_pytorch_and_batch_is_dynamic(tmp_path: Path, digits: Pre
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(deploy, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(deploy, "ort_has_cuda", lambda: False)
+    # a GPU without TensorRT and without ONNX Runtime's CUDA provider: the PyTorch-native engine
+    assert select_backend("auto", "cuda")[0] == "torch"
+    monkeypatch.setattr(deploy, "ort_has_cuda", lambda: True)
     assert select_backend("auto", "cuda")[0] == "onnxruntime"
     assert select_backend("onnxruntime", "cuda") == ("onnxruntime", "requested")
+    assert select_backend("torch", "cpu") == ("torch", "requested")
     with pytest.raises(DeployError, match="engine.backend tensorrt needs"):
         select_backend("tensorrt", "cuda")
     monkeypatch.setattr(deploy, "tensorrt_available", lambda: True)

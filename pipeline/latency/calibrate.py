@@ -1,7 +1,8 @@
 """Calibrate the table on real sub-networks and measure its error on a disjoint set.
 
 Random sub-networks of the profiled network (a random lattice width per channel group, random
-channels of that count) are built for real, slimmed, and measured end to end on the target, all
+channels of that count, each removable residual block removed with probability ``BLOCK_DROP``) are
+built for real, slimmed, and measured end to end on the target, all
 in one interleaved measurement together with the full network. The prediction's two constants
 are fitted on one set by least squares on the *relative* error (weights 1 / measured):
 
@@ -30,9 +31,11 @@ from tqdm.auto import tqdm
 from pipeline.latency.backends import Backend
 from pipeline.latency.table import LatencyTable
 from pipeline.latency.timing import Timing, TimingProtocol
-from pipeline.slim import ChannelGraph, prune_structure
+from pipeline.slim import ChannelGraph, is_block, prune_structure
 
 log = logging.getLogger(__name__)
+
+BLOCK_DROP = 0.25  # probability that a calibration sub-network removes a given block (pruning removes few)
 
 
 @dataclass
@@ -84,10 +87,16 @@ def random_width_sets(lattice: dict[str, list[int]], count: int, generator: torc
     seen = set(exclude)
     out: list[dict[str, int]] = []
     total = math.prod(len(v) for v in lattice.values())
+
+    def draw(g: str, vals: list[int]) -> int:
+        if is_block(g):  # [0, 1]: removed with probability BLOCK_DROP
+            return int(torch.rand((), generator=generator).item() >= BLOCK_DROP)
+        return vals[int(torch.randint(len(vals), (1,), generator=generator))]
+
     for _ in range(50 * count):
         if len(out) >= count or len(seen) >= total:
             break
-        w = {g: vals[int(torch.randint(len(vals), (1,), generator=generator))] for g, vals in lattice.items()}
+        w = {g: draw(g, vals) for g, vals in lattice.items()}
         key = tuple(sorted(w.items()))
         if key not in seen:
             seen.add(key)
@@ -122,9 +131,9 @@ def calibrate(model: nn.Module, table: LatencyTable, backend: Backend, fit_sampl
     network included) and report the error on the second. Modifies ``table.calibration``."""
     input_shape = tuple(table.model["input_shape"])
     example = torch.zeros(1, *input_shape)
-    sizes = dict(table.groups)
+    sizes = {**table.groups, **{b: 1 for b in table.lattice(blocks=True) if is_block(b)}}
     gen = torch.Generator().manual_seed(seed)
-    lattice = table.lattice()
+    lattice = table.lattice(blocks=True)
     full_key = tuple(sorted(sizes.items()))
     available = math.prod(len(v) for v in lattice.values()) - 1  # the full network is measured anyway
     if available < fit_samples + heldout_samples:  # a small lattice: split what there is

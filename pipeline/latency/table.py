@@ -19,6 +19,13 @@ calibrated on real sub-networks (``pipeline.latency.calibrate``):
     latency(w) = scale * sum over convs l of T_l(w[in_group(l)], w[out_group(l)]) + offset_ms
 
 Until calibrated, ``scale`` is 1 and ``offset_ms`` closes the gap to the measured full network.
+
+Removable residual blocks (``pipeline.slim.residual_blocks``) are priced from the same units: a
+block's keep value ``w["block:<name>"]`` in [0, 1] (1 kept, 0 removed, in between the soft phase's
+expectation) multiplies the table latency of every convolution inside it, so a removed block
+costs nothing and the widths of its inner channels stop mattering. The addition and activation a
+removed block also saves are in no unit; the calibration's sub-networks remove blocks too, so
+``scale`` and ``offset_ms`` absorb them on average.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
 from pipeline.latency.backends import Backend, check_fingerprint
 from pipeline.latency.timing import TimingProtocol
-from pipeline.slim import ChannelGroup, ChannelGraph, tensor_consumers, trace_forward
+from pipeline.slim import BLOCK, ChannelGroup, ChannelGraph, is_block, residual_blocks, tensor_consumers, trace_forward
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +182,7 @@ class LatencyTable:
     full_ms: float
     calibration: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # removable block -> its convolutions
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -197,10 +205,14 @@ class LatencyTable:
         """The channel step of the lattice the table was measured on."""
         return int(self.meta["step"])
 
-    def lattice(self, min_fraction: float | None = None) -> dict[str, list[int]]:
-        """Allowed widths per channel group: multiples of the step, plus the full width."""
+    def lattice(self, min_fraction: float | None = None, blocks: bool = False) -> dict[str, list[int]]:
+        """Allowed widths per channel group: multiples of the step, plus the full width; with
+        ``blocks``, also ``"block:<name>": [0, 1]`` per removable block."""
         low = self.meta["min_fraction"] if min_fraction is None else min_fraction
-        return {g: grid_values(n, self.step, low) for g, n in self.groups.items()}
+        out = {g: grid_values(n, self.step, low) for g, n in self.groups.items()}
+        if blocks:
+            out.update({BLOCK + b: [0, 1] for b in self.blocks})
+        return out
 
     def predictor(self) -> LatencyPredictor:
         return LatencyPredictor(self)
@@ -215,8 +227,10 @@ class LatencyPredictor:
         self.offset = float(table.calibration["offset_ms"])
         self._tabs = {k: (torch.tensor(v["in"], dtype=torch.float64), torch.tensor(v["out"], dtype=torch.float64),
                           torch.tensor(v["ms"], dtype=torch.float64)) for k, v in table.tables.items()}
+        self.blocks = {BLOCK + b for b in table.blocks}
+        block_of = {n: BLOCK + b for b, names in table.blocks.items() for n in names}
         self._layers = [(layer["key"], layer["in_group"], layer["out_group"], layer["in_max"], layer["out_max"],
-                         layer["depthwise"]) for layer in table.layers]
+                         layer["depthwise"], block_of.get(layer.get("name"))) for layer in table.layers]
 
     @staticmethod
     def _locate(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,16 +251,22 @@ class LatencyPredictor:
                 + ti * to * ms[i1, o1])
 
     def raw(self, widths: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
-        """Sum of the units' table latencies (ms), before calibration."""
-        unknown = sorted(set(widths) - set(self.groups))
+        """Sum of the units' table latencies (ms), before calibration; a unit inside a block counts
+        times the block's keep value (``"block:<name>"``, default 1)."""
+        unknown = sorted(set(widths) - set(self.groups) - self.blocks)
         if unknown:
-            raise ConfigError(f"widths for unknown channel group(s) {unknown}")
+            raise ConfigError(f"widths for unknown channel group(s) {unknown}"
+                              + ("" if all(not is_block(k) for k in unknown) else
+                                 "; this latency table has no such removable block (re-run the profile stage)"))
         w = {g: torch.as_tensor(widths.get(g, float(n)), dtype=torch.float64) for g, n in self.groups.items()}
         total = torch.zeros((), dtype=torch.float64)
-        for key, ig, og, in_max, out_max, dw in self._layers:
+        for key, ig, og, in_max, out_max, dw, block in self._layers:
             c_in = w[ig] if ig else torch.tensor(float(in_max), dtype=torch.float64)
             c_out = w[og] if og else torch.tensor(float(out_max), dtype=torch.float64)
-            total = total + self.layer_ms(key, c_in, c_in if dw else c_out)
+            ms = self.layer_ms(key, c_in, c_in if dw else c_out)
+            if block is not None and block in widths:
+                ms = ms * torch.as_tensor(widths[block], dtype=torch.float64)
+            total = total + ms
         return total
 
     def __call__(self, widths: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
@@ -316,6 +336,7 @@ def build_table(
         calibration={"scale": 1.0, "offset_ms": 0.0, "calibrated": False},
         meta={"step": step, "min_fraction": min_fraction, "max_points": max_points, "measurements": len(points),
               "seconds": time.perf_counter() - t0, "full": full.as_dict()},
+        blocks={b: [s.name for s in specs if s.name.startswith(b + ".")] for b in residual_blocks(model)},
     )
     table.calibration["offset_ms"] = full.ms - table.predictor().raw({}).item()
     return table
