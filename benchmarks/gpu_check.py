@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -47,13 +48,16 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float]:
-    """(exit status or None on timeout, seconds); stdout and stderr go to ``log``."""
+    """(exit status or None on timeout, seconds); stdout and stderr go to ``log``. On timeout the
+    whole process group is killed (a stage started by ``python -m stages`` included)."""
     t0 = time.perf_counter()
     with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
         try:
-            rc: int | None = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env(),
-                                            timeout=max(1.0, timeout)).returncode
+            rc: int | None = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = None
     return rc, time.perf_counter() - t0
 
@@ -123,14 +127,28 @@ def write_results(out: Path, res: dict[str, Any]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def stage_figures(run: Path) -> list[dict[str, Any]]:
-    """One row per pipeline stage: its wall time and the figures that matter."""
-    times = _read(run / "metrics" / "pipeline_times.json")
+def stage_log(log: Path) -> list[tuple[str, str, float | None]]:
+    """(stage, result, seconds) from ``python -m stages``' own log lines: done, failed, or the one
+    still running when the step was stopped."""
+    text = log.read_text() if log.is_file() else ""
+    rows: dict[str, tuple[str, float | None]] = {}
+    for m in re.finditer(r"^\[\d+/\d+\] (\S+): (done in ([0-9.]+) s)?", text, re.M):
+        name = m.group(1)
+        rows[name] = ("ok", float(m.group(3))) if m.group(2) else ("stopped (time budget)", None)
+    for m in re.finditer(r"^error: stage (\S+) failed with exit code (-?\d+) after ([0-9.]+) s", text, re.M):
+        rows[m.group(1)] = (f"FAILED (exit {m.group(2)})", float(m.group(3)))
+    return [(n, r, sec) for n, (r, sec) in rows.items()]
+
+
+def stage_figures(run: Path, log: Path) -> list[dict[str, Any]]:
+    """One row per pipeline stage reached: its result, wall time and the figures that matter."""
     m = {n: _read(run / "metrics" / f"{n}.json") for n in
          ("prepare", "ensemble", "search", "student", "profile", "prune", "slim", "compare", "export", "engine")}
     rows = []
-    for entry in times.get("stages", []):
-        name, sec = entry.get("stage", "?"), entry.get("seconds")
+    for name, result, sec in stage_log(log):
+        if result != "ok":
+            rows.append({"stage": name, "result": result, "seconds": sec, "figures": ""})
+            continue
         base = name.split("@")[0]
         fig = ""
         if base == "train_teacher":
@@ -213,10 +231,10 @@ def main() -> int:
         return 1
     ok = True
 
-    # 2. CUDA tests
+    # 2. CUDA tests (the pipeline, step 4, gets the largest share of the budget)
     rc, sec = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu and not slow",
                     "tests/test_gpu.py", "tests/test_torch_engine.py", "tests/test_latency.py"],
-                   out / "gpu_tests.log", min(180.0, left() - 300))
+                   out / "gpu_tests.log", min(0.15 * args.budget_s, left() - 0.7 * args.budget_s))
     ok &= rc == 0
     step("CUDA tests (pytest -m 'gpu and not slow')",
          ("passed: " if rc == 0 else "FAILED: " if rc is not None else "TIMEOUT: ") + _pytest_counts(out / "gpu_tests.log"), sec)
@@ -225,23 +243,21 @@ def main() -> int:
     tp = out / "throughput.json"
     rc, sec = _run([sys.executable, "-m", "benchmarks.train_throughput", "--arch", "resnet56", "--batch", "128",
                     "--images", str(args.throughput_images), "--epochs", "3", "--json", str(tp)],
-                   out / "throughput.log", min(150.0, left() - 240))
+                   out / "throughput.log", min(0.2 * args.budget_s, left() - 0.6 * args.budget_s))
     res["throughput"] = _read(tp)
     ok &= rc == 0
     rows = res["throughput"].get("rows", [])
     step("training throughput (ResNet-56, batch 128)", ("ok: " + ", ".join(f"{r['variant']} {r['images_per_s']:.0f}/s"
                                                         for r in rows[:2])) if rc == 0 else
-         f"FAILED (exit {rc}, throughput.log)", sec)
+         ("TIMEOUT (throughput.log)" if rc is None else f"FAILED (exit {rc}, throughput.log)"), sec)
 
     # 4. the pipeline through handoff
     run = out / "run"
     cmd = [sys.executable, "-m", "stages", "--workdir", str(run)]
     cmd += ["--params", str(args.params.resolve())] if args.params else ["--preset", args.preset]
     rc, sec = _run(cmd, out / "pipeline.log", left() - 5)
-    res["stages"] = stage_figures(run)
-    failed = re.findall(r"error: stage (\S+) failed[^\n]*", (out / "pipeline.log").read_text())
-    if failed:
-        res["stages"].append({"stage": failed[-1], "result": "FAILED (pipeline.log)", "seconds": None, "figures": ""})
+    res["stages"] = stage_figures(run, out / "pipeline.log")
+    failed = [r["stage"] for r in res["stages"] if r["result"] != "ok"]
     ok &= rc == 0
     step(f"pipeline {args.params.name if args.params else args.preset} through handoff",
          "ok" if rc == 0 else ("TIMEOUT" if rc is None else f"FAILED at {failed[-1] if failed else '?'} (pipeline.log)"), sec)

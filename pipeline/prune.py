@@ -232,10 +232,10 @@ class SoftMaskedNet(nn.Module):
         block's inner widths)."""
         imp = self.importance()
         out = dict(imp)
+        inside = inner_groups(self.groups)
         for g in self.groups:
             if g.kind == "block":
-                prefix = g.name[len(BLOCK):] + "."
-                inner = [h.name for h in self.groups if h.kind != "block" and h.bns and all(b.startswith(prefix) for b in h.bns)]
+                inner = [h for h, b in inside.items() if b == g.name]
                 out[g.name] = imp[g.name] * max(1.0, sum(float(imp[h].sum()) for h in inner))
         return out
 
@@ -301,8 +301,28 @@ class BudgetPenalty:
 # Hard masks
 
 
+def inner_groups(groups: list[PruneGroup]) -> dict[str, str]:
+    """Channel group -> the block (``"block:<name>"``) it lies inside: every output-side BatchNorm
+    of the group belongs to that block. Such a group stops mattering once its block is removed."""
+    blocks = [g.name for g in groups if g.kind == "block"]
+    out = {}
+    for g in groups:
+        if g.kind == "block" or not g.bns:
+            continue
+        for b in blocks:
+            if all(n.startswith(b[len(BLOCK):] + ".") for n in g.bns):
+                out[g.name] = b
+    return out
+
+
+def _live(g: str, widths: Mapping[str, int], inside: Mapping[str, str]) -> bool:
+    """False for a channel group inside a removed block (its width changes nothing)."""
+    return not (g in inside and widths.get(inside[g], 1) == 0)
+
+
 def allocate_widths(importance: Mapping[str, torch.Tensor], allowed: Mapping[str, list[int]],
-                    predict: Callable[[dict[str, int]], float], target_ms: float) -> tuple[dict[str, int], float]:
+                    predict: Callable[[dict[str, int]], float], target_ms: float,
+                    inside: Mapping[str, str] | None = None) -> tuple[dict[str, int], float]:
     """Latency-aware width allocation, a greedy knapsack (HALP's idea: remove what costs the least
     importance per millisecond saved). From full widths, every move shrinks one group to any
     smaller width of its lattice; the move with the least importance lost per predicted ms saved
@@ -310,7 +330,9 @@ def allocate_widths(importance: Mapping[str, torch.Tensor], allowed: Mapping[str
     the sum of its w largest channel importances. Moves predicted to save nothing are never taken
     (on the staircase a narrower layer can cost the same). Returns (widths, predicted ms); when the
     target cannot be predicted reachable, where the greedy stopped: every cut that saves anything
-    taken (a group whose cuts save nothing keeps its width)."""
+    taken (a group whose cuts save nothing keeps its width). ``inside`` (``inner_groups``): groups
+    inside a removed block are left alone (never cut further, never grown back)."""
+    inside = inside or {}
     widths = {g: max(a) for g, a in allowed.items()}
     kept_value = {g: torch.cat([torch.zeros(1), importance[g].sort(descending=True).values.cumsum(0)]).tolist()
                   for g in allowed}
@@ -318,6 +340,8 @@ def allocate_widths(importance: Mapping[str, torch.Tensor], allowed: Mapping[str
     while current > target_ms:
         best: tuple[float, str, int, float] | None = None
         for g, a in allowed.items():
+            if not _live(g, widths, inside):
+                continue
             for w in (x for x in a if x < widths[g]):
                 ms = predict({**widths, g: w})
                 saved = current - ms
@@ -336,6 +360,8 @@ def allocate_widths(importance: Mapping[str, torch.Tensor], allowed: Mapping[str
     while True:
         best = None
         for g, a in allowed.items():
+            if not _live(g, widths, inside):
+                continue
             for w in (x for x in a if x > widths[g]):
                 ms = predict({**widths, g: w})
                 if ms > target_ms:
@@ -424,6 +450,7 @@ def closed_loop(
     cost: Callable[[dict[str, torch.Tensor]], float],
     band: tuple[float, float] = (0.9, 1.0),
     max_iterations: int = 20,
+    inside: Mapping[str, str] | None = None,
 ) -> LoopResult:
     """Measure, adjust, measure again until ``band[0] * budget <= measured <= band[1] * budget``.
 
@@ -434,8 +461,10 @@ def closed_loop(
     stops, or moves to a width configuration not visited before, and at most ``max_iterations``
     measurements are made. ``status``: in_band; below_band (the band could not be hit, the best
     network under budget is returned, ``reason`` says why); full (nothing to prune: the unpruned
-    network is under the band); unreachable (no measured network met the budget).
+    network is under the band); unreachable (no measured network met the budget). ``inside``
+    (``inner_groups``): a group inside a removed block is not moved (it changes nothing).
     """
+    inside = inside or {}
     state = {g: m.clone() for g, m in masks.items()}
     lo, hi = band[0] * budget_ms, band[1] * budget_ms
     history: list[dict[str, Any]] = []
@@ -471,7 +500,7 @@ def closed_loop(
             mid = (lo + hi) / 2
             for g, a in allowed.items():
                 smaller = [w for w in a if w < widths[g]]
-                if not smaller:
+                if not smaller or not _live(g, widths, inside):
                     continue
                 landing_of = {w: scale * predict({**widths, g: w}) for w in smaller}
                 # the next smaller width, and the one predicted to land nearest the band's middle (one
@@ -499,7 +528,7 @@ def closed_loop(
             options = []
             for g, a in allowed.items():
                 larger = [w for w in a if w > widths[g]]
-                if not larger:
+                if not larger or not _live(g, widths, inside):
                     continue
                 cand = _step(state, keep_probs, g, min(larger))
                 landing = scale * predict(widths_of(cand))

@@ -251,9 +251,9 @@ def train_classifier(
         step_mode = "eager: CUDA graphs are not used under DDP"
     elif not graphable:
         step_mode = "eager: this stage's loss reads values on the host (not capturable)"
-    else:
-        step_mode = "cuda graph"
-    graphed = step_mode == "cuda graph"
+    else:  # "cuda graph" once a capture has succeeded
+        step_mode = f"eager: not captured (fewer than {GRAPH_WARMUP_STEPS + 1} full batches)"
+    graphed = step_mode.startswith("eager: not captured")
     opt = torch.optim.SGD(  # a graph reads the learning rate from device memory, updated in place
         model.parameters(), lr=torch.tensor(optim.lr, device=device) if graphed else optim.lr, momentum=optim.momentum,
         nesterov=optim.nesterov and optim.momentum > 0, weight_decay=optim.weight_decay, **({"fused": True} if graphed else {}),
@@ -323,6 +323,7 @@ def train_classifier(
             if step_runner is not None and step_runner.graph is None and full and graph_steps >= GRAPH_WARMUP_STEPS:
                 try:
                     step_runner.capture(xb, yb)
+                    step_mode = "cuda graph"
                 except Exception as err:  # noqa: BLE001 - the eager step is always correct
                     torch.cuda.synchronize(device)
                     step_mode = f"eager: CUDA graph capture failed ({type(err).__name__}: {str(err)[:200]})"
@@ -394,6 +395,7 @@ def train_classifier(
                 resume_path,
             )
     if step_runner is not None:
-        del step_runner  # the graph's memory pool goes with it
+        opt.zero_grad(set_to_none=True)  # the gradients live in the graph's pool: let it go with the graph
+        del step_runner
         torch.cuda.synchronize(device)
     return TrainResult(copy.copy(best_state), best_epoch, best_acc, history, step_mode)

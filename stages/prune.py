@@ -26,7 +26,8 @@ from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
-                            closed_loop, effective_band, harden, masks_for_widths, prune_groups, top_mask, widths_of)
+                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, prune_groups, top_mask,
+                            widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
@@ -213,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                      loop.measured_ms)
         else:
             if cfg.allocation == "knapsack":
-                alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms)
+                alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms,
+                                                  inner_groups(groups))
                 masks = masks_for_widths(keep, alloc)
                 log.info("allocated widths for %.4f ms (predicted %.4f ms): %s", aim_ms, alloc_ms, alloc)
             else:
                 masks = harden(net.keep_probs(), allowed)
             loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,
-                               band, cfg.max_iterations)
+                               band, cfg.max_iterations, inner_groups(groups))
             if loop.status != "unreachable":
                 write_json(state_dir / "decision.json", {
                     "key": fingerprint, "kept": {g: m.nonzero().flatten().tolist() for g, m in loop.masks.items()},

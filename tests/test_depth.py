@@ -196,3 +196,25 @@ def test_allocation_harden_and_closed_loop_remove_and_restore_blocks() -> None:
     loop = closed_loop(under, keep, {"block:stages.0.2": [0, 1], "block:stages.2.1": [0, 1]}, budget_ms=7.5,
                        measure=lambda m: ms_of(widths_of(m)), predict=ms_of, cost=lambda m: 0.0, band=(0.9, 1.0))
     assert loop.status == "in_band" and "grow block:stages.2.1" in loop.history[0]["action"]  # keep 0.9 over 0.2
+
+
+def test_groups_inside_a_removed_block_are_left_alone() -> None:
+    """A removed block prices its inner convolutions at zero, so growing its inner group looks
+    free: the knapsack's give-back and the closed loop must not spend moves (or measurements) on it."""
+    allowed = {"i": [8, 16], "block:b": [0, 1], "s": [8, 16]}
+    inside = {"i": "block:b"}
+    values = {"i": torch.full((16,), 0.01), "block:b": torch.tensor([1.0]), "s": torch.ones(16)}
+
+    def predict(w: dict) -> float:
+        return 1 + w["block:b"] * (2 + 0.1 * w["i"]) + 0.05 * w["s"]
+
+    # cut i first (cheapest per ms), then the block; the give-back would regrow i "for free"
+    widths, ms = allocate_widths(values, allowed, predict, target_ms=3.0, inside=inside)
+    assert widths == {"i": 8, "block:b": 0, "s": 16} and ms == pytest.approx(1.8)
+    regrown, _ = allocate_widths(values, allowed, predict, target_ms=3.0)  # without the block map: the old bug
+    assert regrown["i"] == 16
+    keep = {k: v.clamp(max=1.0) for k, v in values.items()}
+    state = {"i": torch.arange(16) < 8, "block:b": torch.tensor([False]), "s": torch.ones(16, dtype=torch.bool)}
+    loop = closed_loop(state, keep, allowed, budget_ms=3.0, measure=lambda m: predict(widths_of(m)),
+                       predict=predict, cost=lambda m: 0.0, band=(0.9, 1.0), max_iterations=3, inside=inside)
+    assert all("grow i " not in h["action"] for h in loop.history)

@@ -80,10 +80,22 @@ def fit_scale_offset(raw: Sequence[float], measured: Sequence[float]) -> tuple[f
     return scale, offset
 
 
+def _inner_groups(table: LatencyTable) -> dict[str, str]:
+    """Channel group -> the block key whose convolutions are the only ones producing it."""
+    producers: dict[str, set[str]] = {}
+    for layer in table.layers:
+        if layer.get("out_group") and layer.get("name"):
+            producers.setdefault(layer["out_group"], set()).add(layer["name"])
+    return {g: "block:" + b for g, names in producers.items() for b, convs in table.blocks.items() if names <= set(convs)}
+
+
 def random_width_sets(lattice: dict[str, list[int]], count: int, generator: torch.Generator,
-                      exclude: set[tuple[tuple[str, int], ...]] = frozenset()) -> list[dict[str, int]]:
+                      exclude: set[tuple[tuple[str, int], ...]] = frozenset(),
+                      inner: dict[str, str] | None = None) -> list[dict[str, int]]:
     """``count`` width configurations, a uniformly random lattice value per group, none in
-    ``exclude`` and none twice (fewer when the lattice has fewer configurations)."""
+    ``exclude`` and none twice (fewer when the lattice has fewer configurations). A group inside
+    a removed block (``inner``: group -> block key) is put at full width: its width changes
+    nothing, so two draws differing only there are the same network."""
     seen = set(exclude)
     out: list[dict[str, int]] = []
     total = math.prod(len(v) for v in lattice.values())
@@ -97,6 +109,9 @@ def random_width_sets(lattice: dict[str, list[int]], count: int, generator: torc
         if len(out) >= count or len(seen) >= total:
             break
         w = {g: draw(g, vals) for g, vals in lattice.items()}
+        for g, b in (inner or {}).items():
+            if w.get(b) == 0 and g in w:
+                w[g] = max(lattice[g])
         key = tuple(sorted(w.items()))
         if key not in seen:
             seen.add(key)
@@ -141,8 +156,10 @@ def calibrate(model: nn.Module, table: LatencyTable, backend: Backend, fit_sampl
         heldout_samples = available - fit_samples
         log.warning("the lattice has %d sub-network configurations: %d fitted, %d held out", available,
                     fit_samples, heldout_samples)
-    fit_w = random_width_sets(lattice, fit_samples, gen, {full_key})
-    held_w = random_width_sets(lattice, heldout_samples, gen, {full_key} | {tuple(sorted(w.items())) for w in fit_w})
+    inner = _inner_groups(table)
+    fit_w = random_width_sets(lattice, fit_samples, gen, {full_key}, inner)
+    held_w = random_width_sets(lattice, heldout_samples, gen, {full_key} | {tuple(sorted(w.items())) for w in fit_w},
+                               inner)
     ChannelGraph(model, example)  # fail early, with the slimming error, on a model that cannot be slimmed
     subnets = [prune_structure(model, example, masks_for(w, sizes, gen))
                for w in tqdm(fit_w + held_w, desc="build sub-networks", disable=not progress)]
