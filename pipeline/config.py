@@ -205,6 +205,8 @@ class PruneConfig(Section):
     multiple: int | None = Field(None, ge=1, le=512, description="kept widths in multiples of this; null: the "
                                  "latency table's measured step")
     band: tuple[float, float] = Field((0.9, 1.0), description="closed loop stops when measured / budget is in it")
+    aim: float = Field(0.5, ge=0.0, le=1.0, description="where in the band training and the width allocation aim: "
+                       "0 its bottom, 0.5 its middle, 1 its top (lowered by the measured noise)")
     max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")
     loop_val_samples: int = Field(1000, ge=1, le=1000000, description="validation images scoring loop steps")
     finetune_epochs: int = Field(0, ge=0, le=100000, description="optional recovery fine-tune after hardening")

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         m = read_json(pr)
         print(f"prune: budget {m['budget_ms']:.4f} ms, measured {m['measured_ms']:.4f} ms ({m['measured_over_budget']:.3f} "
               f"of budget, {m['loop_status']}), predicted {m['predicted_ms']:.4f} ms; closed loop "
-              f"{m['loop_iterations']} iteration(s)")
+              f"{m['loop_iterations']} iteration(s); {len(m.get('removed_blocks', []))} of "
+              f"{m.get('removable_blocks', 0)} removable blocks removed; smallest reachable network "
+              f"{m['smallest_network_ms'] / m['student_ms']:.3f} of the student")
     prep = args.metrics_dir / "prepare.json"
     if prep.is_file():
         m = read_json(prep)

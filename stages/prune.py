@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "noise": noise})
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
-        aim_ms = budget_ms * (band[0] + band[1]) / 2
+        aim_ms = budget_ms * (band[0] + cfg.aim * (band[1] - band[0]))
         steps_per_epoch = epoch_steps(len(data.train.y), train_cfg.batch_size, ctx.world_size)
         penalty = BudgetPenalty(net, predictor, aim_ms, cfg.dual_lr, cfg.sparsity, steps_per_epoch)
         plain_student = copy.deepcopy(student)

@@ -315,6 +315,14 @@ def c_table_other_network(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _prune(world, tmp, tmp / "table.json")
 
 
+def c_table_without_blocks(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    table = json.loads((world["dir"] / "prof" / "table.json").read_text())
+    assert table["blocks"], "the tiny student must have a removable block for this case"
+    del table["blocks"]  # a table written before depth pruning
+    (tmp / "table.json").write_text(json.dumps(table))
+    return _prune(world, tmp, tmp / "table.json")
+
+
 def _masks(world: dict, tmp: Path, edit: Callable[[dict], None]) -> Path:
     masks = json.loads((world["dir"] / "pr" / "masks.json").read_text())
     edit(masks)
@@ -328,6 +336,22 @@ def c_masks_unknown_group(world: dict, tmp: Path) -> tuple[int, list[Path]]:
 
 def c_masks_empty_group(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _slim(world, tmp, _masks(world, tmp, lambda m: m["kept"].update({next(iter(m["kept"])): []})))
+
+
+def c_masks_bad_block(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # stages.1.0 has a projection shortcut (stride 2): it cannot be removed
+    return _slim(world, tmp, _masks(world, tmp, lambda m: m["kept"].update({"block:stages.1.0": []})))
+
+
+def c_engine_torch_int8(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from stages import engine
+
+    w = world["dir"]
+    params = _params(tmp, engine={"backend": "torch", "precision": "int8", "timing_passes": 2, "timing_span_s": 0.0})
+    code = engine.main(["--params", str(params), "--data", str(w / "prep"), "--onnx", str(w / "x" / "model.onnx"),
+                        "--pruned", str(w / "pr" / "masks.json"), "--model", str(w / "s" / "model.pt"),
+                        "--out-dir", str(tmp / "e"), "--metrics", str(tmp / "em.json")])
+    return code, [tmp / "e", tmp / "em.json"]
 
 
 def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
@@ -441,6 +465,12 @@ CASES = [
     Case("masks-unknown-group", "masks.json naming a group the network lacks", "unknown channel group",
          c_masks_unknown_group),
     Case("masks-empty-group", "masks.json emptying a group", "removes all", c_masks_empty_group),
+    Case("masks-bad-block", "masks.json removing a block with a projection shortcut", "removable blocks:",
+         c_masks_bad_block),
+    Case("table-without-blocks", "`prune.depth: true` with a latency table from before depth pruning",
+         "prices no removal of the blocks", c_table_without_blocks),
+    Case("engine-torch-int8", "`engine.backend: torch` with `engine.precision: int8`", "int8 is TensorRT only",
+         c_engine_torch_int8),
     Case("masks-not-json", "masks.json that is not JSON", "is not valid JSON", c_masks_not_json),
     Case("bundle-missing-file", "a bundle without model.onnx", "listed in manifest.json is missing",
          c_bundle_missing_file),
