@@ -19,29 +19,17 @@ import json
 from datetime import date
 
 import torch
-from torch import nn
 
 from benchmarks._runner import machine
 from models import build_model
 from pipeline.flops import count_params
 from pipeline.latency import TimingProtocol, make_backend
 from pipeline.slim import block_masks, magnitude_masks, residual_blocks, slim
+from tests.conftest import randomise_bn
 
 STUDENT = {"blocks": [1, 3, 2], "stage_widths": [16, 29, 51], "stem_width": 16,
            "mid_widths": [[14], [26, 29, 32], [58, 51]]}
 
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(torch.rand(n, generator=gen) - 0.3)
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model.eval()
 
 
 def main() -> None:
@@ -62,7 +50,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for arch, cfg, shape in nets:
         torch.manual_seed(0)
-        model = randomise(build_model(arch, num_classes=10, in_channels=shape[0], **cfg))
+        model = randomise_bn(build_model(arch, num_classes=10, in_channels=shape[0], **cfg))
         example = torch.zeros(1, *shape)
         channels = magnitude_masks(model, example, 0.5, multiple=8)
         blocks = sorted(residual_blocks(model))[::2]

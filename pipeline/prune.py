@@ -61,11 +61,12 @@ from torch import nn
 
 from pipeline.errors import SlimdeployError
 from pipeline.latency.table import grid_values
-from pipeline.slim import BLOCK, ChannelGraph, is_block, residual_blocks, tensor_consumers
+from pipeline.slim import BLOCK, ChannelGraph, groups_inside_blocks, is_block, residual_blocks, tensor_consumers
 
 log = logging.getLogger(__name__)
 
 _RELUS = (nn.ReLU, nn.ReLU6)
+_LEARNED = ("gate", "block")  # kinds whose keep probability is a learned logit
 
 
 class BudgetError(SlimdeployError):
@@ -156,7 +157,7 @@ class SoftMaskedNet(nn.Module):
         self.eps, self.sharpness, self.threshold, self.mask_tau = eps, sharpness, threshold, mask_tau
         init = math.log(gate_init / (1 - gate_init))
         self.gates = nn.ParameterDict({
-            _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind in ("gate", "block")})
+            _key(g.name): nn.Parameter(torch.full((g.size,), init)) for g in self.groups if g.kind in _LEARNED})
         self.register_buffer("lam", torch.zeros(()))
         self.register_buffer("budget_scale", torch.ones(()))  # BudgetPenalty's calibration, resumed with the weights
         self.fixed: dict[str, torch.Tensor] | None = None
@@ -206,7 +207,7 @@ class SoftMaskedNet(nn.Module):
     def keep_prob(self, g: PruneGroup, straight_through: bool = False) -> torch.Tensor:
         """Per-channel keep probability (float32). ``straight_through``: the value of the sharpened
         probability with the gradient of 1 - q (scp groups only; see module docstring)."""
-        if g.kind in ("gate", "block"):
+        if g.kind in _LEARNED:
             return torch.sigmoid(self.gates[_key(g.name)].float())
         q = self.deactivation(g).float()
         keep = 1 - torch.sigmoid(self.sharpness * (q - self.threshold))
@@ -223,7 +224,7 @@ class SoftMaskedNet(nn.Module):
         that the channel is in use, without the sharpening (which saturates at 0 or 1): 1 - q for
         scp groups (BatchNorm then ReLU passes it), the keep probability for gated groups."""
         with torch.no_grad():
-            return {g.name: (self.keep_prob(g) if g.kind in ("gate", "block") else 1 - self.deactivation(g)).float().cpu()
+            return {g.name: (self.keep_prob(g) if g.kind in _LEARNED else 1 - self.deactivation(g)).float().cpu()
                     for g in self.groups}
 
     def allocation_values(self) -> dict[str, torch.Tensor]:
@@ -302,17 +303,9 @@ class BudgetPenalty:
 
 
 def inner_groups(groups: list[PruneGroup]) -> dict[str, str]:
-    """Channel group -> the block (``"block:<name>"``) it lies inside: every output-side BatchNorm
-    of the group belongs to that block. Such a group stops mattering once its block is removed."""
-    blocks = [g.name for g in groups if g.kind == "block"]
-    out = {}
-    for g in groups:
-        if g.kind == "block" or not g.bns:
-            continue
-        for b in blocks:
-            if all(n.startswith(b[len(BLOCK):] + ".") for n in g.bns):
-                out[g.name] = b
-    return out
+    """Channel group -> the block (``"block:<name>"``) holding all its output-side BatchNorms."""
+    return groups_inside_blocks({g.name: g.bns for g in groups if g.kind != "block"},
+                                [g.name[len(BLOCK):] for g in groups if g.kind == "block"])
 
 
 def _live(g: str, widths: Mapping[str, int], inside: Mapping[str, str]) -> bool:

@@ -27,7 +27,7 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,19 @@ def residual_blocks(model: nn.Module) -> dict[str, str]:
             branch = f"conv.{len(m.conv) - 1}"
         if branch is not None and isinstance(m.get_submodule(branch), nn.BatchNorm2d):
             out[name] = f"{name}.{branch}" if name else branch
+    return out
+
+
+def groups_inside_blocks(outputs: Mapping[str, Iterable[str]], blocks: Iterable[str]) -> dict[str, str]:
+    """Channel group -> ``"block:<name>"`` of the block that holds every module producing the
+    group (``outputs``: group -> its output-side module names; ``blocks``: block module names).
+    Such a group stops mattering once its block is removed."""
+    out = {}
+    for g, names in outputs.items():
+        names = list(names)
+        for b in blocks:
+            if names and all(n.startswith(b + ".") for n in names):
+                out[g] = BLOCK + b
     return out
 
 

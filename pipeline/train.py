@@ -81,15 +81,18 @@ class GraphedStep:
     batch 128 with the eager loop). The batch is copied into static buffers; the optimiser must
     read its learning rate from a device tensor (``torch.optim.SGD(lr=tensor, fused=True)``), which
     the scheduler updates in place between replays. Anything that reads a value back to the host
-    inside the step cannot be captured: the caller falls back to the eager step then."""
+    inside the step cannot be captured: ``CaptureFailed`` then, and the caller falls back to the
+    eager step. A call runs one full batch: eagerly on a side stream for the first
+    ``GRAPH_WARMUP_STEPS`` calls (capture warm-up), then captures, then replays."""
 
     def __init__(self, net: nn.Module, criterion: Criterion, opt: torch.optim.Optimizer, device: torch.device,
                  amp: bool) -> None:
         self.net, self.criterion, self.opt, self.device, self.amp = net, criterion, opt, device, amp
         self.graph: torch.cuda.CUDAGraph | None = None
         self.side = torch.cuda.Stream(device)
+        self.warm_steps = 0
 
-    def eager_on_side_stream(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_on_side_stream(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A normal step, run on a side stream as capture warm-up requires."""
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
@@ -102,7 +105,7 @@ class GraphedStep:
         torch.cuda.current_stream(self.device).wait_stream(self.side)
         return logits, loss
 
-    def capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    def _capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.x, self.y = xb.clone(), yb.clone()  # static buffers with the batch's layout (channels_last)
         self.opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
@@ -115,10 +118,24 @@ class GraphedStep:
         self.graph = graph
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None:
+            if self.warm_steps < GRAPH_WARMUP_STEPS:
+                self.warm_steps += 1
+                return self._eager_on_side_stream(xb, yb)
+            try:
+                self._capture(xb, yb)  # records the step without running it: replayed below
+            except Exception as err:  # noqa: BLE001 - whatever the capture hit, the eager step is correct
+                torch.cuda.synchronize(self.device)
+                self.opt.zero_grad(set_to_none=True)
+                raise CaptureFailed(f"CUDA graph capture failed ({type(err).__name__}: {str(err)[:200]})") from err
         self.x.copy_(xb)
         self.y.copy_(yb)
         self.graph.replay()
         return self.logits, self.loss
+
+
+class CaptureFailed(RuntimeError):
+    """The training step could not be captured as a CUDA graph."""
 
 
 # How often the loss is checked for NaN/inf: every step where reading it costs nothing (CPU), every
@@ -289,7 +306,6 @@ def train_classifier(
     show = cfg.progress and ctx.is_main
     check_every = 1 if device.type == "cpu" else CHECK_EVERY_CUDA
     step_runner = GraphedStep(net, criterion, opt, device, cfg.amp) if graphed else None
-    graph_steps = 0
     amp_on = cfg.amp and device.type == "cuda"
 
     def diverged(value: float, epoch: int, step: str) -> TrainingDiverged:
@@ -319,23 +335,17 @@ def train_classifier(
             xb = normalize(xb, mean, std)
             if use_cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            full = len(idx) == per_rank
-            if step_runner is not None and step_runner.graph is None and full and graph_steps >= GRAPH_WARMUP_STEPS:
+            graph_step = step_runner is not None and len(idx) == per_rank  # the graph is shaped for full batches
+            if graph_step:
                 try:
-                    step_runner.capture(xb, yb)
-                    step_mode = "cuda graph"
-                except Exception as err:  # noqa: BLE001 - the eager step is always correct
-                    torch.cuda.synchronize(device)
-                    step_mode = f"eager: CUDA graph capture failed ({type(err).__name__}: {str(err)[:200]})"
+                    logits, loss = step_runner(xb, yb)
+                    if step_runner.graph is not None:
+                        step_mode = "cuda graph"
+                except CaptureFailed as err:
+                    step_mode = f"eager: {err}"
                     log.warning("%s: %s", desc, step_mode)
-                    step_runner = None
-                    opt.zero_grad(set_to_none=True)
-            if step_runner is not None and step_runner.graph is not None and full:
-                logits, loss = step_runner(xb, yb)
-            elif step_runner is not None and full:  # warm-up before the capture
-                logits, loss = step_runner.eager_on_side_stream(xb, yb)
-                graph_steps += 1
-            else:  # eager (also a graph run's short last batch: the graph is shaped for full ones)
+                    step_runner, graph_step = None, False
+            if not graph_step:  # eager (also a graph run's short last batch)
                 with _autocast(device, cfg.amp, cache=step_runner is None):
                     logits = net(xb)
                     loss = criterion(logits.float(), yb, xb)

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"profile, or set prune.depth: false")
         multiple = cfg.multiple or table.step
         allowed = allowed_for(groups, multiple, table.meta["min_fraction"])
+        inside = inner_groups(groups)  # channel groups that stop mattering when their block is removed
 
         # --- the budget, and whether the smallest allowed network can meet it (before training)
         sizes = {g.name: g.size for g in groups}
@@ -214,14 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                      loop.measured_ms)
         else:
             if cfg.allocation == "knapsack":
-                alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms,
-                                                  inner_groups(groups))
+                alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms, inside)
                 masks = masks_for_widths(keep, alloc)
                 log.info("allocated widths for %.4f ms (predicted %.4f ms): %s", aim_ms, alloc_ms, alloc)
             else:
                 masks = harden(net.keep_probs(), allowed)
             loop = closed_loop(masks, keep, allowed, budget_ms, measure, lambda w: predictor(w).item(), cost,
-                               band, cfg.max_iterations, inner_groups(groups))
+                               band, cfg.max_iterations, inside)
             if loop.status != "unreachable":
                 write_json(state_dir / "decision.json", {
                     "key": fingerprint, "kept": {g: m.nonzero().flatten().tolist() for g, m in loop.masks.items()},

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from pipeline.config import PrepareConfig
 from pipeline.data import PreparedData, load_prepared, load_source, prepare_splits, save_prepared
@@ -54,3 +55,19 @@ def make_imagefolder(
             for i in range(per_class):
                 write_image(root / s / c / f"{i:03d}.{ext}", size, seed=hash((s, ci, i)) % 2**32, fmt=fmt)
     return root
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and shifts, so a removed channel would carry a constant (BN shift
+    through ReLU) if masking did not zero it, and a residual branch is not the identity its
+    zero-initialised last BN makes it: equivalence then really is tested. Returns ``model.eval()``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(torch.rand(n, generator=gen) - 0.3)
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+    return model.eval()

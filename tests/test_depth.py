@@ -12,32 +12,18 @@ from torch import nn
 from models import build_model
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import ConfigError
-from pipeline.latency import build_table
+from pipeline.latency import build_table, make_backend
 from pipeline.latency.calibrate import random_width_sets
-from pipeline.latency.timing import TimingProtocol
-from pipeline.latency import make_backend
 from pipeline.prune import SoftMaskedNet, allocate_widths, allowed_for, closed_loop, harden, prune_groups, widths_of
 from pipeline.slim import (BLOCK, apply_masks, block_masks, channel_groups, dropped_blocks, load_slimmed_model,
                            masks_from_kept, random_masks, residual_blocks, slim)
+from tests.conftest import randomise_bn
+from tests.test_latency import FAST
 
 # The searched student of the default pipeline has this form: uneven blocks, widths and inner widths.
 STUDENT = {"blocks": [3, 2, 2], "stage_widths": [12, 24, 40], "stem_width": 12,
            "mid_widths": [[8, 12, 5], [20, 9], [33, 17]]}
 
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-zero residual branches (the zero-init last BN would make every block an identity
-    already, and block removal trivially exact)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(torch.rand(n, generator=gen) - 0.3)
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model.eval()
 
 
 def test_removable_blocks_are_the_identity_shortcut_ones() -> None:
@@ -58,7 +44,7 @@ def test_removable_blocks_are_the_identity_shortcut_ones() -> None:
     ("mobilenetv2", {"width_mult": 0.5}, 32),
 ])
 def test_slimming_with_blocks_removed_equals_the_masked_network(arch: str, cfg: dict, size: int, tmp_path: Path) -> None:
-    model = _randomise_bn(build_model(arch, num_classes=10, in_channels=3, **cfg))
+    model = randomise_bn(build_model(arch, num_classes=10, in_channels=3, **cfg))
     example = torch.zeros(1, 3, size, size)
     blocks = sorted(residual_blocks(model))
     dropped = blocks[::2]  # every other removable block, with random channel masks on top
@@ -94,9 +80,6 @@ def test_bad_block_masks_are_clear_errors() -> None:
         apply_masks(model, example, {"block:stages.0.1": torch.tensor([False, True])})
     with pytest.raises(ConfigError, match=r"must be \[0\] \(kept\) or \[\] \(removed\)"):
         masks_from_kept(channel_groups(model, example), {"block:stages.0.1": [3]})
-
-
-FAST = TimingProtocol(passes=2, window_s=0.0005, min_calls=2, warmup=1, min_span_s=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +120,7 @@ def test_table_prices_a_removed_block_as_its_units(table_model) -> None:  # noqa
 
 
 def test_block_gates_train_and_a_fixed_removal_equals_the_masked_network() -> None:
-    model = _randomise_bn(build_model("cifar_resnet", num_classes=4, in_channels=1, **STUDENT))
+    model = randomise_bn(build_model("cifar_resnet", num_classes=4, in_channels=1, **STUDENT))
     example = torch.zeros(1, 1, 8, 8)
     groups = prune_groups(model, example, depth=True)
     blocks = [g for g in groups if g.kind == "block"]
@@ -159,7 +142,7 @@ def test_block_gates_train_and_a_fixed_removal_equals_the_masked_network() -> No
 
 
 def test_allocation_harden_and_closed_loop_remove_and_restore_blocks() -> None:
-    model = _randomise_bn(build_model("cifar_resnet", num_classes=4, in_channels=1, **STUDENT))
+    model = randomise_bn(build_model("cifar_resnet", num_classes=4, in_channels=1, **STUDENT))
     example = torch.zeros(1, 1, 8, 8)
     groups = prune_groups(model, example, depth=True)
     allowed = allowed_for(groups, 4, 0.25)

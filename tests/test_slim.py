@@ -6,35 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from models import build_model
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.errors import ConfigError
+from tests.conftest import randomise_bn
 from pipeline.slim import (
     SlimError, apply_masks, channel_groups, load_slimmed_model, magnitude_masks, random_masks, slim, validate_masks,
 )
 
 
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and shifts, so a removed channel would carry a constant
-    (BN shift through ReLU) if masking did not zero it: equivalence then really is tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(torch.rand(n, generator=gen) - 0.3)
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model.eval()
-
 
 def _check(arch: str, size: int, channels: int = 3, seed: int = 0, **cfg: object) -> None:
     torch.manual_seed(seed)
-    model = _randomise_bn(build_model(arch, num_classes=10, in_channels=channels, **cfg), seed)
+    model = randomise_bn(build_model(arch, num_classes=10, in_channels=channels, **cfg), seed)
     example = torch.zeros(1, channels, size, size)
     groups = channel_groups(model, example)
     assert groups, f"{arch}: no prunable groups found"
@@ -86,7 +72,7 @@ def test_unsupported_models_fail_clearly(name: str, reason: str) -> None:
 
 
 def test_removed_channels_carry_exact_zeros() -> None:
-    model = _randomise_bn(build_model("resnet_tiny", num_classes=3, in_channels=1))
+    model = randomise_bn(build_model("resnet_tiny", num_classes=3, in_channels=1))
     example = torch.zeros(1, 1, 8, 8)
     groups = {g.name: g for g in channel_groups(model, example)}
     name = "stages.0.0.conv1"  # an inner group: conv1 -> bn1 -> relu
@@ -115,7 +101,7 @@ def test_bad_masks_are_clear_errors() -> None:
 
 
 def test_slimmed_checkpoint_rebuilds_from_manifest(tmp_path: Path) -> None:
-    model = _randomise_bn(build_model("resnet20", num_classes=5, in_channels=1, width_mult=0.5))
+    model = randomise_bn(build_model("resnet20", num_classes=5, in_channels=1, width_mult=0.5))
     example = torch.zeros(1, 1, 8, 8)
     masks = magnitude_masks(model, example, 0.5)
     result = slim(model, example, masks)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline.latency.backends import Backend
 from pipeline.latency.table import LatencyTable
 from pipeline.latency.timing import Timing, TimingProtocol
-from pipeline.slim import ChannelGraph, is_block, prune_structure
+from pipeline.slim import BLOCK, ChannelGraph, groups_inside_blocks, is_block, prune_structure
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,6 @@ def fit_scale_offset(raw: Sequence[float], measured: Sequence[float]) -> tuple[f
     if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0:
         return fallback
     return scale, offset
-
-
-def _inner_groups(table: LatencyTable) -> dict[str, str]:
-    """Channel group -> the block key whose convolutions are the only ones producing it."""
-    producers: dict[str, set[str]] = {}
-    for layer in table.layers:
-        if layer.get("out_group") and layer.get("name"):
-            producers.setdefault(layer["out_group"], set()).add(layer["name"])
-    return {g: "block:" + b for g, names in producers.items() for b, convs in table.blocks.items() if names <= set(convs)}
 
 
 def random_width_sets(lattice: dict[str, list[int]], count: int, generator: torch.Generator,
@@ -146,7 +137,7 @@ def calibrate(model: nn.Module, table: LatencyTable, backend: Backend, fit_sampl
     network included) and report the error on the second. Modifies ``table.calibration``."""
     input_shape = tuple(table.model["input_shape"])
     example = torch.zeros(1, *input_shape)
-    sizes = {**table.groups, **{b: 1 for b in table.lattice(blocks=True) if is_block(b)}}
+    sizes = {**table.groups, **{BLOCK + b: 1 for b in table.blocks}}
     gen = torch.Generator().manual_seed(seed)
     lattice = table.lattice(blocks=True)
     full_key = tuple(sorted(sizes.items()))
@@ -156,7 +147,11 @@ def calibrate(model: nn.Module, table: LatencyTable, backend: Backend, fit_sampl
         heldout_samples = available - fit_samples
         log.warning("the lattice has %d sub-network configurations: %d fitted, %d held out", available,
                     fit_samples, heldout_samples)
-    inner = _inner_groups(table)
+    producers: dict[str, list[str]] = {}
+    for layer in table.layers:
+        if layer.get("out_group") and layer.get("name"):
+            producers.setdefault(layer["out_group"], []).append(layer["name"])
+    inner = groups_inside_blocks(producers, table.blocks)
     fit_w = random_width_sets(lattice, fit_samples, gen, {full_key}, inner)
     held_w = random_width_sets(lattice, heldout_samples, gen, {full_key} | {tuple(sorted(w.items())) for w in fit_w},
                                inner)
