@@ -15,7 +15,9 @@ With DVC the same sweep is `dvc exp run --queue -S prune.latency_budget=B -S pru
 -S compare.seed=S` per pair, then `dvc exp run --run-all` (benchmarks/prune_budgets.py does that
 for budgets). `--set key=value` changes params for every run (ablations); `--only-ours` skips the
 baselines. A budget out of reach is reported as such, not left out. Re-running skips the pairs whose
-metrics exist.
+metrics exist. Writes `table.md`, `rows.json`, and the Pareto plot `pareto.png` (mean accuracy
+against mean measured latency per method and budget, error bars one standard deviation over the
+seeds; its points in `pareto.json`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,32 @@ def table(rows: list[dict], baselines: bool) -> str:
     return "\n".join(lines)
 
 
+def pareto_points(rows: list[dict]) -> list[dict]:
+    """Per budget and method: mean test accuracy and mean measured latency over the seeds, each with
+    its standard deviation as the error bar. With baselines, every method's latency is the compare
+    stage's final measurement (all final networks and the student in one interleaved run)."""
+    points = []
+    for b in sorted({r["budget"] for r in rows}):
+        rs = [r for r in rows if r["budget"] == b and "failed" not in r]
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in rs:
+            c = r.get("compare", {})
+            series.setdefault("student", []).append((r["prune"]["student_ms"], r["prune"]["test_acc_student"]))
+            series.setdefault("ours", []).append((c.get("ours", {}).get("measured_ms", r["prune"]["measured_ms"]),
+                                                  r["prune"]["test_acc"]))
+            for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1")):
+                if m in c:
+                    series.setdefault(label, []).append((c[m]["measured_ms"], c[m]["test_acc"]))
+        for method, v in series.items():
+            ms, acc = [x[0] for x in v], [x[1] for x in v]
+            sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+            points.append({"method": method, "budget": b, "seeds": len(v), "latency_ms": statistics.mean(ms),
+                           "latency_err": sd(ms), "accuracy": statistics.mean(acc), "accuracy_err": sd(acc)})
+    # the student is one network: one point, over every budget's runs
+    st = [p for p in points if p["method"] == "student"]
+    return [p for p in points if p["method"] != "student"] + st[:1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--upstream", type=Path, required=True, help="work directory with artifacts/{prepare,teachers,"
@@ -142,6 +170,13 @@ def main() -> int:
             f"overrides {args.set or 'none'}\n\n" + table(rows, not args.only_ours))
     print("\n" + text)
     write_results(args.out, "rows.json", rows, text)
+    points = pareto_points(rows)
+    if points:
+        from pipeline.plots import pareto_png
+
+        (args.out / "pareto.json").write_text(json.dumps(points, indent=1))
+        pareto_png(points, args.out / "pareto.png", f"accuracy vs measured latency, {len(args.seeds)} seeds ({machine()})",
+                   "points: mean over seeds; error bars: standard deviation over seeds (accuracy and measured latency)")
     return 0
 
 

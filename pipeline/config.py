@@ -183,8 +183,13 @@ class PruneConfig(Section):
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
     epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
-    settle_fraction: float = Field(0.75, ge=0.0, lt=1.0, description="last fraction of the epochs training the "
+    method: Literal["scp", "taylor"] = Field("taylor", description="how channels and blocks are ranked: scp = SCP soft "
+                                            "masks trained for the first (1 - settle_fraction) of the epochs; taylor = "
+                                            "first-order Taylor importance of the student (HALP), no search epochs")
+    settle_fraction: float = Field(0.75, ge=0.0, lt=1.0, description="scp: last fraction of the epochs training the "
                                    "decided network (masks fixed); the rest searches the masks; 0: pure SCP")
+    taylor_batches: int = Field(32, ge=1, le=100000, description="taylor: training batches the importance is "
+                                "averaged over (at most one epoch's)")
     allocation: Literal["knapsack", "threshold"] = Field("knapsack", description="how widths are decided after the "
                                                          "mask search: knapsack = least importance lost per ms saved "
                                                          "(latency table); threshold = channels with keep > 0.5")
@@ -226,6 +231,9 @@ class PruneConfig(Section):
                              "(budget_unit: fraction) and must be <= 1; use budget_unit: ms for milliseconds")
         if self.optimizer.warmup_epochs >= self.epochs:
             raise ValueError("optimizer.warmup_epochs must be < epochs")
+        if self.method == "taylor" and self.allocation != "knapsack":
+            raise ValueError("method: taylor ranks channels by importance, which only allocation: knapsack uses "
+                             "(threshold reads the soft masks' keep probabilities); set allocation: knapsack")
         return self
 
 

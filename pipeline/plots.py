@@ -106,14 +106,27 @@ def widths_png(rows: Sequence[dict[str, object]], path: str | Path, title: str) 
     _save(fig, path)
 
 
-def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str) -> None:
-    """Accuracy against measured latency, one series per ``method``; points joined in latency order."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str, note: str = "") -> None:
+    """Accuracy against measured latency, one series per ``method``; points joined in latency order.
+    A point may carry error bars: ``accuracy_err`` (a fraction, symmetric) and ``latency_err`` (ms:
+    one value, symmetric, or [below, above]); ``note`` says what they are."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method in dict.fromkeys(str(p["method"]) for p in points):
-        pts = sorted((float(p["latency_ms"]), 100 * float(p["accuracy"])) for p in points if p["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=method)
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: float(p["latency_ms"]))
+        x = [float(p["latency_ms"]) for p in pts]
+        y = [100 * float(p["accuracy"]) for p in pts]
+        yerr = [100 * float(p.get("accuracy_err", 0.0)) for p in pts]
+        lat = [p.get("latency_err", 0.0) for p in pts]
+        xerr = [[float(e[0]) if isinstance(e, (list, tuple)) else float(e) for e in lat],
+                [float(e[1]) if isinstance(e, (list, tuple)) else float(e) for e in lat]]
+        has_err = any(yerr) or any(xerr[0]) or any(xerr[1])
+        ax.errorbar(x, y, yerr=yerr if has_err else None, xerr=xerr if has_err else None,
+                    fmt="o-" if len(pts) > 1 else "o", capsize=3, label=method)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom")
+        fig.subplots_adjust(bottom=0.17)
     _save(fig, path)

@@ -1,6 +1,12 @@
-"""Differentiable channel pruning under a latency budget measured on the target.
+"""Channel and block pruning under a latency budget measured on the target.
 
-Soft channel pruning (SCP, Kang & Han, ICML 2020) extended with a latency lookup table:
+Two rankings of what to cut share the width allocation and the closed loop below:
+
+* ``taylor_importance`` (the stage's default, ``method: taylor``): first-order Taylor importance
+  of every channel and block in the trained student (HALP's criterion); the widths are decided at
+  once and every epoch trains the decided network.
+* Soft channel pruning (SCP, Kang & Han, ICML 2020) extended with a latency lookup table
+  (``method: scp``), the rest of this docstring:
 
 * Every channel group (``pipeline.slim``) gets a per-channel *keep probability*.
   - ``scp`` groups, whose every output-side BatchNorm feeds a ReLU directly (e.g. the inner
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -252,6 +258,37 @@ class SoftMaskedNet(nn.Module):
                     bn = self._modules_by_name[b]
                     total = total + (bn.bias + 2 * bn.weight.abs()).sum()
         return total
+
+
+def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance of every channel and block (Molchanov et al., CVPR 2019, as
+    HALP uses it): a mask m = 1 multiplies each group's outputs (the block's residual branch for a
+    block), and a channel's importance is the mean over ``batches`` of (dL/dm_c)^2, the squared
+    first-order change of the loss when it is removed. Every group, coupled or not, and every
+    block is on that one scale, so the knapsack compares them directly. BatchNorm runs on its
+    running statistics and nothing in ``net`` changes. ``batches``: (normalised inputs, labels)
+    on the network's device; ``criterion(logits, labels, inputs)`` is the training loss."""
+    was = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    ones = {g.name: torch.ones(g.size, device=device, requires_grad=True) for g in net.groups}
+    total = {g: torch.zeros(t.numel(), dtype=torch.float64) for g, t in ones.items()}
+    seen = 0
+    net.fixed = ones
+    try:
+        for x, y in batches:
+            grads = torch.autograd.grad(criterion(net(x), y, x), list(ones.values()))
+            for g, grad in zip(ones, grads):
+                total[g] += grad.detach().double().cpu() ** 2
+            seen += 1
+    finally:
+        net.fixed = None
+        net.train(was)
+    if not seen:
+        raise ValueError("taylor_importance: no batches")
+    return {g: (t / seen).float() for g, t in total.items()}
 
 
 def _key(name: str) -> str:

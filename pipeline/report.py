@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['max_abs_diff_vs_masked']:.1e}")
     if pr.is_file():
         m = read_json(pr)
-        print(f"prune: budget {m['budget_ms']:.4f} ms, measured {m['measured_ms']:.4f} ms ({m['measured_over_budget']:.3f} "
+        print(f"prune ({m.get('method', 'scp')}): budget {m['budget_ms']:.4f} ms, measured {m['measured_ms']:.4f} ms ({m['measured_over_budget']:.3f} "
               f"of budget, {m['loop_status']}), predicted {m['predicted_ms']:.4f} ms; closed loop "
               f"{m['loop_iterations']} iteration(s); {len(m.get('removed_blocks', []))} of "
               f"{m.get('removable_blocks', 0)} removable blocks removed; smallest reachable network "

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = backend.measure_many([student, *finals.values()], shape)
         for (name, _), t in zip(finals.items(), timings[1:]):
             ms = student_ms * t.ms / timings[0].ms
-            result[name].update(measured_ms=ms, measured_over_budget=ms / budget_ms,
+            result[name].update(measured_ms=ms, measured_spread=t.spread, measured_over_budget=ms / budget_ms,
                                 in_band=band[0] * budget_ms <= ms <= band[1] * budget_ms)
         for method in cfg.methods:
             result[f"ours_minus_{method}"] = result["ours"]["test_acc"] - result[method]["test_acc"]

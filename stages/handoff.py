@@ -4,6 +4,7 @@ plots (accuracy against measured latency for teachers, student and pruned model;
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import subprocess
@@ -132,14 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         entries = [("teachers", n, load_model(Path(args.teachers) / f"{n}.pt")[0]) for n in names]
         entries += [("student", "student", load_model(args.student)[0]), ("pruned (ours)", "pruned", slimmed)]
         timings = backend.measure_many([m for _, _, m in entries], shape)  # interleaved: the same conditions
-        points = [{"method": method, "name": n, "latency_ms": t.ms, "accuracy": test_accuracy(m, data, cpu)}
+        n_test = len(data.test.y)
+
+        def point(method: str, name: str, ms: float, spread: float, acc: float) -> dict:
+            # error bars: the binomial standard error of an accuracy on n_test images, and from the
+            # fastest timing window (the estimate) up to the median window
+            return {"method": method, "name": name, "latency_ms": ms, "latency_err": [0.0, ms * max(0.0, spread)],
+                    "accuracy": acc, "accuracy_err": math.sqrt(acc * (1 - acc) / n_test)}
+
+        points = [point(method, n, t.ms, t.spread, test_accuracy(m, data, cpu))
                   for (method, n, m), t in zip(entries, timings)]
         if args.compare and Path(args.compare).is_file():
             cmp_ = read_json(args.compare)
+            ratio = cmp_["ours"]["measured_ms"] / timings[len(entries) - 1].ms if "measured_ms" in cmp_.get("ours", {}) else 1.0
             for key, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
+                # the baselines' latency relative to ours as the compare stage measured them (in one
+                # interleaved run), on the scale of this stage's measurement of ours
                 if key in cmp_:
-                    points.append({"method": label, "name": key, "latency_ms": cmp_[key]["measured_ms"],
-                                   "accuracy": cmp_[key]["test_acc"]})
+                    points.append(point(label, key, cmp_[key]["measured_ms"] / ratio,
+                                        float(cmp_[key].get("measured_spread", 0.0)), cmp_[key]["test_acc"]))
         table = LatencyTable.load(args.latency_table)
         held = table.calibration["heldout_metrics"]
         stair = table.meta.get("staircase", {})
@@ -157,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(engine_dir / eng["engine_file"], tmp / eng["engine_file"])
             shutil.copyfile(args.widths_png, tmp / "widths.png")
             pareto_png(points, tmp / "pareto.png",
-                       f"test accuracy vs latency on {target.backend}/{device_name}, batch {target.batch_size}")
+                       f"test accuracy vs latency on {target.backend}/{device_name}, batch {target.batch_size}",
+                       f"error bars: accuracy +-1 standard error on {n_test} test images; latency from the fastest "
+                       "timing window (the estimate) to the median one. One run: seeds spread more (docs/BENCHMARKS.md)")
             lat = eng["latency"]
             files = {f: sha256(tmp / f) for f in sorted({"model.onnx", eng["engine_file"], "widths.png", "pareto.png"})}
             h, w = data.meta["image_size"]

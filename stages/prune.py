@@ -1,6 +1,9 @@
-"""prune: SCP soft channel pruning of the student, jointly with oracle distillation, until the
-network measured on the target meets the latency budget (closed loop). Writes the masks and the
-masked checkpoint that `slim` turns into a smaller dense network."""
+"""prune: channel and block pruning of the student under a latency budget on the target. The
+channels and blocks are ranked by their Taylor importance in the student (``method: taylor``) or
+by SCP soft masks trained jointly with oracle distillation (``method: scp``); the widths are
+allocated on the latency table and adjusted in a closed loop until the network measured on the
+target meets the budget; the decided network then trains with the masks fixed. Writes the masks
+and the masked checkpoint that `slim` turns into a smaller dense network."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from models import build_model
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
-from pipeline.data import load_prepared, normalize
+from pipeline.data import PreparedData, load_prepared, normalize
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.errors import ConfigError, SlimdeployError
 from pipeline.flops import count_flops, count_params
@@ -26,8 +30,8 @@ from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
-                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, prune_groups, top_mask,
-                            widths_of)
+                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, prune_groups,
+                            taylor_importance, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
@@ -42,6 +46,19 @@ def _read_state(path: Path, key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and state.get("key") == key else None
+
+
+def _taylor_batches(data: PreparedData, batch_size: int, count: int, seed: int,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` training batches (at most one epoch), in a seeded order, normalised, without
+    augmentation: what the Taylor importance is averaged over."""
+    mean, std = data.norm()
+    order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(seed))
+    for i in range(min(count, epoch_steps(len(order), batch_size))):
+        idx = order[i * batch_size: (i + 1) * batch_size]
+        if len(idx) < 2:
+            return
+        yield normalize(data.train.x[idx], mean, std).to(device), data.train.y[idx].to(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,27 +188,41 @@ def main(argv: list[str] | None = None) -> int:
                              budget_ms, data.meta["split_hashes"], ctx.world_size,
                              ref_key, noise)  # ref_key: the latency table and the target; noise sets the band
         resume = state_dir / "prune.pt"
-        settle = round(cfg.settle_fraction * cfg.epochs)
-        soft_epochs = max(1, cfg.epochs - settle)
-        settle = cfg.epochs - soft_epochs
+        if cfg.method == "taylor":  # no search epochs: every epoch trains the decided network
+            soft_epochs, settle = 0, cfg.epochs
+        else:
+            settle = round(cfg.settle_fraction * cfg.epochs)
+            soft_epochs = max(1, cfg.epochs - settle)
+            settle = cfg.epochs - soft_epochs
+        soft_history: list[dict[str, float]] = []
         try:
-            result = train_classifier(net, data, train_cfg, cfg.optimizer, epochs=soft_epochs, seed=cfg.seed,
-                                      device=device, ctx=ctx, criterion=criterion, resume_path=resume,
-                                      fingerprint=fingerprint, on_epoch_end=on_epoch_end, desc="prune",
-                                      graphable=False)  # the dual step reads the multiplier on the host
+            if soft_epochs:
+                soft_history = train_classifier(
+                    net, data, train_cfg, cfg.optimizer, epochs=soft_epochs, seed=cfg.seed, device=device, ctx=ctx,
+                    criterion=criterion, resume_path=resume, fingerprint=fingerprint, on_epoch_end=on_epoch_end,
+                    desc="prune", graphable=False).history  # the dual step reads the multiplier on the host
         finally:
             shutdown_distributed()
         if not ctx.is_main:
             return
-        # The last epoch's weights, not the best by validation: early epochs are over budget.
         cpu = torch.device("cpu")
-        net.to(cpu).eval()
-        keep = net.importance()  # unsaturated: ranks channels without the ties of the sharpened probability
-        values = net.allocation_values()  # the knapsack's: a block is worth the channels it takes away
+        if cfg.method == "taylor":
+            net.to(device)
+            keep = values = taylor_importance(net, _taylor_batches(data, train_cfg.batch_size, cfg.taylor_batches,
+                                                                   cfg.seed, device), distil)
+            log.info("Taylor importance of %d groups and blocks from %d training batches of the student",
+                     len(keep), min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size)))
+            net.to(cpu).eval()
+            soft_acc = None  # no soft masks
+        else:
+            # The last epoch's weights, not the best by validation: early epochs are over budget.
+            net.to(cpu).eval()
+            keep = net.importance()  # unsaturated: ranks channels without the ties of the sharpened probability
+            values = net.allocation_values()  # the knapsack's: a block is worth the channels it takes away
+            soft_acc = test_accuracy(net, data, cpu)  # the expected masks, before any channel is cut
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
         plain.load_state_dict(net.net.state_dict())
         plain.eval()
-        soft_acc = test_accuracy(net, data, cpu)  # the expected masks, before any channel is cut
 
         # --- harden, then the closed loop on the target
         mean, std = data.norm()
@@ -235,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         acc_decided = test_accuracy(apply_masks(plain, example, masks), data, cpu)
         # --- settling (the rest of the schedule) and the optional recovery fine-tune, masks fixed
-        history = list(result.history)
+        history = list(soft_history)
         for epochs, what in ((settle, "settle"), (cfg.finetune_epochs, "recovery fine-tune")):
             if not epochs:
                 continue
@@ -275,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "removed_blocks": dropped_blocks(masks),
             "predicted_ms": predicted_ms, "student_ms": student_ms,
         })
-        write_csv(plots / "history.csv", [{"phase": "soft masks", **h} for h in result.history] + history[len(result.history):])
+        write_csv(plots / "history.csv", [{"phase": "soft masks", **h} for h in soft_history] + history[len(soft_history):])
         rows = [{"group": g.name, "kind": g.kind, "full": g.size, "kept": final_widths.get(g.name, g.size)} for g in groups]
         write_csv(plots / "widths.csv", rows)
         widths_png(rows, plots / "widths.png",
@@ -292,14 +323,17 @@ def main(argv: list[str] | None = None) -> int:
             "loop_status": loop.status, "loop_reason": loop.reason, "loop_iterations": len(loop.history),
             "smallest_network_ms": floor_ms, "smallest_network_predicted_ms": floor_pred,
             "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_expected": soft_acc, "allocation": cfg.allocation,
+            "method": cfg.method, "taylor_batches": cfg.taylor_batches if cfg.method == "taylor" else None,
             "test_acc_at_decision": acc_decided,
             "acc_drop": acc_student - acc_pruned,
             "params_student": count_params(student), "params": count_params(slimmed),
             "flops_student": count_flops(student, shape), "flops": count_flops(slimmed, shape),
             "epochs": cfg.epochs, "soft_epochs": soft_epochs, "settle_epochs": settle,
             "finetune_epochs": cfg.finetune_epochs, "multiple": multiple,
-            "final_lambda": float(net.lam), "final_expected_ms": penalty.last_expected_ms,
-            "training_target_ms": aim_ms, "final_calibration": penalty.scale,
+            # the mask search's multiplier and expected latency (none with method: taylor)
+            "final_lambda": float(net.lam) if soft_epochs else None,
+            "final_expected_ms": penalty.last_expected_ms if soft_epochs else None,
+            "training_target_ms": aim_ms, "final_calibration": penalty.scale if soft_epochs else None,
             "groups": {k: sum(g.kind == k for g in groups) for k in ("scp", "gate", "fixed", "block")},
             "depth": cfg.depth, "removable_blocks": len(blocks), "removed_blocks": dropped_blocks(masks),
             "widths": final_widths, "backend": target.backend, "device": backend.fingerprint()["device"],

@@ -70,7 +70,8 @@ def test_teacher_killed_and_rerun_writes_the_identical_checkpoint(tmp_path: Path
 
 def _prune_world(tmp_path: Path, **prune: object) -> Callable[[str], list[str]]:
     params = write_params(tmp_path, train={"num_threads": 1},
-                          prune={"epochs": 6, "settle_fraction": 0.5, "progress": False, "band": [0.05, 1.0], **prune})
+                          prune={"method": "scp", "epochs": 6, "settle_fraction": 0.5, "progress": False,
+                                 "band": [0.05, 1.0], **prune})
     assert run_prepare(tmp_path, params) == 0
     assert run_teacher(tmp_path, params, "a") == 0 and run_teacher(tmp_path, params, "b") == 0
     assert run_profile(tmp_path, params, tmp_path / "prep") == 0
@@ -84,11 +85,12 @@ def _prune_world(tmp_path: Path, **prune: object) -> Callable[[str], list[str]]:
     return args
 
 
-@pytest.mark.parametrize("phase", ["prune", "settle"])
-def test_prune_killed_and_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path: Path, phase: str) -> None:
+@pytest.mark.parametrize(("method", "phase"), [("scp", "prune"), ("scp", "settle"), ("taylor", "settle")])
+def test_prune_killed_and_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path: Path, method: str,
+                                                                                  phase: str) -> None:
     # a budget far above the tiny network: the multiplier, calibration and closed loop still run and
     # resume, but no decision depends on a latency measurement's noise, so the results must be equal
-    args = _prune_world(tmp_path, latency_budget=1.0, budget_unit="ms")
+    args = _prune_world(tmp_path, latency_budget=1.0, budget_unit="ms", method=method)
     _run("prune", *args("whole"))
     proc = _spawn("prune", *args("cut"))
     _kill_when(proc, tmp_path / "cut" / "resume" / "prune" / f"{phase}.pt")

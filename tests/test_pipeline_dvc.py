@@ -76,6 +76,11 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"model.onnx", "model.opt.onnx", "README.md", "pareto.png", "widths.png"} <= set(manifest["files"])
     assert manifest["engine"]["backend"] == "onnxruntime" and manifest["git_revision"]
+    models, n_test = manifest["accuracy"]["models"], manifest["accuracy"]["test_images"]
+    assert {"student", "pruned (ours)", "uniform scaling", "Torch-Pruning L1"} <= {m["method"] for m in models}
+    for m in models:  # the Pareto plot's error bars: an accuracy's standard error, the timing windows' spread
+        assert m["accuracy_err"] == pytest.approx((m["accuracy"] * (1 - m["accuracy"]) / n_test) ** 0.5)
+        assert m["latency_err"][0] == 0.0 and m["latency_err"][1] >= 0.0 and m["latency_ms"] > 0
     profile = json.loads((repo / "metrics" / "profile.json").read_text())
     assert profile["predictor"]["poor"] and "warn_mape" in profile["warnings"][0]
     assert manifest["latency_model"]["warnings"] == profile["warnings"]  # a poor predictor is flagged, not fatal

@@ -9,7 +9,7 @@ from torch import nn
 from models import build_model
 from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allocate_widths, allowed_widths, closed_loop, deactivation_prob,
                             effective_band, gumbel_keep_mask, harden, masks_for_widths, nearest_allowed, prune_groups,
-                            widths_of)
+                            taylor_importance, widths_of)
 from pipeline.slim import apply_masks, random_masks
 
 
@@ -300,3 +300,63 @@ def test_knapsack_never_takes_a_cut_that_saves_nothing_and_gives_back_an_oversho
     # unreachable: the smallest widths come back with their prediction
     widths, ms = allocate_widths(imp, allowed, predict, target_ms=0.5)
     assert widths["steep"] == 16 and ms == pytest.approx(1.16)
+
+
+def test_taylor_importance_is_the_squared_mask_gradient_gamma_beta_form() -> None:
+    # After a BatchNorm, dL/dm_c = sum(dL/dy * y) = gamma_c dL/dgamma_c + beta_c dL/dbeta_c:
+    # the importance must equal that, squared and averaged over the batches.
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    net = SoftMaskedNet(model, groups)
+    g = next(g for g in net.groups if g.kind == "scp" and len(g.bns) == 1)
+    bn = dict(model.named_modules())[g.bns[0]]
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen)) for _ in range(3)]
+
+    def ce(logits: torch.Tensor, labels: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, labels)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    imp = taylor_importance(net, batches, ce)
+    assert net.fixed is None and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(imp) == {h.name for h in net.groups} and all(v.shape == (h.size,) for h, v in zip(net.groups, imp.values()))
+    expected = torch.zeros(g.size)
+    net.fixed = {h.name: torch.ones(h.size) for h in net.groups}  # the unmasked network (its hooks stay on)
+    for x, y in batches:
+        dg, db = torch.autograd.grad(ce(net.eval()(x), y, x), [bn.weight, bn.bias])
+        expected += ((bn.weight * dg + bn.bias * db).detach()) ** 2
+    assert torch.allclose(imp[g.name], expected / len(batches), rtol=1e-4, atol=1e-10)
+
+
+def test_taylor_importance_of_a_block_is_the_squared_derivative_of_scaling_its_branch() -> None:
+    # Central differences of the loss in the scale of one residual branch: the block's importance
+    # must be the square of that derivative, so blocks and channels share one scale. (A small
+    # step: the ReLUs make the loss only piecewise smooth in the scale.)
+    model, example = _tiny()
+    model = model.double()
+    groups = prune_groups(model, example.double(), depth=True)
+    net = SoftMaskedNet(model, groups)
+    block = next(g for g in net.groups if g.kind == "block")
+    bn = dict(model.named_modules())[block.bns[0]]
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1, 2, 3, 4])
+    assert block.bns[0] == block.sites[0] and bn.weight.abs().min() > 0.1  # a branch that does something
+
+    def ce(logits: torch.Tensor, labels: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.double(), labels)
+
+    imp = taylor_importance(net, [(x, y)], ce)
+    h = 1e-3
+
+    def loss_at(scale: float) -> float:
+        net.fixed = {g.name: torch.ones(g.size, dtype=torch.float64) for g in net.groups}
+        net.fixed[block.name] = torch.tensor([scale], dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                return ce(net.eval()(x), y, x).item()
+        finally:
+            net.fixed = None
+
+    derivative = (loss_at(1 + h) - loss_at(1 - h)) / (2 * h)
+    assert float(imp[block.name]) == pytest.approx(derivative ** 2, rel=1e-3)
+    assert float(imp[block.name]) > 0

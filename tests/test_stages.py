@@ -244,6 +244,16 @@ def test_prune_slim_compare_stages(tmp_path: Path) -> None:
         assert 0.0 <= c[method]["test_acc"] <= 1.0 and c[method]["measured_ms"] > 0 and c[method]["probes"] and "measured_over_budget" in c[method]
 
 
+def test_prune_taylor_method_trains_every_epoch_on_the_decided_network(tmp_path: Path) -> None:
+    params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms", method="taylor", taylor_batches=3)
+    assert run_prune(tmp_path, params) == 0
+    m = json.loads((tmp_path / "m" / "prune.json").read_text())
+    assert m["method"] == "taylor" and m["soft_epochs"] == 0 and m["settle_epochs"] == 2
+    assert len(m["epoch_seconds"]) == 2 and m["test_acc_soft_expected"] is None and m["within_budget"]
+    phases = (tmp_path / "p" / "prune" / "history.csv").read_text().splitlines()
+    assert len(phases) == 3 and all("settle" in line for line in phases[1:])
+
+
 def test_prune_unreachable_budget_fails_before_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     params = _prune_setup(tmp_path, latency_budget=0.01)
     assert run_prune(tmp_path, params) == 2
