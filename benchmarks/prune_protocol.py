@@ -124,30 +124,33 @@ def table(rows: list[dict], baselines: bool) -> str:
     return "\n".join(lines)
 
 
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def pareto_points(rows: list[dict]) -> list[dict]:
     """Per budget and method: mean test accuracy and mean measured latency over the seeds, each with
     its standard deviation as the error bar. With baselines, every method's latency is the compare
-    stage's final measurement (all final networks and the student in one interleaved run)."""
+    stage's final measurement (all final networks and the student in one interleaved run). The
+    student is one network: one point, over every run."""
+    series: dict[tuple[str, float | None], list[tuple[float, float]]] = {}
+    student: list[tuple[float, float]] = []
+    for r in sorted((r for r in rows if "failed" not in r), key=lambda r: r["budget"]):
+        pr, c = r["prune"], r.get("compare", {})
+        student.append((pr["student_ms"], pr["test_acc_student"]))
+        series.setdefault(("ours", r["budget"]), []).append(
+            (c.get("ours", {}).get("measured_ms", pr["measured_ms"]), pr["test_acc"]))
+        for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1")):
+            if m in c:
+                series.setdefault((label, r["budget"]), []).append((c[m]["measured_ms"], c[m]["test_acc"]))
+    if student:
+        series[("student", None)] = student
     points = []
-    for b in sorted({r["budget"] for r in rows}):
-        rs = [r for r in rows if r["budget"] == b and "failed" not in r]
-        series: dict[str, list[tuple[float, float]]] = {}
-        for r in rs:
-            c = r.get("compare", {})
-            series.setdefault("student", []).append((r["prune"]["student_ms"], r["prune"]["test_acc_student"]))
-            series.setdefault("ours", []).append((c.get("ours", {}).get("measured_ms", r["prune"]["measured_ms"]),
-                                                  r["prune"]["test_acc"]))
-            for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1")):
-                if m in c:
-                    series.setdefault(label, []).append((c[m]["measured_ms"], c[m]["test_acc"]))
-        for method, v in series.items():
-            ms, acc = [x[0] for x in v], [x[1] for x in v]
-            sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-            points.append({"method": method, "budget": b, "seeds": len(v), "latency_ms": statistics.mean(ms),
-                           "latency_err": sd(ms), "accuracy": statistics.mean(acc), "accuracy_err": sd(acc)})
-    # the student is one network: one point, over every budget's runs
-    st = [p for p in points if p["method"] == "student"]
-    return [p for p in points if p["method"] != "student"] + st[:1]
+    for (method, b), v in series.items():
+        ms, acc = [x[0] for x in v], [x[1] for x in v]
+        points.append({"method": method, "budget": b, "seeds": len(v), "latency_ms": statistics.mean(ms),
+                       "latency_err": _sd(ms), "accuracy": statistics.mean(acc), "accuracy_err": _sd(acc)})
+    return points
 
 
 def main() -> int:

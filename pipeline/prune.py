@@ -274,21 +274,21 @@ def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, 
     net.eval()
     device = next(net.parameters()).device
     ones = {g.name: torch.ones(g.size, device=device, requires_grad=True) for g in net.groups}
-    total = {g: torch.zeros(t.numel(), dtype=torch.float64) for g, t in ones.items()}
+    total = {g: torch.zeros_like(t) for g, t in ones.items()}  # on the device: one transfer at the end
     seen = 0
     net.fixed = ones
     try:
         for x, y in batches:
             grads = torch.autograd.grad(criterion(net(x), y, x), list(ones.values()))
             for g, grad in zip(ones, grads):
-                total[g] += grad.detach().double().cpu() ** 2
+                total[g] += grad.detach().float() ** 2
             seen += 1
     finally:
         net.fixed = None
         net.train(was)
     if not seen:
         raise ValueError("taylor_importance: no batches")
-    return {g: (t / seen).float() for g, t in total.items()}
+    return {g: (t / seen).cpu() for g, t in total.items()}
 
 
 def _key(name: str) -> str:

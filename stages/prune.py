@@ -50,11 +50,11 @@ def _read_state(path: Path, key: str) -> dict | None:
 
 def _taylor_batches(data: PreparedData, batch_size: int, count: int, seed: int,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` training batches (at most one epoch), in a seeded order, normalised, without
-    augmentation: what the Taylor importance is averaged over."""
+    """``count`` training batches (the caller caps it at one epoch), in a seeded order, normalised,
+    without augmentation: what the Taylor importance is averaged over."""
     mean, std = data.norm()
     order = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(seed))
-    for i in range(min(count, epoch_steps(len(order), batch_size))):
+    for i in range(count):
         idx = order[i * batch_size: (i + 1) * batch_size]
         if len(idx) < 2:
             return
@@ -208,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         if cfg.method == "taylor":
             net.to(device)
-            keep = values = taylor_importance(net, _taylor_batches(data, train_cfg.batch_size, cfg.taylor_batches,
-                                                                   cfg.seed, device), distil)
+            batches = min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size))
+            keep = values = taylor_importance(net, _taylor_batches(data, train_cfg.batch_size, batches, cfg.seed,
+                                                                   device), distil)
             log.info("Taylor importance of %d groups and blocks from %d training batches of the student",
-                     len(keep), min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size)))
+                     len(keep), batches)
             net.to(cpu).eval()
             soft_acc = None  # no soft masks
         else:
