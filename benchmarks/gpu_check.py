@@ -186,6 +186,16 @@ def stage_figures(run: Path, log: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _missing_data(preset: Path) -> list[str]:
+    """The preset's ``root:`` paths (relative to the repository) that do not exist; [] when it has
+    none or cannot be read (the pipeline step then says what is wrong)."""
+    try:
+        roots = re.findall(r"^\s*root:\s*([^\s#]+)", preset.read_text(), re.MULTILINE)
+    except OSError:
+        return []
+    return [r for r in roots if not (REPO / r).exists()]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="directory for results.md, results.json and the logs")
@@ -207,6 +217,12 @@ def main() -> int:
         res["elapsed_s"] = time.perf_counter() - t_start
         write_results(out, res)
         print(f"[gpu_check] {name}: {result} ({seconds:.1f} s)", flush=True)
+
+    # 0. the data the pipeline step reads, before minutes go into the other steps
+    missing_data = [] if args.params else _missing_data(REPO / "presets" / f"{args.preset}.yaml")
+    if missing_data:
+        step("data", f"FAILED: {missing_data[0]} is not there (README: GPU check, `make gpu-bundle` copies it)", 0.0)
+        return 1
 
     # 1. wheels
     t0 = time.perf_counter()

@@ -190,6 +190,8 @@ class PruneConfig(Section):
                                    "decided network (masks fixed); the rest searches the masks; 0: pure SCP")
     taylor_batches: int = Field(32, ge=1, le=100000, description="taylor: training batches the importance is "
                                 "averaged over (at most one epoch's)")
+    taylor_per_sample: bool = Field(False, description="taylor: average each sample's squared gradient (empirical "
+                                    "Fisher) instead of each batch's squared mean gradient (HALP)")
     allocation: Literal["knapsack", "threshold"] = Field("knapsack", description="how widths are decided after the "
                                                          "mask search: knapsack = least importance lost per ms saved "
                                                          "(latency table); threshold = channels with keep > 0.5")

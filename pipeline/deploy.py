@@ -156,7 +156,15 @@ def select_backend(requested: str, device: str) -> tuple[str, str]:
     """(backend, reason). ``auto``: TensorRT when it is installed and a GPU is the target; on a
     CUDA target without it, ONNX Runtime when it has its CUDA provider, else the PyTorch-native
     engine (``pipeline.torch_engine``); on a CPU target, ONNX Runtime. An explicit ``tensorrt``
-    that cannot run is a DeployError."""
+    that cannot run is a DeployError, and so is ``torch`` on a CUDA target torch cannot see."""
+    backend, reason = _select_backend(requested, device)
+    if backend == "torch" and device == "cuda" and not torch.cuda.is_available():
+        raise DeployError(f"engine.backend {requested} gives the torch engine for target.device cuda, but torch sees "
+                          "no CUDA GPU here: run the engine stage on the GPU, or use target.device: cpu")
+    return backend, reason
+
+
+def _select_backend(requested: str, device: str) -> tuple[str, str]:
     if requested in ("onnxruntime", "torch"):
         return requested, "requested"
     if requested == "tensorrt":

@@ -190,7 +190,10 @@ class SoftMaskedNet(nn.Module):
         """The float32 mask for ``output`` (N, C[, H, W]) of group ``g``."""
         view = (1, g.size, 1, 1) if output.ndim == 4 else (1, g.size)
         if self.fixed is not None and g.name in self.fixed:
-            return self.fixed[g.name].to(output.device, torch.float32).view(view)
+            fixed = self.fixed[g.name].to(output.device, torch.float32)
+            if fixed.ndim == 2:  # one mask per sample (N, C): per-sample gradients in one backward pass
+                view = (fixed.shape[0], *view[1:])
+            return fixed.view(view)
         keep = self.keep_prob(g).float()
         if not self.training:
             return keep.view(view)
@@ -261,28 +264,42 @@ class SoftMaskedNet(nn.Module):
 
 
 def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                      criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
-    """First-order Taylor importance of every channel and block (Molchanov et al., CVPR 2019, as
-    HALP uses it): a mask m = 1 multiplies each group's outputs (the block's residual branch for a
-    block), and a channel's importance is the mean over ``batches`` of (dL/dm_c)^2, the squared
-    first-order change of the loss when it is removed. Every group, coupled or not, and every
-    block is on that one scale, so the knapsack compares them directly. BatchNorm runs on its
-    running statistics and nothing in ``net`` changes. ``batches``: (normalised inputs, labels)
-    on the network's device; ``criterion(logits, labels, inputs)`` is the training loss."""
+                      criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      per_sample: bool = False) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance of every channel and block: a mask m = 1 multiplies each
+    group's outputs (the block's residual branch for a block), and a channel's importance is the
+    mean squared first-order change of the loss when it is removed, (dL/dm_c)^2.
+
+    By default the mean over ``batches`` of the squared batch gradient (Molchanov et al., CVPR
+    2019, as HALP uses it). ``per_sample``: the mean over the samples of each one's squared
+    gradient, the diagonal empirical Fisher of the mask (Theis et al. 2018; Group Fisher pruning,
+    Liu et al., ICML 2021); each sample gets its own mask, so one backward pass per batch gives
+    every sample's gradient. In a batch gradient the samples' gradients can cancel, which matters
+    where the student's loss is near zero (digits), but on the measured benchmarks the per-sample
+    form did not train to a better network (docs/BENCHMARKS.md, section 23).
+
+    Every group, coupled or not, and every block is on that one scale, so the knapsack compares
+    them directly. BatchNorm runs on its running statistics (a sample's loss depends on its own
+    mask only) and nothing in ``net`` changes. ``batches``: (normalised inputs, labels) on the
+    network's device; ``criterion(logits, labels, inputs)`` is the training loss, a mean over the
+    batch."""
     was = net.training
     net.eval()
     device = next(net.parameters()).device
-    ones = {g.name: torch.ones(g.size, device=device, requires_grad=True) for g in net.groups}
-    total = {g: torch.zeros_like(t) for g, t in ones.items()}  # on the device: one transfer at the end
+    total = {g.name: torch.zeros(g.size, device=device) for g in net.groups}  # on the device: one transfer
     seen = 0
-    net.fixed = ones
     try:
         for x, y in batches:
+            n = len(x) if per_sample else 1
+            ones = {g.name: torch.ones((len(x), g.size) if per_sample else g.size, device=device,
+                                       requires_grad=True) for g in net.groups}
+            net.fixed = ones
             grads = torch.autograd.grad(criterion(net(x), y, x), list(ones.values()))
             for g, grad in zip(ones, grads):
-                total[g] += grad.detach().float() ** 2
-            seen += 1
+                # the batch mean's gradient is each sample's over n
+                sq = (grad.detach().float() * n) ** 2
+                total[g] += sq.sum(0) if per_sample else sq
+            seen += n
     finally:
         net.fixed = None
         net.train(was)

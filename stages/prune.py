@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             net.to(device)
             batches = min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size))
             keep = values = taylor_importance(net, _taylor_batches(data, train_cfg.batch_size, batches, cfg.seed,
-                                                                   device), distil)
+                                                                   device), distil, cfg.taylor_per_sample)
             log.info("Taylor importance of %d groups and blocks from %d training batches of the student",
                      len(keep), batches)
             net.to(cpu).eval()
@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "smallest_network_ms": floor_ms, "smallest_network_predicted_ms": floor_pred,
             "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_expected": soft_acc, "allocation": cfg.allocation,
             "method": cfg.method, "taylor_batches": cfg.taylor_batches if cfg.method == "taylor" else None,
+            "taylor_per_sample": cfg.taylor_per_sample if cfg.method == "taylor" else None,
             "test_acc_at_decision": acc_decided,
             "acc_drop": acc_student - acc_pruned,
             "params_student": count_params(student), "params": count_params(slimmed),

@@ -46,6 +46,11 @@ def test_export_matches_pytorch_and_batch_is_dynamic(tmp_path: Path, digits: Pre
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(deploy, "tensorrt_available", lambda: False)
     monkeypatch.setattr(deploy, "ort_has_cuda", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for requested in ("auto", "torch"):  # the torch engine on a CUDA target torch cannot see
+        with pytest.raises(DeployError, match=f"engine.backend {requested} gives the torch engine.*no CUDA GPU"):
+            select_backend(requested, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # a GPU without TensorRT and without ONNX Runtime's CUDA provider: the PyTorch-native engine
     assert select_backend("auto", "cuda")[0] == "torch"
     monkeypatch.setattr(deploy, "ort_has_cuda", lambda: True)

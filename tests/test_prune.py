@@ -302,9 +302,11 @@ def test_knapsack_never_takes_a_cut_that_saves_nothing_and_gives_back_an_oversho
     assert widths["steep"] == 16 and ms == pytest.approx(1.16)
 
 
-def test_taylor_importance_is_the_squared_mask_gradient_gamma_beta_form() -> None:
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_taylor_importance_is_the_squared_mask_gradient_gamma_beta_form(per_sample: bool) -> None:
     # After a BatchNorm, dL/dm_c = sum(dL/dy * y) = gamma_c dL/dgamma_c + beta_c dL/dbeta_c:
-    # the importance must equal that, squared and averaged over the batches.
+    # the importance must equal that, squared and averaged over the batches (per_sample=False) or
+    # over the samples, each sample's loss on its own (per_sample=True, the empirical Fisher).
     model, example = _tiny()
     groups = prune_groups(model, example)
     net = SoftMaskedNet(model, groups)
@@ -317,15 +319,18 @@ def test_taylor_importance_is_the_squared_mask_gradient_gamma_beta_form() -> Non
         return nn.functional.cross_entropy(logits, labels)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    imp = taylor_importance(net, batches, ce)
+    imp = taylor_importance(net, batches, ce, per_sample=per_sample)
     assert net.fixed is None and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(imp) == {h.name for h in net.groups} and all(v.shape == (h.size,) for h, v in zip(net.groups, imp.values()))
-    expected = torch.zeros(g.size)
+    expected, count = torch.zeros(g.size), 0
     net.fixed = {h.name: torch.ones(h.size) for h in net.groups}  # the unmasked network (its hooks stay on)
-    for x, y in batches:
+    units = [(x[i:i + 1], y[i:i + 1]) for x, y in batches for i in range(len(x))] if per_sample else batches
+    for x, y in units:
         dg, db = torch.autograd.grad(ce(net.eval()(x), y, x), [bn.weight, bn.bias])
         expected += ((bn.weight * dg + bn.bias * db).detach()) ** 2
-    assert torch.allclose(imp[g.name], expected / len(batches), rtol=1e-4, atol=1e-10)
+        count += 1
+    assert torch.allclose(imp[g.name], expected / count, rtol=1e-4, atol=1e-10)
+    assert imp[g.name].max() > 0
 
 
 def test_taylor_importance_of_a_block_is_the_squared_derivative_of_scaling_its_branch() -> None:
@@ -345,7 +350,7 @@ def test_taylor_importance_of_a_block_is_the_squared_derivative_of_scaling_its_b
     def ce(logits: torch.Tensor, labels: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.double(), labels)
 
-    imp = taylor_importance(net, [(x, y)], ce)
+    imp = taylor_importance(net, [(x, y)], ce, per_sample=False)
     h = 1e-3
 
     def loss_at(scale: float) -> float:

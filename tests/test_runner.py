@@ -67,3 +67,14 @@ def test_runner_refuses_bad_invocations(tmp_path: Path) -> None:
     assert nothing.returncode == 2 and "give --preset NAME or --params FILE" in nothing.stderr
     unknown = _run("--preset", "cifar10-cpu", "--workdir", str(tmp_path / "x"), "--list", "--from", "nope")
     assert unknown.returncode == 2 and "no stage 'nope'" in unknown.stderr
+
+
+def test_gpu_check_names_the_missing_data_before_it_starts(tmp_path: Path) -> None:
+    from benchmarks.gpu_check import _missing_data
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("prepare:\n  source: imagefolder\n  root: .cifar/none-such.tar.gz   # a comment\n")
+    assert _missing_data(preset) == [".cifar/none-such.tar.gz"]
+    preset.write_text("prepare:\n  root: presets\n")  # exists, relative to the repository
+    assert _missing_data(preset) == []
+    assert _missing_data(tmp_path / "absent.yaml") == []  # unreadable: the pipeline step says what is wrong
