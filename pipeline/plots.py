@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    if note:
-        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom")
-        fig.subplots_adjust(bottom=0.17)
+    if note:  # wrapped to the figure's width (7 pt: about 105 characters a line)
+        lines = textwrap.wrap(note, 105)
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, ha="left", va="bottom")
+        fig.subplots_adjust(bottom=0.13 + 0.025 * len(lines))
     _save(fig, path)
