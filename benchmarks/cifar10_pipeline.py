@@ -19,8 +19,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -33,22 +35,29 @@ _STAGE = re.compile(r"Running stage '([^']+)'")
 
 def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tuple[float, str]], float]:
     """Run ``cmd`` with its output streamed to the terminal and to ``log_path``, each line
-    prefixed with the seconds since start; returns (exit code, stage starts, total seconds)."""
+    prefixed with the seconds since start; returns (exit code, stage starts, total seconds).
+
+    The log is written outside the repository while ``cmd`` runs and copied to ``log_path`` when
+    it ends: ``dvc exp run`` commits the workspace's tracked files and restores them from that
+    commit, which cut a tracked log short to its first line (2026-12-01)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     starts: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-    with log_path.open("w") as log, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+    with tempfile.TemporaryDirectory() as tmp:
+        part = Path(tmp) / log_path.name
+        with part.open("w") as log, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            now = time.perf_counter() - t0
-            log.write(f"{now:9.1f} {line}")
-            log.flush()
-            sys.stdout.write(line)
-            m = _STAGE.search(line)
-            if m:
-                starts.append((now, m.group(1)))
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                now = time.perf_counter() - t0
+                log.write(f"{now:9.1f} {line}")
+                log.flush()
+                sys.stdout.write(line)
+                m = _STAGE.search(line)
+                if m:
+                    starts.append((now, m.group(1)))
+        shutil.copyfile(part, log_path)
     return proc.returncode, starts, time.perf_counter() - t0
 
 

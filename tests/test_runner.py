@@ -78,3 +78,16 @@ def test_gpu_check_names_the_missing_data_before_it_starts(tmp_path: Path) -> No
     preset.write_text("prepare:\n  root: presets\n")  # exists, relative to the repository
     assert _missing_data(preset) == []
     assert _missing_data(tmp_path / "absent.yaml") == []  # unreadable: the pipeline step says what is wrong
+
+
+def test_pipeline_benchmark_log_is_written_outside_the_workspace_until_the_run_ends(tmp_path: Path) -> None:
+    # dvc exp run restores tracked files from its commit: a log written in place was cut short
+    from benchmarks.cifar10_pipeline import run_logged, stage_times_from_log
+
+    log = tmp_path / "results" / "run.log"
+    code = "import os, sys; print(\"Running stage 'a':\"); print('exists', os.path.exists(sys.argv[1]))"
+    rc, starts, total = run_logged([sys.executable, "-c", code, str(log)], log, tmp_path)
+    assert rc == 0 and [name for _, name in starts] == ["a"] and total > 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].split()[1:] == ["exists", "False"]
+    assert [t["stage"] for t in stage_times_from_log(log)] == ["a"]
