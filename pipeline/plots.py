@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -107,8 +107,10 @@ def widths_png(rows: Sequence[dict[str, object]], path: str | Path, title: str) 
     _save(fig, path)
 
 
-def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str, note: str = "") -> None:
-    """Accuracy against measured latency, one series per ``method``; points joined in latency order.
+def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str, note: str = "",
+               scatter: Collection[str] = ()) -> None:
+    """Accuracy against measured latency, one series per ``method``; points joined in latency order
+    (one method's trade-off), except the series in ``scatter`` (unrelated models, e.g. teachers).
     A point may carry error bars: ``accuracy_err`` (a fraction, symmetric) and ``latency_err`` (ms:
     one value, symmetric, or [below, above]); ``note`` says what they are."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -122,7 +124,7 @@ def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str
                 [float(e[1]) if isinstance(e, (list, tuple)) else float(e) for e in lat]]
         has_err = any(yerr) or any(xerr[0]) or any(xerr[1])
         ax.errorbar(x, y, yerr=yerr if has_err else None, xerr=xerr if has_err else None,
-                    fmt="o-" if len(pts) > 1 else "o", capsize=3, label=method)
+                    fmt="o-" if len(pts) > 1 and method not in scatter else "o", capsize=3, label=method)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)

@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             pareto_png(points, tmp / "pareto.png",
                        f"test accuracy vs latency on {target.backend}/{device_name}, batch {target.batch_size}",
                        f"error bars: accuracy +-1 standard error on {n_test} test images; latency from the fastest "
-                       "timing window (the estimate) to the median one. One run: seeds spread more (docs/BENCHMARKS.md)")
+                       "timing window (the estimate) to the median one. One run: seeds spread more (docs/BENCHMARKS.md)",
+                       scatter=("teachers",))
             lat = eng["latency"]
             files = {f: sha256(tmp / f) for f in sorted({"model.onnx", eng["engine_file"], "widths.png", "pareto.png"})}
             h, w = data.meta["image_size"]
