@@ -38,8 +38,9 @@ def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tup
     prefixed with the seconds since start; returns (exit code, stage starts, total seconds).
 
     The log is written outside the repository while ``cmd`` runs and copied to ``log_path`` when
-    it ends: ``dvc exp run`` commits the workspace's tracked files and restores them from that
-    commit, which cut a tracked log short to its first line (2026-12-01)."""
+    it ends: when ``dvc exp run`` applied the finished experiment to the workspace, the tracked
+    log came back as it stood when the experiment began, its first line (docs/BENCHMARKS.md,
+    section 24)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     starts: list[tuple[float, str]] = []
