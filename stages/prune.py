@@ -206,21 +206,28 @@ def main(argv: list[str] | None = None) -> int:
         if not ctx.is_main:
             return
         cpu = torch.device("cpu")
-        if cfg.method == "taylor":
-            net.to(device)
+        # The last epoch's weights, not the best by validation: early epochs are over budget.
+        net.to(cpu).eval()
+        # the expected masks, before any channel is cut (taylor: no soft masks)
+        soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)
+
+        def ranking() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            """(keep, values): which channels a group keeps first, and what the knapsack allocates by.
+            Only when the closed loop runs (a resumed run that had decided needs neither)."""
+            if cfg.method == "scp":
+                # keep: unsaturated, ranks channels without the ties of the sharpened probability;
+                # values: a block is worth the channels it takes away
+                return net.importance(), net.allocation_values()
             batches = min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size))
-            keep = values = taylor_importance(net, _taylor_batches(data, train_cfg.batch_size, batches, cfg.seed,
-                                                                   device), distil, cfg.taylor_per_sample)
+            try:
+                imp = taylor_importance(net.to(device), _taylor_batches(data, train_cfg.batch_size, batches, cfg.seed,
+                                                                        device), distil, cfg.taylor_per_sample)
+            finally:
+                net.to(cpu).eval()
             log.info("Taylor importance of %d groups and blocks from %d training batches of the student",
-                     len(keep), batches)
-            net.to(cpu).eval()
-            soft_acc = None  # no soft masks
-        else:
-            # The last epoch's weights, not the best by validation: early epochs are over budget.
-            net.to(cpu).eval()
-            keep = net.importance()  # unsaturated: ranks channels without the ties of the sharpened probability
-            values = net.allocation_values()  # the knapsack's: a block is worth the channels it takes away
-            soft_acc = test_accuracy(net, data, cpu)  # the expected masks, before any channel is cut
+                     len(imp), batches)
+            return imp, imp
+
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
         plain.load_state_dict(net.net.state_dict())
         plain.eval()
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("resuming with the widths the interrupted run's closed loop decided (%.4f ms measured)",
                      loop.measured_ms)
         else:
+            keep, values = ranking()
             if cfg.allocation == "knapsack":
                 alloc, alloc_ms = allocate_widths(values, allowed, lambda w: predictor(w).item(), aim_ms, inside)
                 masks = masks_for_widths(keep, alloc)
