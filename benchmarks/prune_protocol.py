@@ -15,9 +15,11 @@ With DVC the same sweep is `dvc exp run --queue -S prune.latency_budget=B -S pru
 -S compare.seed=S` per pair, then `dvc exp run --run-all` (benchmarks/prune_budgets.py does that
 for budgets). `--set key=value` changes params for every run (ablations); `--only-ours` skips the
 baselines. A budget out of reach is reported as such, not left out. Re-running skips the pairs whose
-metrics exist. Writes `table.md`, `rows.json`, and the Pareto plot `pareto.png` (mean accuracy
-against mean measured latency per method and budget, error bars one standard deviation over the
-seeds; its points in `pareto.json`).
+metrics exist, and the prune stage of a pair whose output is there for the same prune, distill,
+train, target and teachers params (to re-run only the baselines, delete their `compare.json`).
+Writes `table.md`, `rows.json`, and the Pareto plot `pareto.png` (mean accuracy against mean
+measured latency per method and budget, error bars one standard deviation over the seeds; its
+points in `pareto.json`).
 """
 
 from __future__ import annotations
@@ -54,14 +56,16 @@ def run_pair(upstream: Path, out: Path, params: dict[str, Any], budget: float, s
     p = json.loads(json.dumps(params))
     p["prune"].update(latency_budget=budget, seed=seed, progress=False)
     p["compare"].update(seed=seed, methods=p["compare"]["methods"] if baselines else [])
+    reuse = _pruned_alike(work, p)  # before params.yaml is overwritten
     pfile = write_params(work, p)
     a = work / "artifacts"
     common = ["--data", str(a / "prepare"), "--teachers", str(a / "teachers")]
     try:
-        run_stage("prune", *common, "--student", str(a / "student" / "model.pt"), "--table",
-                  str(a / "profile" / "latency_table.json"), "--out-dir", str(a / "prune"), "--metrics",
-                  str(work / "metrics" / "prune.json"), "--plots-dir", str(work / "plots" / "prune"),
-                  "--resume-dir", str(work / ".resume"), params=pfile)
+        if not reuse:
+            run_stage("prune", *common, "--student", str(a / "student" / "model.pt"), "--table",
+                      str(a / "profile" / "latency_table.json"), "--out-dir", str(a / "prune"), "--metrics",
+                      str(work / "metrics" / "prune.json"), "--plots-dir", str(work / "plots" / "prune"),
+                      "--resume-dir", str(work / ".resume"), params=pfile)
         if baselines:
             run_stage("compare", *common, "--student", str(a / "student" / "model.pt"), "--table",
                       str(a / "profile" / "latency_table.json"), "--pruned", str(a / "prune" / "masks.json"),
@@ -70,6 +74,26 @@ def run_pair(upstream: Path, out: Path, params: dict[str, Any], budget: float, s
     except subprocess.CalledProcessError as err:
         return {"budget": budget, "seed": seed, "failed": f"stage exited {err.returncode}"}
     return _collect(work, baselines)
+
+
+def _pruned_alike(work: Path, params: dict[str, Any]) -> bool:
+    """True when ``work`` holds a finished prune stage run with the sections the prune stage reads
+    as ``params`` has them (defaults filled in, so a run by an older revision whose params.yaml
+    lacks a newer key counts): the baselines can be re-run against it without training ours again
+    (after a change to the baselines' side of the protocol)."""
+    from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
+
+    if not all(f.is_file() for f in (work / "metrics" / "prune.json", work / "params.yaml",
+                                     work / "artifacts" / "prune" / "masks.json", work / "artifacts" / "prune" / "model.pt")):
+        return False
+    old = yaml.safe_load((work / "params.yaml").read_text())
+    for key, kind in (("prune", PruneConfig), ("distill", DistillConfig), ("train", TrainConfig),
+                      ("target", TargetConfig)):
+        if parse_section(old, key, kind).model_dump(exclude={"progress"}) != \
+                parse_section(params, key, kind).model_dump(exclude={"progress"}):
+            return False
+    return {n: t.model_dump() for n, t in parse_teachers(old).items()} == \
+        {n: t.model_dump() for n, t in parse_teachers(params).items()}
 
 
 def _collect(work: Path, baselines: bool) -> dict:

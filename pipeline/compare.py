@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.prune import nearest_allowed, top_mask
+from pipeline.prune import top_mask
 from pipeline.slim import ChannelGraph, prune_structure
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,26 @@ class Candidate:
 
 
 def uniform_widths(sizes: dict[str, int], allowed: dict[str, list[int]], ratio: float) -> dict[str, int]:
-    """Every prunable group scaled by ``ratio``, to the nearest allowed width."""
-    return {g: nearest_allowed(max(1, round(ratio * n)), allowed[g]) for g, n in sizes.items() if g in allowed}
+    """Every prunable group scaled by ``ratio``, on its lattice, with the rounding balanced out
+    (largest remainder). Each group takes the allowed width just under ``ratio`` x its size or
+    the one just over it, and as many groups take the upper one as their fractions add up to,
+    the nearest to it first (ties: the order of ``sizes``). Rounded to the nearest width instead,
+    every group of one size steps at the same ratio, so the sweep jumps over latencies that one
+    group's step would reach; balanced, the groups step one at a time as ``ratio`` grows. A
+    single step can still be large: a residual stream's step changes every block of its stage
+    (docs/BENCHMARKS.md, section 30)."""
+    lo: dict[str, int] = {}
+    hi: dict[str, int] = {}
+    frac: dict[str, float] = {}
+    for g, n in sizes.items():
+        if g not in allowed:
+            continue
+        target, a = ratio * n, allowed[g]
+        lo[g] = max((w for w in a if w <= target), default=min(a))
+        hi[g] = min((w for w in a if w >= target), default=max(a))
+        frac[g] = (target - lo[g]) / (hi[g] - lo[g]) if hi[g] > lo[g] else 0.0
+    up = set(sorted(frac, key=lambda g: -frac[g])[:round(sum(frac.values()))])  # sorted is stable
+    return {g: hi[g] if g in up else lo[g] for g in lo}
 
 
 def uniform_candidate(model: nn.Module, example: torch.Tensor, allowed: dict[str, list[int]], ratio: float,

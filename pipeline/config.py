@@ -192,6 +192,10 @@ class PruneConfig(Section):
                                 "averaged over (at most one epoch's)")
     taylor_per_sample: bool = Field(False, description="taylor: average each sample's squared gradient (empirical "
                                     "Fisher) instead of each batch's squared mean gradient (HALP)")
+    taylor_normalize: Literal["none", "group", "sqrt"] = Field("none", description="taylor: group = each channel "
+                                                               "group's importance over its mean (blocks over the mean "
+                                                               "of the groups inside them); sqrt = its square root, "
+                                                               "the gradient's RMS; none = the raw (dL/dm)^2")
     allocation: Literal["knapsack", "threshold"] = Field("knapsack", description="how widths are decided after the "
                                                          "mask search: knapsack = least importance lost per ms saved "
                                                          "(latency table); threshold = channels with keep > 0.5")

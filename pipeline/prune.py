@@ -308,6 +308,27 @@ def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, 
     return {g: (t / seen).cpu() for g, t in total.items()}
 
 
+def normalize_importance(importance: Mapping[str, torch.Tensor], groups: list[PruneGroup]) -> dict[str, torch.Tensor]:
+    """Each channel group's importance over its own mean, so every group's channels average 1 and
+    the knapsack compares groups by latency saved and by how the importance is spread inside each
+    (Molchanov et al., ICLR 2017, normalise per layer; Torch-Pruning's ``normalizer="mean"``). A
+    block is divided by the mean of the normalisers of the channel groups inside it, so it stays
+    on the scale of its own channels (a block with none inside: the mean over all groups). A group
+    whose importance is all zero stays zero."""
+    inside = inner_groups(groups)
+    scale = {g: float(v.mean()) for g, v in importance.items() if not is_block(g)}
+    overall = sum(scale.values()) / len(scale) if scale else 0.0
+    out = {}
+    for g, v in importance.items():
+        if is_block(g):
+            inner = [scale[c] for c, b in inside.items() if b == g and c in scale]
+            s = sum(inner) / len(inner) if inner else overall
+        else:
+            s = scale[g]
+        out[g] = v / s if s > 0 else v.clone()
+    return out
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys may not contain dots
 

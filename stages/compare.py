@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for method in cfg.methods:
             if method == "uniform":
-                knobs = [low + (1 - low) * i / 150 for i in range(151)]
+                knobs = [low + (1 - low) * i / 1000 for i in range(1001)]  # fine: groups step one at a time
                 sizes = {g.name: g.size for g in graph.groups}
                 cands = candidates(lambda k: uniform_candidate(student, example, allowed, k, graph), knobs,
                                    key=lambda k: tuple(sorted(uniform_widths(sizes, allowed, k).items())))

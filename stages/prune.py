@@ -30,8 +30,8 @@ from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
-                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, prune_groups,
-                            taylor_importance, top_mask, widths_of)
+                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, normalize_importance,
+                            prune_groups, taylor_importance, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         # the expected masks, before any channel is cut (taylor: no soft masks)
         soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)
 
+        taylor_used = min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size))  # at most an epoch
+
         def ranking() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             """(keep, values): which channels a group keeps first, and what the knapsack allocates by.
             Only when the closed loop runs (a resumed run that had decided needs neither)."""
@@ -218,14 +220,18 @@ def main(argv: list[str] | None = None) -> int:
                 # keep: unsaturated, ranks channels without the ties of the sharpened probability;
                 # values: a block is worth the channels it takes away
                 return net.importance(), net.allocation_values()
-            batches = min(cfg.taylor_batches, epoch_steps(len(data.train.y), train_cfg.batch_size))
             try:
-                imp = taylor_importance(net.to(device), _taylor_batches(data, train_cfg.batch_size, batches, cfg.seed,
+                imp = taylor_importance(net.to(device), _taylor_batches(data, train_cfg.batch_size, taylor_used, cfg.seed,
                                                                         device), distil, cfg.taylor_per_sample)
             finally:
                 net.to(cpu).eval()
-            log.info("Taylor importance of %d groups and blocks from %d training batches of the student",
-                     len(imp), batches)
+            log.info("Taylor importance of %d groups and blocks from %d training batches of the student%s",
+                     len(imp), taylor_used, f" (prune.taylor_batches {cfg.taylor_batches} is more than one epoch)"
+                     if taylor_used < cfg.taylor_batches else "")
+            if cfg.taylor_normalize == "group":
+                imp = normalize_importance(imp, groups)
+            elif cfg.taylor_normalize == "sqrt":  # |dL/dm| (RMS): the scale Molchanov et al. 2017 rank by
+                imp = {g: v.sqrt() for g, v in imp.items()}
             return imp, imp
 
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
@@ -332,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             "loop_status": loop.status, "loop_reason": loop.reason, "loop_iterations": len(loop.history),
             "smallest_network_ms": floor_ms, "smallest_network_predicted_ms": floor_pred,
             "test_acc_student": acc_student, "test_acc": acc_pruned, "test_acc_soft_expected": soft_acc, "allocation": cfg.allocation,
-            "method": cfg.method, "taylor_batches": cfg.taylor_batches if cfg.method == "taylor" else None,
+            "method": cfg.method, "taylor_batches": taylor_used if cfg.method == "taylor" else None,
             "taylor_per_sample": cfg.taylor_per_sample if cfg.method == "taylor" else None,
+            "taylor_normalize": cfg.taylor_normalize if cfg.method == "taylor" else None,
             "test_acc_at_decision": acc_decided,
             "acc_drop": acc_student - acc_pruned,
             "params_student": count_params(student), "params": count_params(slimmed),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from pipeline.compare import Candidate, match_budget
+from pipeline.compare import Candidate, match_budget, uniform_widths
+from pipeline.prune import allowed_widths
 from pipeline.train import epoch_steps
 
 
@@ -79,3 +80,23 @@ def test_protocol_table_compares_only_with_baselines_under_the_budget() -> None:
     assert ours["seeds"] == 2 and ours["accuracy"] == pytest.approx(0.55) and ours["accuracy_err"] == 0.0
     assert points[("uniform width scaling", 0.5)]["accuracy_err"] == pytest.approx(0.0566, abs=1e-4)
     assert sum(p["method"] == "student" for p in points.values()) == 1
+
+
+def test_uniform_widths_step_one_group_at_a_time_within_one_lattice_step_of_the_ratio() -> None:
+    # ten groups of one size on a lattice of 8: rounded to the nearest width all ten step together
+    # (80 channels at once); balanced, the sweep passes every total in between
+    sizes = {f"g{i}": 64 for i in range(10)} | {"odd": 29}
+    allowed = {g: allowed_widths(n, 8, 0.25) for g, n in sizes.items()}
+    totals = set()
+    for i in range(1001):
+        ratio = 0.25 + 0.75 * i / 1000
+        w = uniform_widths(sizes, allowed, ratio)
+        assert set(w) == set(sizes) and all(x in allowed[g] for g, x in w.items())
+        for g, n in sizes.items():  # the width just under or just over ratio x size
+            assert max((a for a in allowed[g] if a <= ratio * n), default=min(allowed[g])) <= w[g]
+            assert w[g] <= min((a for a in allowed[g] if a >= ratio * n), default=max(allowed[g]))
+        totals.add(sum(w[g] for g in sizes if g != "odd"))
+    steps = sorted(totals)
+    assert steps[0] == 160 and steps[-1] == 640  # 10 x 16 (25% of 64) up to full width
+    assert all(b - a == 8 for a, b in zip(steps, steps[1:]))  # never more than one group at a time
+    assert uniform_widths(sizes, allowed, 1.0) == sizes

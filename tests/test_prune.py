@@ -8,8 +8,8 @@ from torch import nn
 
 from models import build_model
 from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allocate_widths, allowed_widths, closed_loop, deactivation_prob,
-                            effective_band, gumbel_keep_mask, harden, masks_for_widths, nearest_allowed, prune_groups,
-                            taylor_importance, widths_of)
+                            effective_band, gumbel_keep_mask, harden, inner_groups, masks_for_widths, nearest_allowed,
+                            normalize_importance, prune_groups, taylor_importance, widths_of)
 from pipeline.slim import apply_masks, random_masks
 
 
@@ -365,3 +365,30 @@ def test_taylor_importance_of_a_block_is_the_squared_derivative_of_scaling_its_b
     derivative = (loss_at(1 + h) - loss_at(1 - h)) / (2 * h)
     assert float(imp[block.name]) == pytest.approx(derivative ** 2, rel=1e-3)
     assert float(imp[block.name]) > 0
+
+
+def test_normalize_importance_puts_each_group_at_mean_one_and_blocks_on_their_channels_scale() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example, depth=True)
+    inside = inner_groups(groups)
+    blocks = [g.name for g in groups if g.kind == "block"]
+    assert inside and blocks
+    gen = torch.Generator().manual_seed(0)
+    # channel groups on scales 10^-6 .. 10^2 apart, one group all zero
+    imp = {g.name: torch.rand(g.size, generator=gen) * 10.0 ** (2 - 2 * i) for i, g in enumerate(groups)}
+    zero = next(g.name for g in groups if g.kind != "block" and g.name not in inside)
+    imp[zero] = torch.zeros_like(imp[zero])
+    before = {g: v.clone() for g, v in imp.items()}
+    out = normalize_importance(imp, groups)
+    assert all(torch.equal(before[g], imp[g]) for g in imp)  # the input is not changed
+    for g in groups:
+        if g.kind == "block":
+            inner = [c for c, b in inside.items() if b == g.name]
+            expected = before[g.name] / (sum(float(before[c].mean()) for c in inner) / len(inner))
+            assert torch.allclose(out[g.name], expected)
+        elif g.name == zero:
+            assert torch.equal(out[g.name], torch.zeros(g.size))
+        else:
+            assert float(out[g.name].mean()) == pytest.approx(1.0, rel=1e-5)
+            # the order inside a group, which decides the channels kept, is the raw one
+            assert torch.equal(out[g.name].argsort(), before[g.name].argsort())

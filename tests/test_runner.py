@@ -91,3 +91,27 @@ def test_pipeline_benchmark_log_is_written_outside_the_workspace_until_the_run_e
     lines = log.read_text().splitlines()
     assert len(lines) == 2 and lines[1].split()[1:] == ["exists", "False"]
     assert [t["stage"] for t in stage_times_from_log(log)] == ["a"]
+
+
+def test_prune_protocol_reuses_a_prune_run_only_for_the_same_prune_side_params(tmp_path: Path) -> None:
+    from benchmarks.prune_protocol import _pruned_alike
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    work = tmp_path / "budget0.5_seed0"
+    (work / "metrics").mkdir(parents=True)
+    (work / "artifacts" / "prune").mkdir(parents=True)
+    older = json.loads(json.dumps(params))
+    del older["prune"]["taylor_normalize"]  # written by a revision without the key: its default
+    older["compare"]["methods"] = ["l1"]  # the baselines' side may differ
+    (work / "params.yaml").write_text(yaml.safe_dump(older))
+    assert not _pruned_alike(work, params)  # no prune output yet
+    for f in ("metrics/prune.json", "artifacts/prune/masks.json", "artifacts/prune/model.pt"):
+        (work / f).write_text("{}")
+    assert _pruned_alike(work, params)
+    for section, key, value in (("prune", "epochs", 3), ("distill", "temperature", 2.0), ("train", "batch_size", 7)):
+        changed = json.loads(json.dumps(params))
+        changed[section][key] = value
+        assert not _pruned_alike(work, changed), (section, key)
+    changed = json.loads(json.dumps(params))
+    changed["teachers"].pop(next(iter(changed["teachers"])))
+    assert not _pruned_alike(work, changed)

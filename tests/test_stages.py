@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.data import load_prepared
+from pipeline.train import epoch_steps
 from stages import compare, ensemble, prepare, profile, prune, search, slim, train_teacher
 from tests.conftest import REPO, make_imagefolder
 
@@ -244,11 +246,19 @@ def test_prune_slim_compare_stages(tmp_path: Path) -> None:
         assert 0.0 <= c[method]["test_acc"] <= 1.0 and c[method]["measured_ms"] > 0 and c[method]["probes"] and "measured_over_budget" in c[method]
 
 
-def test_prune_taylor_method_trains_every_epoch_on_the_decided_network(tmp_path: Path) -> None:
-    params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms", method="taylor", taylor_batches=3)
+@pytest.mark.parametrize(("normalize", "batches"), [("none", 3), ("group", 100000), ("sqrt", 3)])
+def test_prune_taylor_method_trains_every_epoch_on_the_decided_network(tmp_path: Path, normalize: str,
+                                                                       batches: int) -> None:
+    params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms", method="taylor", taylor_batches=batches,
+                          taylor_normalize=normalize)
     assert run_prune(tmp_path, params) == 0
     m = json.loads((tmp_path / "m" / "prune.json").read_text())
     assert m["method"] == "taylor" and m["soft_epochs"] == 0 and m["settle_epochs"] == 2
+    assert m["taylor_normalize"] == normalize
+    # the batches the importance was averaged over: at most one epoch's, whatever was asked
+    cfg = yaml.safe_load(params.read_text())
+    epoch = epoch_steps(len(load_prepared(tmp_path / "prep").train.y), cfg["train"]["batch_size"])
+    assert 3 < epoch < 100000 and m["taylor_batches"] == min(batches, epoch)
     assert len(m["epoch_seconds"]) == 2 and m["test_acc_soft_expected"] is None and m["within_budget"]
     phases = (tmp_path / "p" / "prune" / "history.csv").read_text().splitlines()
     assert len(phases) == 3 and all("settle" in line for line in phases[1:])
