@@ -45,6 +45,16 @@ def test_a_predictor_that_under_predicts_walks_down_until_one_fits() -> None:
     assert _match(measured, predicted, 0.65)[0] == "c4"
 
 
+def test_equal_predictions_take_the_larger_network() -> None:
+    # a flat predictor (a tiny network below the table's resolution): the candidates' order must not
+    # hand the baseline its smallest network
+    cands = [Candidate(f"w{w}", nn.Identity(), {"a": w, "b": 4}) for w in (1, 3, 2)]
+    for c in cands:
+        c.model.true_ms = 0.01
+    m = match_budget(cands, lambda c: 0.011, lambda net: net.true_ms, 1.0)
+    assert m.chosen.label == "w3"
+
+
 def test_nothing_fits_gives_the_smallest() -> None:
     assert _match([1.0, 0.9], [1.0, 0.9], 0.5)[0] == "c1"
 
