@@ -115,7 +115,8 @@ def candidates(make: Callable[[float], Candidate], knobs: list[float],
 def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
                  measure: Callable[[nn.Module], float], high_ms: float) -> Match:
     """The largest candidate that *measures* at most ``high_ms``. Candidates are ranked by the
-    latency table's prediction (ties: by the sum of their widths, the larger first); measuring starts at the one predicted just under ``high_ms``
+    latency table's prediction (ties: by the sum of their widths, the larger first); measuring
+    starts at the one predicted just under ``high_ms``
     (allowing the prediction 10% of error upwards) and walks down until one fits, then back up
     past where it started until one does not, so a predictor that errs either way cannot hand a
     baseline a smaller network than it could have had. When none fits, the smallest is returned

@@ -308,13 +308,20 @@ def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, 
     return {g: (t / seen).cpu() for g, t in total.items()}
 
 
-def normalize_importance(importance: Mapping[str, torch.Tensor], groups: list[PruneGroup]) -> dict[str, torch.Tensor]:
-    """Each channel group's importance over its own mean, so every group's channels average 1 and
+def normalize_importance(importance: Mapping[str, torch.Tensor], groups: list[PruneGroup],
+                         how: Literal["none", "group", "sqrt"] = "group") -> dict[str, torch.Tensor]:
+    """``prune.taylor_normalize``: ``none`` leaves the importance as it is; ``sqrt`` takes its square
+    root, |dL/dm| as an RMS (the scale Molchanov et al., ICLR 2017, rank by); ``group`` divides
+    each channel group's importance by its own mean, so every group's channels average 1 and
     the knapsack compares groups by latency saved and by how the importance is spread inside each
     (Molchanov et al., ICLR 2017, normalise per layer; Torch-Pruning's ``normalizer="mean"``). A
     block is divided by the mean of the normalisers of the channel groups inside it, so it stays
     on the scale of its own channels (a block with none inside: the mean over all groups). A group
     whose importance is all zero stays zero."""
+    if how == "none":
+        return dict(importance)
+    if how == "sqrt":
+        return {g: v.sqrt() for g, v in importance.items()}
     inside = inner_groups(groups)
     scale = {g: float(v.mean()) for g, v in importance.items() if not is_block(g)}
     overall = sum(scale.values()) / len(scale) if scale else 0.0

@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Taylor importance of %d groups and blocks from %d training batches of the student%s",
                      len(imp), taylor_used, f" (prune.taylor_batches {cfg.taylor_batches} is more than one epoch)"
                      if taylor_used < cfg.taylor_batches else "")
-            if cfg.taylor_normalize == "group":
-                imp = normalize_importance(imp, groups)
-            elif cfg.taylor_normalize == "sqrt":  # |dL/dm| (RMS): the scale Molchanov et al. 2017 rank by
-                imp = {g: v.sqrt() for g, v in imp.items()}
+            imp = normalize_importance(imp, groups, cfg.taylor_normalize)
             return imp, imp
 
         plain = build_model(ckpt["arch"], **ckpt["arch_config"])
