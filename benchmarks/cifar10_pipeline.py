@@ -110,7 +110,8 @@ def report(metrics: Path, times: list[dict[str, Any]]) -> str:
         out.append(f"| pruned (ours), budget {pr['budget_ms']:.3f} ms | cifar_resnet | {pr['params']:,} | "
                    f"{_pct(pr['test_acc'])} | - | - |")
     cmp_ = _read(metrics / "compare.json") or {}
-    for key, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1 (global)")):
+    for key, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1 (global)"),
+                       ("unpruned", "student trained as long (unpruned)")):
         if key in cmp_:
             out.append(f"| {label} | cifar_resnet | {cmp_[key]['params']:,} | {_pct(cmp_[key]['test_acc'])} | - | - |")
     if pr:

@@ -1,6 +1,7 @@
 """Ours against uniform width scaling and Torch-Pruning L1 under the fair protocol
 (pipeline/compare.py), over budgets and seeds: mean +- std of test accuracy at equal measured
-latency, and where each method landed in the budget.
+latency, and where each method landed in the budget; with ``unpruned`` among ``compare.methods``
+also the student trained as many more epochs the same way (the ceiling at equal training).
 
 For every (budget, seed) it runs the real `prune` and `compare` stage entry points (as `dvc repro`
 runs them) on the same upstream artifacts (prepared data, teachers, student, latency table), in a
@@ -116,20 +117,22 @@ def _over(n: int) -> str:
 
 
 def table(rows: list[dict], baselines: bool) -> str:
-    lines = ["| budget | seeds | student | ours | uniform | Torch-Pruning L1 | ours - best baseline under budget | "
-             "measured / budget: ours; uniform; L1 (mean) | ours: epochs searching + training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | seeds | student | student trained as long (unpruned) | ours | uniform | Torch-Pruning L1 | "
+             "ours - best baseline under budget | measured / budget: ours; uniform; L1 (mean) | "
+             "ours: epochs searching + training |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for b in sorted({r["budget"] for r in rows}):
         rs = [r for r in rows if r["budget"] == b and "failed" not in r]
         failed = [r for r in rows if r["budget"] == b and "failed" in r]
         if not rs:
-            lines.append(f"| {b:g} | {len(failed)} failed: {failed[0]['failed']} | | | | | | | |")
+            lines.append(f"| {b:g} | {len(failed)} failed: {failed[0]['failed']} | | | | | | | | |")
             continue
         acc = {"ours": [r["prune"]["test_acc"] for r in rs], "student": [r["prune"]["test_acc_student"] for r in rs]}
         land = {"ours": [r["prune"]["measured_over_budget"] for r in rs]}
         for m in ("uniform", "l1"):
             acc[m] = [r["compare"][m]["test_acc"] for r in rs if baselines and m in r.get("compare", {})]
             land[m] = [r["compare"][m]["measured_over_budget"] for r in rs if baselines and m in r.get("compare", {})]
+        unpruned = [r["compare"]["unpruned"]["test_acc"] for r in rs if baselines and "unpruned" in r.get("compare", {})]
         diffs = []  # against the better baseline that met the budget (a baseline over it is no equal-latency rival)
         for r in rs if baselines else []:
             within = [r["compare"][m]["test_acc"] for m in ("uniform", "l1")
@@ -140,7 +143,7 @@ def table(rows: list[dict], baselines: bool) -> str:
         p0 = rs[0]["prune"]
         lines.append(
             f"| {b:g} | {', '.join(str(r['seed']) for r in rs)}{f' ({len(failed)} failed)' if failed else ''} | "
-            f"{mean_std(acc['student'])} | **{mean_std(acc['ours'])}** | {mean_std(acc['uniform'])}{_over(over['uniform'])} | "
+            f"{mean_std(acc['student'])} | {mean_std(unpruned)} | **{mean_std(acc['ours'])}** | {mean_std(acc['uniform'])}{_over(over['uniform'])} | "
             f"{mean_std(acc['l1'])}{_over(over['l1'])} | "
             f"{mean_std(diffs) if diffs or not acc['uniform'] else 'no baseline under budget'} | "
             f"{'; '.join(f'{statistics.mean(v):.3f}' if v else '-' for v in land.values())} | "
@@ -164,7 +167,8 @@ def pareto_points(rows: list[dict]) -> list[dict]:
         student.append((pr["student_ms"], pr["test_acc_student"]))
         series.setdefault(("ours", r["budget"]), []).append(
             (c.get("ours", {}).get("measured_ms", pr["measured_ms"]), pr["test_acc"]))
-        for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1")):
+        for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1"),
+                         ("unpruned", "student trained as long")):
             if m in c:
                 series.setdefault((label, r["budget"]), []).append((c[m]["measured_ms"], c[m]["test_acc"]))
     if student:

@@ -247,8 +247,9 @@ class CompareConfig(Section):
     """`compare`: baselines pruned to the pruned model's measured latency and fine-tuned for as
     many epochs as the prune stage trained."""
 
-    methods: tuple[Literal["uniform", "l1"], ...] = Field(("uniform", "l1"), description="uniform: every group "
-                                                          "scaled by one factor; l1: Torch-Pruning global L1")
+    methods: tuple[Literal["uniform", "l1", "unpruned"], ...] = Field(
+        ("uniform", "l1", "unpruned"), description="uniform: every group scaled by one factor; l1: Torch-Pruning global "
+        "L1; unpruned: the student trained as long, the equal-training reference (not cut to the budget)")
     seed: int = Field(0, ge=0)
 
 

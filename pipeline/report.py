@@ -42,7 +42,8 @@ def rows(metrics_dir: Path) -> list[tuple[str, str, str, str, str]]:
     cmp_ = metrics_dir / "compare.json"
     if cmp_.is_file():
         m = read_json(cmp_)
-        for method, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
+        for method, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1"),
+                              ("unpruned", "student trained as long")):
             if method in m:
                 out.append((f"{label}, measured {m[method]['measured_ms']:.3f} ms", "-", f"{m[method]['params']:,}",
                             _pct(m[method]["test_acc"]), "-"))

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare and Path(args.compare).is_file():
             cmp_ = read_json(args.compare)
             ratio = cmp_["ours"]["measured_ms"] / timings[-1].ms if "measured_ms" in cmp_.get("ours", {}) else 1.0
-            for key, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1")):
+            for key, label in (("uniform", "uniform scaling"), ("l1", "Torch-Pruning L1"),
+                               ("unpruned", "student trained as long")):
                 # the baselines' latency relative to ours as the compare stage measured them (in one
                 # interleaved run), on the scale of this stage's measurement of ours
                 if key in cmp_:

@@ -67,29 +67,35 @@ def test_epoch_steps_counts_what_the_training_loop_runs() -> None:
     assert epoch_steps(1000, 128, world_size=2) == 8  # 500 per rank in batches of 64
 
 
-def _protocol_row(budget: float, seed: int, ours: float, uniform: tuple[float, float], l1: tuple[float, float]) -> dict:
+def _protocol_row(budget: float, seed: int, ours: float, uniform: tuple[float, float], l1: tuple[float, float],
+                  unpruned: float | None = None) -> dict:
     prune = {"test_acc": ours, "test_acc_student": 0.6, "measured_over_budget": 0.95, "measured_ms": 0.95 * budget,
              "student_ms": 1.0, "soft_epochs": 0, "settle_epochs": 8}
     compare = {"ours": {"measured_ms": 0.95 * budget},
                "uniform": {"test_acc": uniform[0], "measured_over_budget": uniform[1], "measured_ms": uniform[1] * budget},
                "l1": {"test_acc": l1[0], "measured_over_budget": l1[1], "measured_ms": l1[1] * budget}}
+    if unpruned is not None:  # the student trained as long: over any budget, a reference and no rival
+        compare["unpruned"] = {"test_acc": unpruned, "measured_over_budget": 1 / budget, "measured_ms": 1.0}
     return {"budget": budget, "seed": seed, "prune": prune, "compare": compare}
 
 
 def test_protocol_table_compares_only_with_baselines_under_the_budget() -> None:
     from benchmarks.prune_protocol import pareto_points, table
 
-    rows = [_protocol_row(0.5, 0, 0.55, (0.60, 1.10), (0.50, 0.95)),  # uniform over budget: ours - L1 = +5
-            _protocol_row(0.5, 1, 0.55, (0.52, 0.97), (0.54, 0.96)),  # both under: ours - L1 = +1
+    rows = [_protocol_row(0.5, 0, 0.55, (0.60, 1.10), (0.50, 0.95), 0.70),  # uniform over budget: ours - L1 = +5
+            _protocol_row(0.5, 1, 0.55, (0.52, 0.97), (0.54, 0.96), 0.60),  # both under: ours - L1 = +1
             _protocol_row(0.3, 0, 0.50, (0.58, 1.20), (0.59, 1.40))]  # both over: nothing to compare with
     lines = {line.split(" | ")[0].strip("| "): line for line in table(rows, baselines=True).splitlines()[2:]}
     assert "| 3.0 ± 2.8 |" in lines["0.5"] and "(over budget in 1 seed)" in lines["0.5"]
+    assert lines["0.5"].split(" | ")[3] == "65.0 ± 7.1"  # the unpruned column; never the baseline to beat
+    assert lines["0.3"].split(" | ")[3] == "-"
     assert "no baseline under budget" in lines["0.3"] and "(over budget in 1 seed)" in lines["0.3"]
     points = {(p["method"], p["budget"]): p for p in pareto_points(rows)}
     ours = points[("ours", 0.5)]
     assert ours["seeds"] == 2 and ours["accuracy"] == pytest.approx(0.55) and ours["accuracy_err"] == 0.0
     assert points[("uniform width scaling", 0.5)]["accuracy_err"] == pytest.approx(0.0566, abs=1e-4)
     assert sum(p["method"] == "student" for p in points.values()) == 1
+    assert points[("student trained as long", 0.5)]["accuracy"] == pytest.approx(0.65)
 
 
 def test_uniform_widths_step_one_group_at_a_time_within_one_lattice_step_of_the_ratio() -> None:

@@ -244,6 +244,10 @@ def test_prune_slim_compare_stages(tmp_path: Path) -> None:
     c = json.loads((tmp_path / "m" / "compare.json").read_text())
     for method in ("uniform", "l1"):
         assert 0.0 <= c[method]["test_acc"] <= 1.0 and c[method]["measured_ms"] > 0 and c[method]["probes"] and "measured_over_budget" in c[method]
+    # the unpruned reference: the whole student, trained as long, not matched to the budget
+    u = c["unpruned"]
+    assert u["params"] >= max(c["uniform"]["params"], c["l1"]["params"]) and u["choice"] == "unpruned student"
+    assert u["probes"] == [] and u["test_acc_before_finetune"] == c["student"]["test_acc"] and u["measured_ms"] > 0
 
 
 @pytest.mark.parametrize(("normalize", "batches"), [("none", 3), ("group", 100000), ("sqrt", 3)])
