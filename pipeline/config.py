@@ -201,6 +201,8 @@ class PruneConfig(Section):
                                                          "(latency table); threshold = channels with keep > 0.5")
     depth: bool = Field(True, description="also remove whole residual blocks (those with an identity shortcut): "
                         "a learned keep gate per block, priced from the latency table")
+    channels: bool = Field(True, description="narrow channel groups; false: only remove whole blocks (needs depth: "
+                           "true and method: taylor), every layer kept at the student's width")
     optimizer: OptimizerConfig = PRUNE_OPTIMIZER
     seed: int = Field(0, ge=0)
     coupled: Literal["gate", "keep"] = Field("gate", description="groups without BatchNorm+ReLU (residual "
@@ -240,6 +242,10 @@ class PruneConfig(Section):
         if self.method == "taylor" and self.allocation != "knapsack":
             raise ValueError("method: taylor ranks channels by importance, which only allocation: knapsack uses "
                              "(threshold reads the soft masks' keep probabilities); set allocation: knapsack")
+        if not self.channels and not (self.depth and self.method == "taylor"):
+            raise ValueError("channels: false removes whole blocks only, which needs depth: true and method: taylor "
+                             f"(got depth: {str(self.depth).lower()}, method: {self.method}); set channels: true to "
+                             "narrow channel groups")
         return self
 
 

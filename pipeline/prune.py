@@ -127,6 +127,12 @@ def allowed_for(groups: list[PruneGroup], multiple: int, min_fraction: float) ->
             for g in groups if g.kind != "fixed"}
 
 
+def blocks_only(allowed: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """``prune.channels: false``: every channel group fixed at its full width, blocks still [0, 1],
+    so the knapsack and the closed loop can only remove whole blocks."""
+    return {g: list(a) if is_block(g) else [max(a)] for g, a in allowed.items()}
+
+
 def deactivation_prob(gamma: torch.Tensor, beta: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     """q = P(gamma * z + beta < eps), z ~ N(0, 1): how often BatchNorm then ReLU switches a
     channel off."""

@@ -30,7 +30,7 @@ from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
-                            closed_loop, effective_band, harden, inner_groups, masks_for_widths, normalize_importance,
+                            blocks_only, closed_loop, effective_band, harden, inner_groups, masks_for_widths, normalize_importance,
                             prune_groups, taylor_importance, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"profile, or set prune.depth: false")
         multiple = cfg.multiple or table.step
         allowed = allowed_for(groups, multiple, table.meta["min_fraction"])
+        if not cfg.channels:  # blocks only: every channel group keeps the student's width
+            allowed = blocks_only(allowed)
         inside = inner_groups(groups)  # channel groups that stop mattering when their block is removed
 
         # --- the budget, and whether the smallest allowed network can meet it (before training)
@@ -122,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             prune_structure(student, example, floor_masks), shape)
         budget_ms = cfg.latency_budget * student_ms if cfg.budget_unit == "fraction" else cfg.latency_budget
         band = effective_band(cfg.band, noise)
-        how = (f"(student {student_ms:.4f} ms; every prunable group at its smallest allowed width, multiples of "
-               f"{multiple} from {table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled}; "
+        how = (f"(student {student_ms:.4f} ms; "
+               + (f"every prunable group at its smallest allowed width, multiples of {multiple} from "
+                  f"{table.meta['min_fraction']:.0%} of the full width, coupled groups: {cfg.coupled}; " if cfg.channels
+                  else "prune.channels: false, every channel group at its full width; ")
                + (f"all {len(blocks)} removable blocks removed)" if blocks else
                   "no block removed: prune.depth is false or the network has no removable block)"))
         if min(floor_pred, floor_ms) > budget_ms * band[1]:
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"prune.latency_budget {cfg.latency_budget:g} {cfg.budget_unit} = {budget_ms:.4f} ms is below what the "
                 f"smallest allowed network reaches: measured {floor_ms:.4f} ms ({floor_ms / student_ms:.2f} of the "
                 f"student), predicted {floor_pred:.4f} ms {how}. Raise the budget, lower profile.min_fraction"
-                f"{', use prune.coupled: gate' if cfg.coupled == 'keep' else ''}, or search a smaller student.")
+                f"{', use prune.coupled: gate' if cfg.coupled == 'keep' else ''}"
+                f"{', set prune.channels: true' if not cfg.channels else ''}, or search a smaller student.")
         log.info("budget %.4f ms (%.2f of the student's %.4f ms); smallest allowed network measures %.4f ms; a "
                  "measurement repeats within %.1f%%, so the closed loop aims at [%.3f, %.3f] of the budget",
                  budget_ms, budget_ms / student_ms, student_ms, floor_ms, 100 * noise, *band)
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": cfg.method, "taylor_batches": taylor_used if cfg.method == "taylor" else None,
             "taylor_per_sample": cfg.taylor_per_sample if cfg.method == "taylor" else None,
             "taylor_normalize": cfg.taylor_normalize if cfg.method == "taylor" else None,
+            "channels": cfg.channels,
             "test_acc_at_decision": acc_decided,
             "acc_drop": acc_student - acc_pruned,
             "params_student": count_params(student), "params": count_params(slimmed),

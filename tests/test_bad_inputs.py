@@ -182,6 +182,11 @@ def c_params_taylor_threshold(world: dict, tmp: Path) -> tuple[int, list[Path]]:
                   _params(tmp, prune={"method": "taylor", "allocation": "threshold"}))
 
 
+def c_params_blocks_only_without_depth(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _prune(world, tmp, world["dir"] / "prof" / "table.json",
+                  _params(tmp, prune={"channels": False, "depth": False}))
+
+
 def c_params_lr_nan(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     params = _params(tmp)
     data = yaml.safe_load(params.read_text())
@@ -437,6 +442,8 @@ CASES = [
     Case("params-budget-zero", "`prune.latency_budget: 0`", "prune.latency_budget", c_params_budget_zero),
     Case("params-taylor-threshold", "`prune.method: taylor` with `prune.allocation: threshold`",
          "set allocation: knapsack", c_params_taylor_threshold),
+    Case("params-blocks-only-without-depth", "`prune.channels: false` with `prune.depth: false` (nothing to prune)",
+         "channels: false removes whole blocks only, which needs depth: true", c_params_blocks_only_without_depth),
     Case("params-lr-nan", "`prune.optimizer.lr: .nan`", "prune.optimizer.lr", c_params_lr_nan),
     Case("params-not-yaml", "params.yaml that is not YAML", "is not valid YAML", c_params_not_yaml),
     Case("params-missing", "a params file that does not exist", "nope.yaml does not exist", c_params_missing),

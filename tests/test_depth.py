@@ -14,7 +14,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import ConfigError
 from pipeline.latency import build_table, make_backend
 from pipeline.latency.calibrate import random_width_sets
-from pipeline.prune import SoftMaskedNet, allocate_widths, allowed_for, closed_loop, harden, prune_groups, widths_of
+from pipeline.prune import SoftMaskedNet, allocate_widths, allowed_for, blocks_only, closed_loop, harden, prune_groups, widths_of
 from pipeline.slim import (BLOCK, apply_masks, block_masks, channel_groups, dropped_blocks, load_slimmed_model,
                            masks_from_kept, random_masks, residual_blocks, slim)
 from tests.conftest import randomise_bn
@@ -201,3 +201,20 @@ def test_groups_inside_a_removed_block_are_left_alone() -> None:
     loop = closed_loop(state, keep, allowed, budget_ms=3.0, measure=lambda m: predict(widths_of(m)),
                        predict=predict, cost=lambda m: 0.0, band=(0.9, 1.0), max_iterations=3, inside=inside)
     assert all("grow i " not in h["action"] for h in loop.history)
+
+
+def test_blocks_only_keeps_every_channel_group_at_full_width() -> None:
+    """``prune.channels: false``: cutting the channel group ``s`` is the cheapest way to the target,
+    and the knapsack takes it; restricted to blocks it removes the block instead and no width moves."""
+    allowed = {"i": [8, 16], "block:b": [0, 1], "s": [8, 16]}
+    values = {"i": torch.ones(16), "block:b": torch.tensor([50.0]), "s": torch.full((16,), 0.01)}
+
+    def predict(w: dict) -> float:
+        return 1 + w["block:b"] * (1 + 0.1 * w["i"]) + 0.1 * w["s"]
+
+    widths, _ = allocate_widths(values, allowed, predict, target_ms=4.5)
+    assert widths["s"] == 8 and widths["block:b"] == 1  # the channels, when they may move
+    only = blocks_only(allowed)
+    assert only == {"i": [16], "block:b": [0, 1], "s": [16]} and allowed["s"] == [8, 16]  # a copy
+    widths, ms = allocate_widths(values, only, predict, target_ms=4.5)
+    assert widths == {"i": 16, "block:b": 0, "s": 16} and ms == pytest.approx(2.6)
