@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             low = float(table.meta["min_fraction"])
             graph = ChannelGraph(student, example)
             allowed = {g.name: allowed_widths(g.size, multiple, low) for g in graph.groups}
+            sizes = {g.name: g.size for g in graph.groups}
         predictor = table.predictor()
 
         def predict(c: Candidate) -> float:  # groups are named by their root convolution: its output width
@@ -96,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         for method in cfg.methods:
             probes: list[dict] = []
             if method == "unpruned":  # nothing to match: the same training on the whole student
-                chosen = Candidate("unpruned student", copy.deepcopy(student), {g.name: g.size for g in graph.groups},
-                                   student_ms)
+                chosen = Candidate("unpruned student", copy.deepcopy(student), dict(sizes), student_ms)
             else:
                 if method == "uniform":
                     knobs = [low + (1 - low) * i / 1000 for i in range(1001)]  # fine: groups step one at a time
-                    sizes = {g.name: g.size for g in graph.groups}
                     cands = candidates(lambda k: uniform_candidate(student, example, allowed, k, graph), knobs,
                                        key=lambda k: tuple(sorted(uniform_widths(sizes, allowed, k).items())))
                 else:

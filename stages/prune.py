@@ -30,8 +30,8 @@ from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, measure_reference, target_backend
 from pipeline.plots import widths_png
 from pipeline.prune import (BudgetError, BudgetPenalty, LoopResult, SoftMaskedNet, allocate_widths, allowed_for,
-                            blocks_only, closed_loop, effective_band, harden, inner_groups, masks_for_widths, normalize_importance,
-                            prune_groups, taylor_importance, top_mask, widths_of)
+                            blocks_only, closed_loop, effective_band, harden, inner_groups, masks_for_widths,
+                            normalize_importance, prune_groups, taylor_importance, top_mask, widths_of)
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import BLOCK, apply_masks, dropped_blocks, masks_from_kept, prune_structure
 from pipeline.train import check_above_chance, epoch_steps, test_accuracy, train_classifier
