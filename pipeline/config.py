@@ -258,6 +258,14 @@ class CompareConfig(Section):
         "L1; unpruned: the student trained as long, the equal-training reference (not cut to the budget)")
     seed: int = Field(0, ge=0)
 
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({m for m in v if v.count(m) > 1})
+        if twice:  # a second run would overwrite the first in compare.json after as long a fine-tune
+            raise ValueError(f"lists {', '.join(twice)} more than once; list each method at most once")
+        return v
+
 
 class ExportConfig(Section):
     """`export`: ONNX from the slimmed model, checked against PyTorch."""

@@ -376,6 +376,43 @@ def save_prepared(out_dir: str | Path, splits: dict[str, tuple[np.ndarray, np.nd
         write_json(tmp / "meta.json", meta)
 
 
+def holdout_split(raw: RawImages, cfg: PrepareConfig, per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_class`` images of every class from the source's training pool that
+    ``prepare_splits`` with ``cfg`` did not take (``prepare.max_per_class`` leaves them out), drawn
+    with ``seed``: a larger test set for benchmarks than the prepared one, which a small preset keeps
+    small (1,000 images read a 0.5-point difference as noise). Raises DataError when the pool
+    has no such image (``max_per_class`` null or at least the pool's class sizes)."""
+    if per_class < 1:
+        raise DataError(f"holdout: per_class must be at least 1, got {per_class}")
+    used = (_cap_per_class(raw.train_y, cfg.max_per_class, cfg.seed) if cfg.max_per_class is not None
+            else np.arange(len(raw.train_y)))
+    rest = np.setdiff1d(np.arange(len(raw.train_y)), used)
+    if not len(rest):
+        raise DataError(f"holdout: prepare.max_per_class is {cfg.max_per_class}, so the prepare stage takes every "
+                        f"image of the {cfg.source} source and none is left to hold out; lower prepare.max_per_class")
+    rng = np.random.default_rng(seed)
+    sel = np.sort(np.concatenate([rng.permutation(rest[raw.train_y[rest] == c])[:per_class]
+                                  for c in np.unique(raw.train_y[rest])]))
+    return raw.train_x[sel], raw.train_y[sel]
+
+
+def load_split(path: str | Path, meta: dict[str, Any]) -> Split:
+    """A split saved as ``.npz`` (``x`` uint8 NCHW, ``y`` labels), checked against the prepared data's
+    ``meta`` (channels, image size, classes); raises DataError naming the file and the mismatch."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+    except (ValueError, OSError, KeyError) as err:
+        raise DataError(f"{path}: not a split file with arrays x and y ({err})") from err
+    want = (int(meta["channels"]), *meta["image_size"])
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != want or y.shape != (len(x),):
+        raise DataError(f"{path}: x must be uint8 of shape (N, {', '.join(map(str, want))}) and y of shape (N,) "
+                        f"like the prepared data; got x {x.dtype} {tuple(x.shape)}, y {tuple(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= int(meta["num_classes"])):
+        raise DataError(f"{path}: labels must lie in [0, {int(meta['num_classes']) - 1}], got {y.min()}..{y.max()}")
+    return Split(torch.from_numpy(x), torch.from_numpy(y).long())
+
+
 def load_prepared(data_dir: str | Path) -> PreparedData:
     """Load what ``save_prepared`` wrote; raises DataError naming what is missing."""
     data_dir = Path(data_dir)

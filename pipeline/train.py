@@ -200,11 +200,13 @@ def predict_logits(
 
 
 def test_accuracy(model: nn.Module, data: PreparedData, device: torch.device, batch_size: int = 512,
-                  amp: bool = False) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on the test split, in [0, 1]."""
+                  amp: bool = False, split: Split | None = None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on the test split (or ``split``, normalised with the
+    training statistics of ``data``), in [0, 1]."""
     mean, std = data.norm()
-    logits = predict_logits(model, data.test, mean, std, device, batch_size, amp)
-    return (logits.argmax(1) == data.test.y).double().mean().item()
+    split = data.test if split is None else split
+    logits = predict_logits(model, split, mean, std, device, batch_size, amp)
+    return (logits.argmax(1) == split.y).double().mean().item()
 
 
 def epoch_steps(samples: int, batch_size: int, world_size: int = 1) -> int:

@@ -19,10 +19,10 @@ from pipeline.compare import (Candidate, candidates, describe, l1_candidate, mat
                               uniform_widths)
 from pipeline.config import (CompareConfig, DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section,
                              parse_teachers)
-from pipeline.data import load_prepared
+from pipeline.data import load_prepared, load_split
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.flops import count_params
-from pipeline.io import write_json
+from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend
 from pipeline.prune import allowed_widths, effective_band
 from pipeline.runtime import describe_device, resolve_device
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pruned", required=True, help="masks.json of the prune stage")
     p.add_argument("--model", required=True, help="masked checkpoint of the prune stage")
     p.add_argument("--metrics", required=True)
+    p.add_argument("--holdout", default=None, help="optional .npz split (x uint8 NCHW, y) every network is also "
+                   "scored on, as holdout_acc (benchmarks: a larger test set than the prepared one)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = parse_section(params, "train", TrainConfig)
         names = list(parse_teachers(params))
         data = load_prepared(args.data)
+        holdout = load_split(args.holdout, data.meta) if args.holdout else None
         student, _ = load_student(args.student, data.meta)
         shape = (data.channels, *data.meta["image_size"])
         example = torch.zeros(1, *shape)
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             ms = student_ms * t.ms / timings[0].ms
             result[name].update(measured_ms=ms, measured_spread=t.spread, measured_over_budget=ms / budget_ms,
                                 in_band=band[0] * budget_ms <= ms <= band[1] * budget_ms)
+        if holdout is not None:
+            result["holdout"] = {"path": str(args.holdout), "images": len(holdout), "sha256": file_sha256(args.holdout)}
+            for name, model in (("student", student), *finals.items()):
+                result[name]["holdout_acc"] = test_accuracy(model, data, cpu, split=holdout)
         for method in cfg.methods:
             result[f"ours_minus_{method}"] = result["ours"]["test_acc"] - result[method]["test_acc"]
         log.info("at %.4f ms budget: ours %.4f (%.3f of the budget)%s", budget_ms, result["ours"]["test_acc"],

@@ -187,6 +187,10 @@ def c_params_blocks_only_without_depth(world: dict, tmp: Path) -> tuple[int, lis
                   _params(tmp, prune={"channels": False, "depth": False}))
 
 
+def c_params_compare_twice(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, compare={"methods": ["l1", "uniform", "l1"]}), world["dir"] / "prep", tmp)
+
+
 def c_params_lr_nan(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     params = _params(tmp)
     data = yaml.safe_load(params.read_text())
@@ -444,6 +448,8 @@ CASES = [
          "set allocation: knapsack", c_params_taylor_threshold),
     Case("params-blocks-only-without-depth", "`prune.channels: false` with `prune.depth: false` (nothing to prune)",
          "channels: false removes whole blocks only, which needs depth: true", c_params_blocks_only_without_depth),
+    Case("params-compare-twice", "`compare.methods: [l1, uniform, l1]`",
+         "compare.methods: lists l1 more than once; list each method at most once", c_params_compare_twice),
     Case("params-lr-nan", "`prune.optimizer.lr: .nan`", "prune.optimizer.lr", c_params_lr_nan),
     Case("params-not-yaml", "params.yaml that is not YAML", "is not valid YAML", c_params_not_yaml),
     Case("params-missing", "a params file that does not exist", "nope.yaml does not exist", c_params_missing),

@@ -116,3 +116,31 @@ def test_uniform_widths_step_one_group_at_a_time_within_one_lattice_step_of_the_
     assert steps[0] == 160 and steps[-1] == 640  # 10 x 16 (25% of 64) up to full width
     assert all(b - a == 8 for a, b in zip(steps, steps[1:]))  # never more than one group at a time
     assert uniform_widths(sizes, allowed, 1.0) == sizes
+
+
+def test_holdout_table_pairs_each_rival_with_ours_per_seed() -> None:
+    from benchmarks.prune_protocol import holdout_table
+
+    rows = []
+    for seed, (ours, l1, unpruned) in enumerate([(0.56, 0.55, 0.57), (0.58, 0.55, 0.58)]):
+        r = _protocol_row(0.7, seed, 0.5, (0.5, 0.9), (0.5, 0.9), 0.6)
+        c = r["compare"]
+        c["holdout"] = {"images": 10000}
+        c["student"] = {"holdout_acc": 0.54}
+        c["ours"]["holdout_acc"], c["l1"]["holdout_acc"], c["unpruned"]["holdout_acc"] = ours, l1, unpruned
+        del c["uniform"]  # a rival not run: its cells read "-"
+        rows.append(r)
+    rows.append(_protocol_row(0.5, 0, 0.5, (0.5, 0.9), (0.5, 0.9)))  # not scored on the holdout: left out
+    text = holdout_table(rows)
+    assert "10,000 images" in text
+    cells = text.splitlines()[-1].split(" | ")
+    assert cells[0] == "| 0.7" and cells[1] == "0, 1" and cells[2] == "54.0 ± 0.0" and cells[3] == "57.0 ± 1.4"
+    assert cells[4] == "-" and cells[5] == "55.0 ± 0.0" and cells[6] == "57.5 ± 0.7"
+    assert cells[7] == "-" and cells[8] == "2.0 ± 1.4" and cells[9] == "-0.5 ± 0.7 |"
+    assert "| 0.5 |" not in text
+    from benchmarks.prune_protocol import pareto_points
+
+    points = {(p["method"], p["budget"]): p for p in pareto_points(rows[:2], "holdout_acc")}
+    assert points[("ours", 0.7)]["accuracy"] == pytest.approx(0.57)
+    assert points[("student", None)]["accuracy"] == pytest.approx(0.54)
+    assert points[("student trained as long", 0.7)]["accuracy"] == pytest.approx(0.575)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    augment_batch, channel_stats, load_prepared, load_source, normalize, prepare_splits, save_prepared, split_indices,
+    augment_batch, channel_stats, holdout_split, load_prepared, load_source, load_split, normalize, prepare_splits,
+    save_prepared, split_indices,
 )
 from pipeline.errors import DataError
 from tests.conftest import make_imagefolder, prepare_cfg, write_image
@@ -174,3 +175,42 @@ def test_cifar_missing_without_download_is_a_clear_error(tmp_path: Path, source:
     with pytest.raises(DataError, match=f"prepare.root: {source} not found .*prepare.download: true"):
         load_source(prepare_cfg(source=source, root=str(tmp_path), image_size=None))
     assert list(tmp_path.iterdir()) == []  # nothing downloaded or half-written
+
+
+def test_holdout_is_the_source_images_the_prepare_stage_left_out(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=10)
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None, max_per_class=6,
+                      val_fraction=0.2, test_fraction=0.2)
+    raw = load_source(cfg)
+    splits, _ = prepare_splits(raw, cfg)
+    used = {x.tobytes() for name in ("train", "val", "test") for x in splits[name][0]}
+    assert len(used) == 3 * 6
+    x, y = holdout_split(raw, cfg, per_class=3)
+    assert np.bincount(y).tolist() == [3, 3, 3] and not used & {i.tobytes() for i in x}
+    x, y = holdout_split(raw, cfg, per_class=100)  # only 4 per class are left
+    assert np.bincount(y).tolist() == [4, 4, 4] and not used & {i.tobytes() for i in x}
+    a, _ = holdout_split(raw, cfg, per_class=2, seed=1)
+    b, _ = holdout_split(raw, cfg, per_class=2, seed=1)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="max_per_class is None"):
+        holdout_split(raw, prepare_cfg(source="imagefolder", root=str(root), image_size=None), per_class=3)
+    with pytest.raises(DataError, match="per_class must be at least 1"):
+        holdout_split(raw, cfg, per_class=0)
+
+
+def test_load_split_checks_the_file_against_the_prepared_data(tmp_path: Path, digits_dir: Path) -> None:
+    data = load_prepared(digits_dir)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=data.test.x.numpy(), y=data.test.y.numpy())
+    split = load_split(good, data.meta)
+    assert torch.equal(split.x, data.test.x) and torch.equal(split.y, data.test.y)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=data.test.x.numpy()[:, :, :4], y=data.test.y.numpy())
+    with pytest.raises(DataError, match=r"bad\.npz: x must be uint8 of shape \(N, 1, 8, 8\)"):
+        load_split(bad, data.meta)
+    np.savez(bad, x=data.test.x.numpy(), y=data.test.y.numpy() + 10)
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 9\]"):
+        load_split(bad, data.meta)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="junk.npz: not a split file"):
+        load_split(tmp_path / "junk.npz", data.meta)

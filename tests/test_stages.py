@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -236,12 +237,18 @@ def test_prune_slim_compare_stages(tmp_path: Path) -> None:
 
     model, ckpt = load_slimmed_model(tmp_path / "s" / "model.pt")
     assert "channel_manifest" in ckpt and sum(p.numel() for p in model.parameters()) == s["params_after"]
+    # the holdout: here the test split itself, so every network must score its own test accuracy on it
+    test = load_prepared(tmp_path / "prep").test
+    np.savez(tmp_path / "holdout.npz", x=test.x.numpy(), y=test.y.numpy())
     code = compare.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
                          "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
                          "--pruned", str(tmp_path / "pr" / "masks.json"), "--model", str(tmp_path / "pr" / "model.pt"),
-                         "--metrics", str(tmp_path / "m" / "compare.json")])
+                         "--metrics", str(tmp_path / "m" / "compare.json"), "--holdout", str(tmp_path / "holdout.npz")])
     assert code == 0
     c = json.loads((tmp_path / "m" / "compare.json").read_text())
+    assert c["holdout"]["images"] == len(test)
+    for name in ("student", "ours", "uniform", "l1", "unpruned"):
+        assert c[name]["holdout_acc"] == c[name]["test_acc"]
     for method in ("uniform", "l1"):
         assert 0.0 <= c[method]["test_acc"] <= 1.0 and c[method]["measured_ms"] > 0 and c[method]["probes"] and "measured_over_budget" in c[method]
     # the unpruned reference: the whole student, trained as long, not matched to the budget
