@@ -286,7 +286,8 @@ def main() -> int:
         (args.out / "pareto.json").write_text(json.dumps(points, indent=1))
         what = f"holdout accuracy ({rows[0]['compare']['holdout']['images']:,} images)" if held else "accuracy"
         pareto_png(points, args.out / "pareto.png", f"{what} vs measured latency, {len(args.seeds)} seeds ({machine()})",
-                   "points: mean over seeds; error bars: standard deviation over seeds (accuracy and measured latency)")
+                   "points: mean over seeds; error bars: standard deviation over seeds (accuracy and measured latency)",
+                   ylabel="holdout accuracy (%)" if held else "test accuracy (%)")
     return 0
 
 

@@ -108,7 +108,7 @@ def widths_png(rows: Sequence[dict[str, object]], path: str | Path, title: str) 
 
 
 def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str, note: str = "",
-               scatter: Collection[str] = ()) -> None:
+               scatter: Collection[str] = (), ylabel: str = "test accuracy (%)") -> None:
     """Accuracy against measured latency, one series per ``method``; points joined in latency order
     (one method's trade-off), except the series in ``scatter`` (unrelated models, e.g. teachers).
     A point may carry error bars: ``accuracy_err`` (a fraction, symmetric) and ``latency_err`` (ms:
@@ -126,7 +126,7 @@ def pareto_png(points: Sequence[dict[str, object]], path: str | Path, title: str
         ax.errorbar(x, y, yerr=yerr if has_err else None, xerr=xerr if has_err else None,
                     fmt="o-" if len(pts) > 1 and method not in scatter else "o", capsize=3, label=method)
     ax.set_xlabel("measured latency (ms)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     if note:  # wrapped to the figure's width (7 pt: about 105 characters a line)
