@@ -216,9 +216,9 @@ def pareto_points(rows: list[dict], key: str = "test_acc") -> list[dict]:
     holdout instead (every row must have been scored on it)."""
     series: dict[tuple[str, float | None], list[tuple[float, float]]] = {}
     student: list[tuple[float, float]] = []
+    held = key != "test_acc"
     for r in sorted((r for r in rows if "failed" not in r), key=lambda r: r["budget"]):
         pr, c = r["prune"], r.get("compare", {})
-        held = key != "test_acc"
         student.append((pr["student_ms"], c["student"][key] if held else pr["test_acc_student"]))
         series.setdefault(("ours", r["budget"]), []).append(
             (c.get("ours", {}).get("measured_ms", pr["measured_ms"]), c["ours"][key] if held else pr["test_acc"]))
@@ -278,13 +278,14 @@ def main() -> int:
         text += "\n\n" + holdout_table(rows)
     print("\n" + text)
     write_results(args.out, "rows.json", rows, text)
-    held = bool(rows) and all("holdout" in r.get("compare", {}) for r in rows if "failed" not in r)
+    ran = [r for r in rows if "failed" not in r]
+    held = bool(ran) and all("holdout" in r.get("compare", {}) for r in ran)
     points = pareto_points(rows, "holdout_acc" if held else "test_acc")
     if points:
         from pipeline.plots import pareto_png
 
         (args.out / "pareto.json").write_text(json.dumps(points, indent=1))
-        what = f"holdout accuracy ({rows[0]['compare']['holdout']['images']:,} images)" if held else "accuracy"
+        what = f"holdout accuracy ({ran[0]['compare']['holdout']['images']:,} images)" if held else "accuracy"
         pareto_png(points, args.out / "pareto.png", f"{what} vs measured latency, {len(args.seeds)} seeds ({machine()})",
                    "points: mean over seeds; error bars: standard deviation over seeds (accuracy and measured latency)",
                    ylabel="holdout accuracy (%)" if held else "test accuracy (%)")
