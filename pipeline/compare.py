@@ -9,7 +9,10 @@ The protocol, fixed here and used by the `compare` stage and the benchmarks:
   times the student's latency). A baseline's one knob is continuous (uniform: the width ratio;
   L1: the global pruning ratio) and is swept finely; the largest resulting network that measures
   at most ``high`` x budget is taken (``match_budget``); where the knob's steps are too coarse to
-  land in the band, the metrics say how far below it the baseline landed.
+  land in the band, the metrics say how far below it the baseline landed. Each of these
+  verdicts, and the final joint run, is timed with compare's own protocol (``compare.timing_passes``
+  windows over ``compare.timing_span_s``): the fastest of 10 windows over 0.5 s is one noisy
+  extreme (docs/BENCHMARKS.md, section 37).
 * **Same training.** Every method trains its final network with the same distillation loss and
   optimizer for the same total number of epochs (``prune.epochs``; ours spends part of them
   searching its masks).

@@ -257,6 +257,9 @@ class CompareConfig(Section):
         ("uniform", "l1", "unpruned"), description="uniform: every group scaled by one factor; l1: Torch-Pruning global "
         "L1; unpruned: the student trained as long, the equal-training reference (not cut to the budget)")
     seed: int = Field(0, ge=0)
+    timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms in every "
+                               "verdict of compare (matching a baseline, the final joint run)")
+    timing_span_s: float = Field(2.0, ge=0.0, le=600.0, description="least wall time those windows spread over")
 
     @field_validator("methods")
     @classmethod

@@ -46,6 +46,7 @@ def _tiny_params(path: Path, seed_b: int = 1) -> None:
     params["prune"].update(epochs=2, latency_budget=1.0, budget_unit="ms", band=[0.05, 1.0],
                            progress=False)  # far above the tiny student: mechanics, not the method
     params["engine"].update(timing_passes=4, timing_span_s=0.0, on_over_budget="warn")  # budget = the student's own latency
+    params["compare"].update(timing_passes=4, timing_span_s=0.0)
     params["search"].update(epochs=1, batch_size=16, progress=False, budget_ratio=0.6)
     params["student"].update(epochs=1, optimizer={"warmup_epochs": 0})
     params["teachers"] = {

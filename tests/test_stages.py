@@ -215,10 +215,13 @@ def run_prune(tmp_path: Path, params: Path) -> int:
                        "--plots-dir", str(tmp_path / "p" / "prune"), "--resume-dir", str(tmp_path / "resume")])
 
 
-def test_prune_slim_compare_stages(tmp_path: Path) -> None:
+def test_prune_slim_compare_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a budget far above the tiny network's ~0.02 ms: the plumbing is tested here, the method in
     # tests/test_prune.py (a tight budget on a 20-microsecond network is measurement noise)
     params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms")
+    cfg = yaml.safe_load(params.read_text())
+    cfg.setdefault("compare", {}).update(timing_passes=7, timing_span_s=0.01)
+    params.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert run_prune(tmp_path, params) == 0
     m = json.loads((tmp_path / "m" / "prune.json").read_text())
     assert m["within_budget"] and m["measured_ms"] <= m["budget_ms"] and m["loop_iterations"] >= 1
@@ -240,12 +243,25 @@ def test_prune_slim_compare_stages(tmp_path: Path) -> None:
     # the holdout: here the test split itself, so every network must score its own test accuracy on it
     test = load_prepared(tmp_path / "prep").test
     np.savez(tmp_path / "holdout.npz", x=test.x.numpy(), y=test.y.numpy())
+    from pipeline.latency.backends import Backend
+
+    protocols: list = []  # every measurement compare makes decides a match or a verdict: compare's own protocol
+    measure_many = Backend.measure_many
+
+    def recording(self, models, shapes, protocol=None, on_pass=None):  # type: ignore[no-untyped-def]
+        protocols.append(protocol)
+        return measure_many(self, models, shapes, protocol, on_pass)
+
+    monkeypatch.setattr(Backend, "measure_many", recording)
     code = compare.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
                          "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
                          "--pruned", str(tmp_path / "pr" / "masks.json"), "--model", str(tmp_path / "pr" / "model.pt"),
                          "--metrics", str(tmp_path / "m" / "compare.json"), "--holdout", str(tmp_path / "holdout.npz")])
     assert code == 0
+    monkeypatch.undo()
+    assert len(protocols) >= 3 and all(p is not None and (p.passes, p.min_span_s) == (7, 0.01) for p in protocols)
     c = json.loads((tmp_path / "m" / "compare.json").read_text())
+    assert "fastest of 7 over at least 0.01 s" in c["protocol"]["measured"]
     assert c["holdout"]["images"] == len(test)
     for name in ("student", "ours", "uniform", "l1", "unpruned"):
         assert c[name]["holdout_acc"] == c[name]["test_acc"]
