@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = target_backend(target)
     protocols = {"target.timing": timing_protocol(target),
                  "compare verdict": timing_protocol(target, passes=cmp.timing_passes, min_span_s=cmp.timing_span_s)}
+    nets, names = list(models.values()), list(models)[1:]  # every ratio is to the student, the first
     loads = ["quiet", "bursty"] if args.load == "both" else [args.load]
     rows: list[dict[str, Any]] = []
     for load in loads:
@@ -107,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             proc.start()
         try:
             for pname, proto in protocols.items():
-                reads: dict[str, dict[str, list[float]]] = {n: {"fastest": [], "paired": []} for n in list(models)[1:]}
+                reads: dict[str, dict[str, list[float]]] = {n: {"fastest": [], "paired": []} for n in names}
                 t0 = time.perf_counter()
                 for _ in range(args.rounds):
-                    for name, r in zip(list(models)[1:], _ratios(backend.measure_many(list(models.values()), shape, proto))):
+                    for name, r in zip(names, _ratios(backend.measure_many(nets, shape, proto))):
                         for est, v in r.items():
                             reads[name][est].append(v)
                 for name, by_est in reads.items():
