@@ -24,6 +24,7 @@ run: install
 	python -m pipeline.report
 
 test: install
+	ruff check .
 	python -m pytest
 
 # CUDA machines: ONNX Runtime's GPU build replaces the CPU one (they must never coexist).

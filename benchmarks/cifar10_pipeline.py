@@ -39,7 +39,7 @@ def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tup
 
     The log is written outside the repository while ``cmd`` runs and copied to ``log_path`` when
     it ends: when ``dvc exp run`` applied the finished experiment to the workspace, the tracked
-    log came back as it stood when the experiment began, its first line (docs/BENCHMARKS.md,
+    log came back as it stood when the experiment began, its first line (docs/history.md,
     section 24)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

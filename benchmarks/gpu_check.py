@@ -15,7 +15,7 @@ what one H100 call allows):
 3. the training throughput benchmark (ResNet-56, batch 128: CUDA graph step against eager);
 4. the pipeline on ``presets/gpu-check.yaml`` through handoff, with ``python -m stages`` (no DVC).
 
-It writes ``OUT_DIR/results.md`` (the table for docs/BENCHMARKS.md, rewritten after every step, so
+It writes ``OUT_DIR/results.md`` (the table for docs/history.md, rewritten after every step, so
 a run cut short still leaves what it measured) and ``OUT_DIR/results.json``, plus every step's log.
 Exit status 0 only when every step passed. Only the standard library is imported here: the
 project's dependencies may not be installed yet when it starts.
@@ -186,7 +186,7 @@ def stage_figures(run: Path, log: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _missing_data(preset: Path) -> list[str]:
+def missing_data_of(preset: Path) -> list[str]:
     """The preset's ``root:`` paths (relative to the repository) that do not exist; [] when it has
     none or cannot be read (the pipeline step then says what is wrong)."""
     try:
@@ -219,7 +219,7 @@ def main() -> int:
         print(f"[gpu_check] {name}: {result} ({seconds:.1f} s)", flush=True)
 
     # 0. the data the pipeline step reads, before minutes go into the other steps
-    missing_data = [] if args.params else _missing_data(REPO / "presets" / f"{args.preset}.yaml")
+    missing_data = [] if args.params else missing_data_of(REPO / "presets" / f"{args.preset}.yaml")
     if missing_data:
         step("data", f"FAILED: {missing_data[0]} is not there (README: GPU check, `make gpu-bundle` copies it)", 0.0)
         return 1

@@ -28,9 +28,10 @@ def main() -> int:
     p.add_argument("-n", type=int, default=20)
     args = p.parse_args()
     from pipeline.data import load_prepared
-    from pipeline.deploy import engine_latency, ort_session, verify_bundle
+    from pipeline.deploy import engine_latency, verify_bundle
     from pipeline.latency import TimingProtocol
     from pipeline.latency.backends import wall_timed
+    from pipeline.runtimes import ort_session
 
     data = load_prepared(REPO / args.data)
     manifest = verify_bundle(REPO / args.bundle)

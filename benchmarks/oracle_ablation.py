@@ -21,13 +21,13 @@ import yaml
 
 from benchmarks._runner import REPO, machine
 from models import build_model
+from pipeline.checkpoint import load_teachers
 from pipeline.config import OptimizerConfig, TrainConfig, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble, kd_criterion
 from pipeline.flops import count_params
 from pipeline.io import read_json
 from pipeline.train import predict_logits, train_classifier
-from stages._teachers import load_teachers
 
 
 def uniform_like(arch: dict, target: int, num_classes: int, channels: int, blocks: list[int], widths: list[int]) -> dict:

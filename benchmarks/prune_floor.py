@@ -15,9 +15,8 @@ a searched student (``artifacts/search/arch.json``) at its own input size.
 from __future__ import annotations
 
 import argparse
-from datetime import date
-
 import json
+from datetime import date
 
 import torch
 

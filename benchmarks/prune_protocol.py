@@ -44,6 +44,7 @@ import yaml
 
 from benchmarks._runner import machine, run_stage, write_params, write_results
 from benchmarks.latency_model import set_key
+from pipeline.prune import Budget
 
 
 def _link(upstream: Path, work: Path) -> None:
@@ -91,7 +92,7 @@ def run_pair(upstream: Path, out: Path, params: dict[str, Any], budget: float, s
     p = json.loads(json.dumps(params))
     p["prune"].update(latency_budget=budget, seed=seed, progress=False)
     p["compare"].update(seed=seed, methods=p["compare"]["methods"] if baselines else [])
-    reuse = _pruned_alike(work, p)  # before params.yaml is overwritten
+    reuse = pruned_alike(work, p)  # before params.yaml is overwritten
     pfile = write_params(work, p)
     a = work / "artifacts"
     common = ["--data", str(a / "prepare"), "--teachers", str(a / "teachers")]
@@ -111,7 +112,7 @@ def run_pair(upstream: Path, out: Path, params: dict[str, Any], budget: float, s
     return _collect(work, baselines)
 
 
-def _pruned_alike(work: Path, params: dict[str, Any]) -> bool:
+def pruned_alike(work: Path, params: dict[str, Any]) -> bool:
     """True when ``work`` holds a finished prune stage run with the sections the prune stage reads
     as ``params`` has them (defaults filled in, so a run by an older revision whose params.yaml
     lacks a newer key counts): the baselines can be re-run against it without training ours again
@@ -146,11 +147,72 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
 
 
-def _over(n: int) -> str:
-    return f" (over budget in {n} seed{'s' if n > 1 else ''})" if n else ""
+def row_budget(row: dict) -> Budget:
+    """The budget a (budget, seed) run was judged by: compare's record of it, else the prune stage's
+    metrics (every revision wrote its target, band, noise and student latency there)."""
+    c = row.get("compare", {}).get("protocol", {})
+    if "budget" in c:
+        return Budget.from_dict(c["budget"])
+    pr = row["prune"]
+    return Budget(pr["budget_ms"], tuple(pr["band"]), pr["noise"], pr["budget_unit"], pr["budget"], pr["student_ms"])
+
+
+def judged(row: dict, method: str) -> tuple[float, float, str] | None:
+    """(measured ms, measured / budget, ``Budget`` status) of ``method`` in a run: the compare
+    stage's final joint measurement for every method, ours included (the prune stage's own reading
+    only for a run without compare); None when the method did not run."""
+    entry = row.get("compare", {}).get(method)
+    if method == "ours" and (entry is None or "measured_ms" not in entry):
+        entry = row["prune"]  # no compare run, or one by a revision that did not measure ours at the end
+    if entry is None:
+        return None
+    budget, ms = row_budget(row), entry["measured_ms"]
+    return ms, ms / budget.target_ms, entry.get("budget_status") or budget.status(ms)
+
+
+def _marks(statuses: list[str]) -> str:
+    """What a cell's seeds that were not at the budget are: over it, or below its band."""
+    over, below = statuses.count("over"), statuses.count("below_band")
+    out = [f"{what} in {n} seed{'s' if n > 1 else ''}"
+           for what, n in (("over budget", over), ("below band", below)) if n]
+    return f" ({'; '.join(out)})" if out else ""
+
+
+def _cell(rs: list[dict], method: str) -> tuple[str, list[float]]:
+    """A method's mean ± std cell over the runs ``rs``, marked with its seeds not at the budget, and
+    its measured / budget per seed."""
+    acc, land, status = [], [], []
+    for r in rs:
+        j = judged(r, method)
+        if j is None:
+            continue
+        land.append(j[1])
+        status.append(j[2])
+        acc.append(r["prune"]["test_acc"] if method == "ours" else r["compare"][method]["test_acc"])
+    return mean_std(acc) + _marks(status), land
+
+
+def _versus(rs: list[dict]) -> str:
+    """Ours minus the better baseline that met the budget (one over it is no equal-latency rival),
+    mean ± std over the seeds where ours met it too."""
+    diffs, ours_over = [], 0
+    for r in rs:
+        ours = judged(r, "ours")
+        rivals = [r["compare"][m]["test_acc"] for m in ("uniform", "l1") if (j := judged(r, m)) is not None
+                  and j[2] != "over"]
+        ours_over += ours is not None and ours[2] == "over"
+        if rivals and ours is not None and ours[2] != "over":
+            diffs.append(r["prune"]["test_acc"] - max(rivals))
+    if diffs or not any(m in r.get("compare", {}) for r in rs for m in ("uniform", "l1")):
+        return mean_std(diffs)
+    return "ours over budget" if ours_over == len(rs) else "no baseline under budget"
 
 
 def table(rows: list[dict], baselines: bool) -> str:
+    """Per budget: every method's test accuracy over the seeds, each judged by the ``Budget`` rule on
+    the compare stage's final joint measurement (cells say in how many seeds a method was over the
+    budget or below its band); ours minus the best baseline that met the budget, over the seeds
+    where ours met it too."""
     lines = ["| budget | seeds | student | student trained as long (unpruned) | ours | uniform | Torch-Pruning L1 | "
              "ours - best baseline under budget | measured / budget: ours; uniform; L1 (mean) | "
              "ours: epochs searching + training |",
@@ -161,25 +223,16 @@ def table(rows: list[dict], baselines: bool) -> str:
         if not rs:
             lines.append(f"| {b:g} | {len(failed)} failed: {failed[0]['failed']} | | | | | | | | |")
             continue
-        acc = {"ours": [r["prune"]["test_acc"] for r in rs], "student": [r["prune"]["test_acc_student"] for r in rs]}
-        land = {"ours": [r["prune"]["measured_over_budget"] for r in rs]}
-        for m in ("uniform", "l1"):
-            acc[m] = [r["compare"][m]["test_acc"] for r in rs if baselines and m in r.get("compare", {})]
-            land[m] = [r["compare"][m]["measured_over_budget"] for r in rs if baselines and m in r.get("compare", {})]
+        cells, land = {}, {}
+        for m in ("ours", "uniform", "l1"):
+            cells[m], land[m] = _cell(rs, m) if m == "ours" or baselines else ("-", [])
         unpruned = [r["compare"]["unpruned"]["test_acc"] for r in rs if baselines and "unpruned" in r.get("compare", {})]
-        diffs = []  # against the better baseline that met the budget (a baseline over it is no equal-latency rival)
-        for r in rs if baselines else []:
-            within = [r["compare"][m]["test_acc"] for m in ("uniform", "l1")
-                      if m in r.get("compare", {}) and r["compare"][m]["measured_over_budget"] <= 1.0]
-            if within:
-                diffs.append(r["prune"]["test_acc"] - max(within))
-        over = {m: sum(v > 1.0 for v in land[m]) for m in ("uniform", "l1")}
         p0 = rs[0]["prune"]
+        student = mean_std([r["prune"]["test_acc_student"] for r in rs])
         lines.append(
             f"| {b:g} | {', '.join(str(r['seed']) for r in rs)}{f' ({len(failed)} failed)' if failed else ''} | "
-            f"{mean_std(acc['student'])} | {mean_std(unpruned)} | **{mean_std(acc['ours'])}** | {mean_std(acc['uniform'])}{_over(over['uniform'])} | "
-            f"{mean_std(acc['l1'])}{_over(over['l1'])} | "
-            f"{mean_std(diffs) if diffs or not acc['uniform'] else 'no baseline under budget'} | "
+            f"{student} | {mean_std(unpruned)} | **{cells['ours']}** | {cells['uniform']} | {cells['l1']} | "
+            f"{_versus(rs) if baselines else '-'} | "
             f"{'; '.join(f'{statistics.mean(v):.3f}' if v else '-' for v in land.values())} | "
             f"{p0['soft_epochs']} + {p0['settle_epochs']} |")
     return "\n".join(lines)
@@ -187,7 +240,8 @@ def table(rows: list[dict], baselines: bool) -> str:
 
 def holdout_table(rows: list[dict]) -> str:
     """Test accuracy on the holdout (compare's ``holdout_acc``) per budget and method, mean ± std
-    over the seeds, and ours minus each rival paired per seed, for the rows scored on it."""
+    over the seeds (marked, as in ``table``, with the seeds a pruned network was not at the budget),
+    and ours minus each rival paired per seed, for the rows scored on it."""
     scored = [r for r in rows if "holdout" in r.get("compare", {})]
     n = scored[0]["compare"]["holdout"]["images"]
     rivals = ("uniform", "l1", "unpruned")
@@ -196,8 +250,11 @@ def holdout_table(rows: list[dict]) -> str:
              "ours - uniform, paired | ours - L1, paired | ours - unpruned, paired |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for b in sorted({r["budget"] for r in scored}):
-        rs = [r["compare"] for r in scored if r["budget"] == b]
-        cells = [mean_std([c[m]["holdout_acc"] for c in rs if m in c]) for m in ("student", "ours", *rivals)]
+        runs = [r for r in scored if r["budget"] == b]
+        rs = [r["compare"] for r in runs]
+        cells = [mean_std([c[m]["holdout_acc"] for c in rs if m in c])
+                 + (_marks([j[2] for r in runs if (j := judged(r, m))]) if m in ("ours", "uniform", "l1") else "")
+                 for m in ("student", "ours", *rivals)]
         diffs = [mean_std([c["ours"]["holdout_acc"] - c[m]["holdout_acc"] for c in rs if m in c]) for m in rivals]
         seeds = ", ".join(str(r["seed"]) for r in scored if r["budget"] == b)
         lines.append(f"| {b:g} | {seeds} | " + " | ".join(cells + diffs) + " |")
@@ -210,29 +267,32 @@ def _sd(xs: list[float]) -> float:
 
 def pareto_points(rows: list[dict], key: str = "test_acc") -> list[dict]:
     """Per budget and method: mean test accuracy and mean measured latency over the seeds, each with
-    its standard deviation as the error bar. With baselines, every method's latency is the compare
-    stage's final measurement (all final networks and the student in one interleaved run). The
-    student is one network: one point, over every run. ``key="holdout_acc"``: the accuracy on the
-    holdout instead (every row must have been scored on it)."""
-    series: dict[tuple[str, float | None], list[tuple[float, float]]] = {}
-    student: list[tuple[float, float]] = []
+    its standard deviation as the error bar, and ``not_at_budget``: the seeds the ``Budget`` rule put
+    over the budget or below its band. With baselines, every method's latency and status are the
+    compare stage's final measurement (all final networks and the student in one interleaved run),
+    ours included. The student is one network: one point, over every run. ``key="holdout_acc"``:
+    the accuracy on the holdout instead (every row must have been scored on it)."""
+    series: dict[tuple[str, float | None], list[tuple[float, float, str]]] = {}
     held = key != "test_acc"
     for r in sorted((r for r in rows if "failed" not in r), key=lambda r: r["budget"]):
         pr, c = r["prune"], r.get("compare", {})
-        student.append((pr["student_ms"], c["student"][key] if held else pr["test_acc_student"]))
-        series.setdefault(("ours", r["budget"]), []).append(
-            (c.get("ours", {}).get("measured_ms", pr["measured_ms"]), c["ours"][key] if held else pr["test_acc"]))
-        for m, label in (("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1"),
+        series.setdefault(("student", None), []).append(
+            (pr["student_ms"], c["student"][key] if held else pr["test_acc_student"], "student"))
+        for m, label in (("ours", "ours"), ("uniform", "uniform width scaling"), ("l1", "Torch-Pruning L1"),
                          ("unpruned", "student trained as long")):
-            if m in c:
-                series.setdefault((label, r["budget"]), []).append((c[m]["measured_ms"], c[m][key]))
+            j = judged(r, m)
+            if j is not None:
+                acc = pr["test_acc"] if m == "ours" and not held else c[m][key]
+                series.setdefault((label, r["budget"]), []).append((j[0], acc, j[2]))
+    student = series.pop(("student", None), None)
     if student:
         series[("student", None)] = student
     points = []
     for (method, b), v in series.items():
         ms, acc = [x[0] for x in v], [x[1] for x in v]
         points.append({"method": method, "budget": b, "seeds": len(v), "latency_ms": statistics.mean(ms),
-                       "latency_err": _sd(ms), "accuracy": statistics.mean(acc), "accuracy_err": _sd(acc)})
+                       "latency_err": _sd(ms), "accuracy": statistics.mean(acc), "accuracy_err": _sd(acc),
+                       "not_at_budget": sum(x[2] in ("over", "below_band") for x in v)})
     return points
 
 

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -160,9 +160,10 @@ def killed_prune(params_text: str) -> dict[str, Any]:
 def bundle(tmp: Path) -> dict[str, Any]:
     from PIL import Image
 
-    from pipeline.data import load_prepared
-    from pipeline.deploy import export_onnx, model_card
     from pipeline.checkpoint import load_model
+    from pipeline.data import load_prepared
+    from pipeline.deploy import model_card
+    from pipeline.runtimes import export_onnx
 
     data = load_prepared("artifacts/prepare")
     img = tmp / "digit.png"

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from models.errors import ConfigError
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}

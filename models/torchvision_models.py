@@ -7,7 +7,7 @@ from functools import cache
 
 from torch import nn
 
-from models._tvcompat import import_torchvision
+from models.tvcompat import import_torchvision
 
 
 @cache

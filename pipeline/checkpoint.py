@@ -76,12 +76,31 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if "channel_manifest" in ckpt:
         raise CheckpointError(f"{path} is a slimmed checkpoint; load it with pipeline.slim.load_slimmed_model")
     model = build_model(ckpt["arch"], **ckpt["arch_config"])
-    return _load_weights(model, ckpt, path)
+    return load_weights(model, ckpt, path)
 
 
-def _load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match {ckpt['arch']} {ckpt['arch_config']}: {err}") from err
+    return model.eval(), ckpt
+
+
+def load_teachers(teachers_dir: str | Path, names: list[str], data_meta: dict[str, Any]) -> dict[str, nn.Module]:
+    """name -> eval-mode model; refuses teachers trained on other data."""
+    out = {}
+    for name in names:
+        model, ckpt = load_model(Path(teachers_dir) / f"{name}.pt")
+        if ckpt["meta"].get("data_hash") != data_meta["split_hashes"]["train"]:
+            raise CheckpointError(f"teacher {name} was trained on other data; re-run train_teacher@{name}")
+        out[name] = model.eval()
+    return out
+
+
+def load_student(path: str | Path, data_meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained student (eval mode) and its checkpoint; refuses one trained on other data."""
+    model, ckpt = load_model(path)
+    if ckpt["meta"].get("data_hash") != data_meta["split_hashes"]["train"]:
+        raise CheckpointError(f"student {path} was trained on other data; re-run train_student")
     return model.eval(), ckpt

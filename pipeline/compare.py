@@ -3,19 +3,24 @@
 The protocol, fixed here and used by the `compare` stage and the benchmarks:
 
 * **Same start.** Every method starts from the same trained student and its weights.
-* **Same measured latency.** Every method is cut to the same band of the budget that the prune
-  stage's closed loop aims at ([low, high] x budget, the top lowered by the measured noise),
-  measured on the target paired with the student (interleaved windows; the ratio to the student
-  times the student's latency). A baseline's one knob is continuous (uniform: the width ratio;
-  L1: the global pruning ratio) and is swept finely; the largest resulting network that measures
-  at most ``high`` x budget is taken (``match_budget``); where the knob's steps are too coarse to
-  land in the band, the metrics say how far below it the baseline landed. Each of these
-  verdicts, and the final joint run, is timed with compare's own protocol (``compare.timing_passes``
-  windows over ``compare.timing_span_s``): the fastest of 10 windows over 0.5 s is one noisy
-  extreme (docs/BENCHMARKS.md, section 37).
+* **Same measured latency.** Every method is cut to the same band of the same ``Budget`` (the
+  prune stage's, read back from its masks.json): ``Budget.bounds_ms``, the band the prune stage's
+  closed loop aims at, measured on the target paired with the student (interleaved windows; the
+  ratio to the student times the student's latency). A baseline's one knob is continuous
+  (uniform: the width ratio; L1: the global pruning ratio) and is swept finely; the largest
+  resulting network that measures at most the band's top is taken (``match_budget``). Each of
+  these verdicts, and the final joint run, is timed with compare's own protocol
+  (``compare.timing_passes`` windows over ``compare.timing_span_s``): the fastest of 10 windows
+  over 0.5 s is one noisy extreme (docs/history.md, section 37).
+* **Same verdict.** Every final network (ours, every baseline, the unpruned reference) is measured
+  in one interleaved run with the student (``judge``), and each is judged by ``Budget.verdict``
+  on that run's reading, ours included: ``budget_status`` says in band, within (above the band by
+  no more than the measured noise), below the band, or over. Two methods are compared at equal
+  latency (``at_equal_latency``) only when both are at the budget (in band or within) there; a
+  difference between networks of different latency is reported as such, never silently.
 * **Same training.** Every method trains its final network with the same distillation loss and
   optimizer for the same total number of epochs (``prune.epochs``; ours spends part of them
-  searching its masks).
+  searching its masks): one ``FineTune`` trains them all.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.prune import top_mask
+from pipeline.config import OptimizerConfig, TrainConfig
+from pipeline.data import PreparedData
+from pipeline.flops import count_params
+from pipeline.latency import LatencyPredictor, Timing, paired_ms
+from pipeline.prune import Budget, allowed_widths, filter_l1, top_mask
 from pipeline.slim import ChannelGraph, prune_structure
+from pipeline.train import Criterion, check_above_chance, test_accuracy, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,7 @@ def uniform_widths(sizes: dict[str, int], allowed: dict[str, list[int]], ratio: 
     every group of one size steps at the same ratio, so the sweep jumps over latencies that one
     group's step would reach; balanced, the groups step one at a time as ``ratio`` grows. A
     single step can still be large: a residual stream's step changes every block of its stage
-    (docs/BENCHMARKS.md, section 30)."""
+    (docs/history.md, section 30)."""
     lo: dict[str, int] = {}
     hi: dict[str, int] = {}
     frac: dict[str, float] = {}
@@ -71,9 +81,9 @@ def uniform_candidate(model: nn.Module, example: torch.Tensor, allowed: dict[str
                       graph: ChannelGraph | None = None) -> Candidate:
     """``uniform_widths``, channels kept by the L1 norm of each group's root filters."""
     graph = graph or ChannelGraph(model, example)
-    modules = dict(model.named_modules())
     widths = uniform_widths({g.name: g.size for g in graph.groups}, allowed, ratio)
-    masks = {g: top_mask(modules[g].weight.detach().abs().flatten(1).sum(1), w) for g, w in widths.items()}
+    l1 = filter_l1(model, list(widths))
+    masks = {g: top_mask(l1[g], w) for g, w in widths.items()}
     return Candidate(f"ratio {ratio:.3f}", prune_structure(model, example, masks), widths)
 
 
@@ -149,3 +159,143 @@ def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
 def describe(c: Candidate, acc_before: float, acc_after: float, params: int, extra: dict[str, Any]) -> dict[str, Any]:
     return {"choice": c.label, "measured_ms": c.measured_ms, "test_acc_before_finetune": acc_before,
             "test_acc": acc_after, "params": params, "widths": c.widths, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol, method by method
+
+
+@dataclass
+class BaselineSpace:
+    """Where the baselines' knobs sweep: the student's channel groups (``graph``, ``sizes``) and the
+    widths each may take on the latency table's lattice (``allowed``: multiples of ``multiple``
+    from ``low`` of the full width, Torch-Pruning's ``round_to`` and ``max_pruning_ratio``)."""
+
+    student: nn.Module
+    example: torch.Tensor
+    graph: ChannelGraph
+    allowed: dict[str, list[int]]
+    sizes: dict[str, int]
+    multiple: int
+    low: float
+
+
+def baseline_space(student: nn.Module, example: torch.Tensor, multiple: int, low: float) -> BaselineSpace:
+    graph = ChannelGraph(student, example)
+    allowed = {g.name: allowed_widths(g.size, multiple, low) for g in graph.groups}
+    return BaselineSpace(student, example, graph, allowed, {g.name: g.size for g in graph.groups}, multiple, low)
+
+
+def sweep(method: str, space: BaselineSpace) -> list[Candidate]:
+    """Every distinct network of ``method``'s knob over a fine grid: ``uniform``'s width ratio from
+    ``low`` to 1 (fine: groups step one at a time), ``l1``'s global pruning ratio from 0 to 1 - low."""
+    s, low = space, space.low
+    if method == "uniform":
+        knobs = [low + (1 - low) * i / 1000 for i in range(1001)]
+        return candidates(lambda k: uniform_candidate(s.student, s.example, s.allowed, k, s.graph), knobs,
+                          key=lambda k: tuple(sorted(uniform_widths(s.sizes, s.allowed, k).items())))
+    if method == "l1":
+        knobs = [(1 - low) * i / 60 for i in range(61)]
+        return candidates(lambda k: l1_candidate(s.student, s.example, k, s.multiple, 1.0 - low), knobs)
+    raise ValueError(f"no knob to sweep for method {method!r}")
+
+
+def table_predict(predictor: LatencyPredictor, groups: Sequence[str]) -> Callable[[Candidate], float]:
+    """A candidate's latency predicted by the table (ms); groups are named by their root
+    convolution, so a candidate's widths are its layers' output widths."""
+    return lambda c: predictor({g: float(c.widths[g]) for g in groups}).item()
+
+
+def paired_measure(measure_many: Callable[[list[nn.Module]], list[Timing]], student: nn.Module,
+                   student_ms: float) -> Callable[[nn.Module], float]:
+    """model -> ms, measured paired with ``student`` (as the prune stage's closed loop measures ours)."""
+    def measure(model: nn.Module) -> float:
+        t_model, t_student = measure_many([model, student])
+        return paired_ms(student_ms, t_model, t_student)
+
+    return measure
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """The one training every method's final network gets (the protocol's *same training*):
+    ``train_classifier`` with ``criterion`` (the distillation loss), ``optimizer``, ``epochs`` and
+    ``seed``. Calling it trains ``model`` in place (left on the CPU, eval mode) and returns its test
+    accuracy (before, after); a network no better than chance after it is an error."""
+
+    data: PreparedData
+    train_cfg: TrainConfig
+    optimizer: OptimizerConfig
+    epochs: int
+    seed: int
+    device: torch.device
+    criterion: Criterion
+
+    def __call__(self, model: nn.Module, method: str) -> tuple[float, float]:
+        cpu = torch.device("cpu")
+        before = test_accuracy(model, self.data, cpu)
+        train_classifier(model, self.data, self.train_cfg, self.optimizer, epochs=self.epochs, seed=self.seed,
+                         device=self.device, criterion=self.criterion, desc=f"{method} fine-tune")
+        model.to(cpu).eval()
+        after = test_accuracy(model, self.data, cpu)  # last epoch's weights, as for ours
+        check_above_chance(after, self.data.num_classes, len(self.data.test.y),
+                           f"compare: {method} baseline (test split)")
+        return before, after
+
+
+def run_methods(methods: Sequence[str], space: BaselineSpace, budget: Budget, predict: Callable[[Candidate], float],
+                measure: Callable[[nn.Module], float],
+                fine_tune: Callable[[nn.Module, str], tuple[float, float]],
+                ) -> tuple[dict[str, dict], dict[str, nn.Module]]:
+    """Every method's network cut to the budget's band (``match_budget`` at ``budget.bounds_ms()``'s
+    top; ``unpruned``: the whole student, not cut) and trained by ``fine_tune``. Returns each
+    method's record and its final network, in ``methods``' order."""
+    records: dict[str, dict] = {}
+    finals: dict[str, nn.Module] = {}
+    for method in methods:
+        probes: list[dict[str, Any]] = []
+        if method == "unpruned":  # nothing to match: the same training on the whole student
+            chosen = Candidate("unpruned student", copy.deepcopy(space.student), dict(space.sizes), budget.student_ms)
+        else:
+            match = match_budget(sweep(method, space), predict, measure, budget.bounds_ms()[1])
+            chosen, probes = match.chosen, match.probes
+        before, after = fine_tune(chosen.model, method)
+        records[method] = describe(chosen, before, after, count_params(chosen.model), {"probes": probes})
+        finals[method] = chosen.model
+        log.info("%s: %s, %.4f ms (%.3f of the budget), test acc %.4f -> %.4f", method, chosen.label,
+                 chosen.measured_ms, chosen.measured_ms / budget.target_ms, before, after)
+    return records, finals
+
+
+def judge(finals: dict[str, nn.Module], student: nn.Module, budget: Budget,
+          measure_many: Callable[[list[nn.Module]], list[Timing]]) -> dict[str, dict[str, Any]]:
+    """Every final network measured together with the student in one interleaved run, each judged
+    by ``budget.verdict`` on its reading (the protocol's *same verdict*)."""
+    timings = measure_many([student, *finals.values()])
+    out = {}
+    for name, t in zip(finals, timings[1:]):
+        ms = paired_ms(budget.student_ms, t, timings[0])
+        status, verdict = budget.verdict(ms)
+        out[name] = {"measured_ms": ms, "measured_spread": t.spread, "measured_over_budget": ms / budget.target_ms,
+                     "in_band": status == "in_band", "budget_status": status, "budget_verdict": verdict}
+    return out
+
+
+def versus_ours(result: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """``ours_minus_<method>`` (test accuracy) for every method, and ``at_equal_latency``: whether
+    ours and that method were both at the budget (in band or within) in the final joint run; where
+    not, the difference compares networks of different latency."""
+    at = ("in_band", "within")
+    ours = result["ours"]
+    out: dict[str, Any] = {f"ours_minus_{m}": ours["test_acc"] - result[m]["test_acc"] for m in methods}
+    out["at_equal_latency"] = {m: ours["budget_status"] in at and result[m]["budget_status"] in at for m in methods}
+    return out
+
+
+def protocol_record(budget: Budget, epochs: int, loss: str, seed: int, passes: int, span_s: float) -> dict[str, Any]:
+    """compare.json's ``protocol``: what every method was held to."""
+    return {"budget_ms": budget.target_ms, "band": list(budget.band_effective), "budget": budget.to_dict(),
+            "epochs": epochs, "loss": loss, "seed": seed,
+            "measured": f"paired with the student, interleaved windows: the fastest of {passes} over at least "
+                        f"{span_s:g} s",
+            "verdict": "Budget.verdict on the final joint run, every method alike (pipeline/prune/budget.py)"}

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.images import DEFAULT_MAX_PIXELS
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -35,6 +36,10 @@ class PrepareConfig(Section):
     seed: int = Field(0, ge=0, description="seed of the stratified split")
     max_per_class: int | None = Field(None, ge=2, description="cap on training-pool images per class (reduced runs)")
     skip_corrupt: bool = Field(False, description="skip unreadable images (counted in metrics) instead of failing")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, le=2**40, description="imagefolder: images with more pixels (width x height) are "
+        "refused before decoding (default: Pillow's own limit); raise it for genuine large images"
+    )
     download: bool = Field(False, description="cifar10/cifar100: download into root when missing")
 
 
@@ -177,12 +182,16 @@ PRUNE_OPTIMIZER = OptimizerConfig(lr=0.05, warmup_epochs=0)
 
 
 class PruneConfig(Section):
-    """`prune`: SCP soft channel pruning of the student under a latency budget on the target."""
+    """`prune`: channel and block pruning of the student under a latency budget on the target: Taylor
+    importance (``method: taylor``, the default) or SCP soft masks (``method: scp``), widths on the
+    latency table, a closed loop on the target (``pipeline.prune``). The budget it derives
+    (``pipeline.prune.Budget``) is the one every later stage judges against."""
 
     latency_budget: float = Field(0.5, gt=0.0, description="budget: a fraction of the student's measured "
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
-    epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (soft masks, then settling)")
+    epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (scp: soft masks, then "
+                        "settling; taylor: every epoch settles the decided network)")
     method: Literal["scp", "taylor"] = Field("taylor", description="how channels and blocks are ranked: scp = SCP soft "
                                             "masks trained for the first (1 - settle_fraction) of the epochs; taylor = "
                                             "first-order Taylor importance of the student (HALP), no search epochs")
@@ -217,7 +226,8 @@ class PruneConfig(Section):
     sparsity: float = Field(0.0, ge=0.0, le=1.0, description="optional SCP regulariser weight (lambda)")
     multiple: int | None = Field(None, ge=1, le=512, description="kept widths in multiples of this; null: the "
                                  "latency table's measured step")
-    band: tuple[float, float] = Field((0.9, 1.0), description="closed loop stops when measured / budget is in it")
+    band: tuple[float, float] = Field((0.9, 1.0), description="closed loop stops when measured / budget is in it, "
+                                      "its top lowered by the measured noise (compare matches baselines to it)")
     aim: float = Field(0.5, ge=0.0, le=1.0, description="where in the band training and the width allocation aim: "
                        "0 its bottom, 0.5 its middle, 1 its top (lowered by the measured noise)")
     max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")

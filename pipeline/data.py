@@ -9,41 +9,26 @@ Normalisation and augmentation happen per batch at training time (see ``normaliz
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DataError
+from pipeline.images import DECODE_RULE
 from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.sources import RawImages, load_cifar, load_digits_source, load_imagefolder
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
 SPLITS = ("train", "val", "test")
-_MAX_LISTED = 20
-
-
-@dataclass
-class RawImages:
-    """A source read into memory. ``test_*`` is None when the source has no test split."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    classes: list[str]
-    source_hash: str
-    test_x: np.ndarray | None = None
-    test_y: np.ndarray | None = None
-    skipped: list[str] = field(default_factory=list)
+MIN_IMAGE_SIDE = 4  # the smallest prepare.image_size: the networks downsample
 
 
 @dataclass(frozen=True)
@@ -76,218 +61,80 @@ class PreparedData:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading sources
-
-
-def _to_chw(img: Image.Image, channels: int, size: int | None) -> np.ndarray:
-    img = img.convert("L" if channels == 1 else "RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def load_digits_source(image_size: int | None, channels: int) -> RawImages:
-    """scikit-learn's embedded 8x8 digits (1,797 images, values 0..16) as uint8 0..255."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    raw = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    x = np.stack([_to_chw(Image.fromarray(im), channels, image_size) for im in raw])
-    digest = hashlib.sha256(raw.tobytes() + bunch.target.astype(np.int64).tobytes()).hexdigest()
-    return RawImages(x, bunch.target.astype(np.int64), [str(c) for c in bunch.target_names], f"sha256:{digest}")
-
-
-@dataclass
-class _Entry:
-    split: str
-    cls: str
-    name: str
-    data: bytes
-
-
-def _walk_directory(root: Path) -> tuple[Iterator[_Entry], dict[str, set[str]]]:
-    folders: dict[str, set[str]] = {}
-    for split in ("train", "test"):
-        d = root / split
-        if d.is_dir():
-            folders[split] = {p.name for p in d.iterdir() if p.is_dir()}
-
-    def entries() -> Iterator[_Entry]:
-        for split, classes in folders.items():
-            for cls in sorted(classes):
-                for p in sorted((root / split / cls).rglob("*")):
-                    if p.is_file():
-                        yield _Entry(split, cls, str(p.relative_to(root)), p.read_bytes())
-
-    return entries(), folders
-
-
-def _split_parts(name: str) -> tuple[str, str] | None:
-    parts = [p for p in Path(name).parts if p not in (".", "")]
-    for i, p in enumerate(parts[:-1]):
-        if p in ("train", "test"):
-            return p, parts[i + 1]
-    return None
-
-
-def _walk_tar(path: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
-    folders: dict[str, set[str]] = {}
-    found: list[_Entry] = []
-    try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if m.name.startswith("/") or ".." in Path(m.name).parts or m.issym() or m.islnk():
-                    # nothing is ever extracted to disk, but such an entry is a sign of a crafted archive
-                    # (and could smuggle a class in from outside train/ and test/): refuse it
-                    raise DataError(f"prepare.root: archive {path} has an entry that leaves its folder or links "
-                                    f"elsewhere: {m.name!r} ({'link' if m.issym() or m.islnk() else 'path'}); "
-                                    "only plain files under train/<class>/ and test/<class>/ are allowed")
-                loc = _split_parts(m.name)
-                if loc is None:
-                    continue
-                split, cls = loc
-                parts = Path(m.name).parts
-                if m.isdir() and parts[-1] == cls:
-                    folders.setdefault(split, set()).add(cls)
-                elif m.isfile() and parts[-1] != cls:
-                    folders.setdefault(split, set()).add(cls)
-                    f = tar.extractfile(m)
-                    found.append(_Entry(split, cls, m.name, f.read() if f else b""))
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(f"prepare.root: cannot read archive {path}: {err}") from err
-    return found, folders
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
-
-
-def load_imagefolder(root: str | Path, image_size: int | None, channels: int, skip_corrupt: bool) -> RawImages:
-    """``root/train/<class>/*`` and optionally ``root/test/<class>/*`` (jpg, jpeg, png).
-
-    ``root`` may be a directory or a ``.tar``/``.tar.gz`` archive of that layout. Class names come
-    from the train folders. Errors: missing root or train folder, empty class folders, different
-    class sets in train and test, images of different sizes when ``image_size`` is None, and
-    unreadable images unless ``skip_corrupt`` (then they are listed in ``skipped``).
-    """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(
-            f"prepare.root: {root} does not exist; expected a directory or .tar/.tar.gz with "
-            "train/<class>/<image> (and optionally test/<class>/<image>)"
-        )
-    if root.is_dir():
-        entries, folders = _walk_directory(root)
-        hasher = hashlib.sha256()
-    else:
-        entries, folders = _walk_tar(root)
-        hasher = None
-    if "train" not in folders or not folders["train"]:
-        raise DataError(f"prepare.root: {root} has no train/<class>/ folders")
-
-    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    labels: dict[str, list[str]] = {"train": [], "test": []}
-    counts: dict[tuple[str, str], int] = {}
-    corrupt: list[str] = []
-    ignored = 0
-    for e in entries:
-        if hasher is not None:
-            hasher.update(e.name.encode() + b"\0" + hashlib.sha256(e.data).digest())
-        if Path(e.name).suffix.lower() not in IMAGE_EXTENSIONS:
-            ignored += 1
-            continue
-        try:
-            with Image.open(io.BytesIO(e.data)) as img:
-                img.load()
-                arr = _to_chw(img, channels, image_size)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            corrupt.append(e.name)
-            continue
-        images[e.split].append(arr)
-        labels[e.split].append(e.cls)
-        counts[(e.split, e.cls)] = counts.get((e.split, e.cls), 0) + 1
-
-    if corrupt and not skip_corrupt:
-        listed = "\n  ".join(corrupt[:_MAX_LISTED])
-        more = f"\n  ... and {len(corrupt) - _MAX_LISTED} more" if len(corrupt) > _MAX_LISTED else ""
-        raise DataError(
-            f"{len(corrupt)} unreadable image(s) under {root}:\n  {listed}{more}\n"
-            "Fix or remove them, or set prepare.skip_corrupt: true to skip them (counted in metrics)."
-        )
-    empty = sorted(f"{s}/{c}" for s, cs in folders.items() for c in cs if counts.get((s, c), 0) == 0)
-    if empty:
-        raise DataError(f"empty class folder(s) under {root} (no readable .jpg/.jpeg/.png): {', '.join(empty)}")
-    classes = sorted(folders["train"])
-    if "test" in folders and folders["test"] != folders["train"]:
-        only_train = sorted(folders["train"] - folders["test"])
-        only_test = sorted(folders["test"] - folders["train"])
-        raise DataError(
-            f"class folders differ between train and test under {root}: "
-            f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}"
-        )
-    if ignored:
-        log.warning("ignored %d file(s) without a .jpg/.jpeg/.png extension under %s", ignored, root)
-    index = {c: i for i, c in enumerate(classes)}
-
-    def stack(split: str) -> tuple[np.ndarray, np.ndarray]:
-        shapes = {a.shape for a in images[split]}
-        if len(shapes) > 1:
-            raise DataError(
-                f"images under {root}/{split} have different sizes {sorted(shapes)[:5]}; "
-                "set prepare.image_size to resize them to one square size"
-            )
-        return np.stack(images[split]), np.array([index[c] for c in labels[split]], dtype=np.int64)
-
-    train_x, train_y = stack("train")
-    test_x = test_y = None
-    if "test" in folders:
-        test_x, test_y = stack("test")
-    digest = f"sha256:{hasher.hexdigest()}" if hasher is not None else _file_sha256(root)
-    return RawImages(train_x, train_y, classes, digest, test_x, test_y, skipped=corrupt)
-
-
-def load_cifar(name: str, root: str | Path, download: bool, image_size: int | None, channels: int) -> RawImages:
-    """CIFAR-10/100 through torchvision from ``root`` (downloads only when ``download``)."""
-    from models._tvcompat import import_torchvision
-
-    datasets = import_torchvision().datasets
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        root = Path(root).expanduser()
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except RuntimeError as err:
-        raise DataError(
-            f"prepare.root: {name} not found under {root} ({err}); put the python version of the "
-            "dataset there or set prepare.download: true"
-        ) from err
-
-    def convert(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = ds.data  # (N, 32, 32, 3) uint8
-        if channels == 1 or (image_size is not None and image_size != x.shape[1]):
-            x = np.stack([_to_chw(Image.fromarray(im), channels, image_size) for im in x])
-        else:
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        return x, np.asarray(ds.targets, dtype=np.int64)
-
-    tx, ty = convert(train)
-    vx, vy = convert(test)
-    digest = hashlib.sha256(train.data.tobytes() + test.data.tobytes()).hexdigest()
-    return RawImages(tx, ty, list(train.classes), f"sha256:{digest}", vx, vy)
+# Reading sources (pipeline.sources) and checking their shape
 
 
 def load_source(cfg: PrepareConfig) -> RawImages:
+    """The configured source in memory. An image folder's shape (``check_listed``) is checked
+    from its listing, before any image is decoded."""
     channels = cfg.channels or (1 if cfg.source == "digits" else 3)
     if cfg.source == "digits":
         return load_digits_source(cfg.image_size, channels)
     if cfg.source == "imagefolder":
-        return load_imagefolder(cfg.root, cfg.image_size, channels, cfg.skip_corrupt)
+        return load_imagefolder(cfg.root, cfg.image_size, channels, cfg.skip_corrupt, cfg.max_image_pixels,
+                                check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg))
     return load_cifar(cfg.source, cfg.root, cfg.download, cfg.image_size, channels)
+
+
+def _carved(has_test: bool) -> tuple[str, ...]:
+    """The splits carved from the training pool."""
+    return ("train", "val") if has_test else SPLITS
+
+
+def _pool(y: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Indices of the training pool ``prepare_splits`` splits (``max_per_class`` applied)."""
+    return _cap_per_class(y, cfg.max_per_class, cfg.seed) if cfg.max_per_class is not None else np.arange(len(y))
+
+
+def check_listed(y: np.ndarray, classes: list[str], has_test: bool, cfg: PrepareConfig) -> None:
+    """What makes training meaningless whatever the images hold, refused before they are decoded:
+    fewer than two classes, or a class with fewer images than the splits carved from it.
+    ``y``: (N,) labels of the training pool's files. Raises DataError naming the classes."""
+    if len(classes) < 2:
+        raise DataError(
+            f"prepare: the dataset has {len(classes)} class ({', '.join(map(repr, classes)) or 'none'}); a "
+            "classifier needs at least two: put each class's images in its own train/<class>/ folder"
+        )
+    counts = np.bincount(y[_pool(y, cfg)], minlength=len(classes))
+    needed = len(_carved(has_test))
+    short = [f"{classes[i]!r} ({n})" for i, n in enumerate(counts) if n < needed]
+    if short:
+        raise DataError(
+            f"prepare: class(es) {', '.join(short[:10])} have fewer than {needed} images: each class needs at least "
+            f"{needed}, one in each of {', '.join(_carved(has_test))}; add images or remove the class"
+        )
+
+
+def check_splits(parts: dict[str, np.ndarray], y: np.ndarray, classes: list[str], cfg: PrepareConfig) -> None:
+    """Every class in every split carved from the pool: a class absent from val or test is never
+    measured (and absent from train, never learnt). ``parts``: split -> indices into ``y``."""
+    missing = [f"{classes[c]!r} has none in {s}" for s, idx in parts.items()
+               for c in sorted(set(range(len(classes))) - set(y[idx].tolist()))]
+    if missing:
+        fractions = [f for f in (cfg.val_fraction, cfg.test_fraction if "test" in parts else None) if f]
+        want = math.ceil(1 / min(fractions))
+        raise DataError(
+            f"prepare: the stratified split leaves a class out of a split: {'; '.join(missing[:10])}; at "
+            f"prepare.val_fraction {cfg.val_fraction}" + (f" and test_fraction {cfg.test_fraction}" if "test" in parts
+                                                          else "") +
+            f" every class needs about {want} images (1 / the smallest fraction): add images, raise the "
+            "fraction, or remove the class"
+        )
+
+
+def check_images(x: np.ndarray, split: str) -> None:
+    """Images a network cannot learn from: smaller than ``MIN_IMAGE_SIDE`` pixels, or one constant
+    value in a channel over the whole split (std 0: normalisation would divide by zero)."""
+    h, w = x.shape[2:]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise DataError(f"prepare: the {split} images are {h}x{w} pixels, below {MIN_IMAGE_SIDE}; set "
+                        f"prepare.image_size to resize them")
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    constant = [c for c in range(x.shape[1]) if flat[:, c].min() == flat[:, c].max()]
+    if constant:
+        hint = "" if len(constant) == x.shape[1] else "; if the images are grey, set prepare.channels: 1"
+        raise DataError(f"prepare: every {split} image has the same value {int(flat[0, constant[0], 0])} in channel(s) "
+                        f"{constant} (std 0): nothing to learn there, and normalising would divide by zero{hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,17 +182,19 @@ def _sha(x: np.ndarray, y: np.ndarray) -> str:
 
 
 def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
-    """Split ``raw`` into train/val/test and describe the result in a meta dict."""
-    pool_x, pool_y = raw.train_x, raw.train_y
-    if cfg.max_per_class is not None:
-        keep = _cap_per_class(pool_y, cfg.max_per_class, cfg.seed)
-        pool_x, pool_y = pool_x[keep], pool_y[keep]
+    """Split ``raw`` into train/val/test and describe the result in a meta dict. The dataset's shape
+    is checked first (``check_listed``, ``check_splits``, ``check_images``): DataError, nothing split."""
     has_test = raw.test_x is not None
+    check_listed(raw.train_y, raw.classes, has_test, cfg)  # again: skipped images may have emptied a class
+    keep = _pool(raw.train_y, cfg)
+    pool_x, pool_y = raw.train_x[keep], raw.train_y[keep]
     parts = split_indices(pool_y, cfg.val_fraction, None if has_test else cfg.test_fraction, cfg.seed)
+    check_splits(parts, pool_y, raw.classes, cfg)
     splits = {k: (pool_x[v], pool_y[v]) for k, v in parts.items()}
     if has_test:
         splits["test"] = (raw.test_x, raw.test_y)
     splits = {k: splits[k] for k in SPLITS}
+    check_images(splits["train"][0], "train")
     mean, std = channel_stats(splits["train"][0])
     n_cls = len(raw.classes)
     meta = {
@@ -355,6 +204,8 @@ def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[
         "channels": int(splits["train"][0].shape[1]),
         "image_size": list(splits["train"][0].shape[2:]),
         "layout": "NCHW uint8; normalise as (x / 255 - mean) / std",
+        "decode": DECODE_RULE,
+        "max_image_pixels": cfg.max_image_pixels,
         "mean": mean,
         "std": std,
         "split_sizes": {k: int(len(v[1])) for k, v in splits.items()},
@@ -384,8 +235,7 @@ def holdout_split(raw: RawImages, cfg: PrepareConfig, per_class: int, seed: int 
     has no such image (``max_per_class`` null or at least the pool's class sizes)."""
     if per_class < 1:
         raise DataError(f"holdout: per_class must be at least 1, got {per_class}")
-    used = (_cap_per_class(raw.train_y, cfg.max_per_class, cfg.seed) if cfg.max_per_class is not None
-            else np.arange(len(raw.train_y)))
+    used = _pool(raw.train_y, cfg)
     rest = np.setdiff1d(np.arange(len(raw.train_y)), used)
     if not len(rest):
         raise DataError(f"holdout: prepare.max_per_class is {cfg.max_per_class}, so the prepare stage takes every "

@@ -1,23 +1,24 @@
-"""Deployment: ONNX export with a parity contract, the engine (TensorRT or ONNX Runtime), latency
-percentiles, and the handoff bundle's manifest and hash verification."""
+"""Deployment logic that is not a runtime: the preprocessing spec and model card, the engine
+backend's selection, output parity, engine latency percentiles, and the handoff bundle's manifest
+and hash verification. The runtimes themselves (ONNX export, ONNX Runtime, TensorRT, the torch
+engine) live in ``pipeline.runtimes``."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
 import torch
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SlimdeployError
+from pipeline.images import DECODE_ID, DECODE_RULE, DEFAULT_MAX_PIXELS
 from pipeline.io import file_sha256
 from pipeline.latency.timing import TimedCall, TimingProtocol, measure_calls
-
-INPUT, OUTPUT = "input", "logits"
+from pipeline.runtimes import INPUT, METADATA_KEY, OUTPUT, ort_has_cuda, tensorrt_available
 
 
 class DeployError(SlimdeployError):
@@ -25,19 +26,20 @@ class DeployError(SlimdeployError):
 
 
 # --------------------------------------------------------------------------------------------
-# ONNX
-
-
-METADATA_KEY = "slimdeploy"
+# Model card and output parity
 
 
 def preprocessing_spec(data_meta: dict[str, Any]) -> dict[str, Any]:
-    """How an image becomes the model's input, from the prepare stage's metadata."""
+    """How an image becomes the model's input, from the prepare stage's metadata: ``decode`` is the
+    rule of ``pipeline.images`` (every Pillow mode to 8 bits), ``max_image_pixels`` the largest
+    image ``pipeline.predict`` decodes unless told otherwise (``prepare.max_image_pixels``)."""
     h, w = data_meta["image_size"]
     c = data_meta["channels"]
-    return {"resize": [h, w], "resample": "bilinear", "channels": c,
+    return {"decode": data_meta.get("decode", DECODE_RULE),
+            "max_image_pixels": data_meta.get("max_image_pixels", DEFAULT_MAX_PIXELS),
+            "resize": [h, w], "resample": "bilinear", "channels": c,
             "channel_order": "L (grayscale)" if c == 1 else "RGB", "scale": 1 / 255,
-            "mean": data_meta["mean"], "std": data_meta["std"]}
+            "mean": list(data_meta["mean"]), "std": list(data_meta["std"])}  # copies, never the caller's lists
 
 
 def model_card(data_meta: dict[str, Any]) -> dict[str, Any]:
@@ -49,60 +51,6 @@ def model_card(data_meta: dict[str, Any]) -> dict[str, Any]:
                       "layout": "NCHW"},
             "output": {"name": OUTPUT, "shape": ["batch", len(data_meta["classes"])], "meaning": "logits"},
             "preprocessing": preprocessing_spec(data_meta)}
-
-
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, opset: int = 17,
-                card: dict[str, Any] | None = None) -> None:
-    """Export ``model`` (eval, fp32, CPU) to one ONNX file with a dynamic batch axis, then run
-    ``onnx.checker`` on it. ``input_shape``: (C, H, W). ``card`` (``model_card``) is stored in the
-    model's metadata as JSON under ``METADATA_KEY``."""
-    import json
-
-    import onnx
-
-    model = model.eval().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, *input_shape),), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    if card is not None:
-        proto = onnx.load(str(path))
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(card, sort_keys=True)})
-        onnx.save(proto, str(path))
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise DeployError(f"exported ONNX model fails onnx.checker: {err}") from None
-
-
-def ort_session(model: str | Path | bytes, device: str = "cpu", threads: int = 1, optimized_path: str | Path | None = None,
-                optimize: bool = True) -> Any:
-    """An ONNX Runtime session (full graph optimisation unless ``optimize`` is false); with
-    ``optimized_path`` the optimised graph is also saved there."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise DeployError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu (make gpu-runtime) "
-                          "or use target.device: cpu")
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, so, providers=providers)
-
-
-def ort_logits(sess: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits (N, K) float32 of an ONNX Runtime session on normalised inputs ``x``."""
-    name = sess.get_inputs()[0].name
-    out = [sess.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
-           for i in range(0, len(x), batch_size)]
-    return torch.from_numpy(np.concatenate(out)).float()
 
 
 def parity(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -126,37 +74,16 @@ def engine_latency(call: TimedCall, protocol: TimingProtocol) -> dict[str, Any]:
             "window_ms": protocol.window_s * 1e3, "span_s": protocol.min_span_s}
 
 
-def budget_verdict(ms: float, budget_ms: float, noise: float) -> tuple[bool, str]:
-    """(within, how): within the budget, or above it by less than the measured noise (a relative
-    figure the prune stage measured by repeating the student's measurement), or over."""
-    if ms <= budget_ms:
-        return True, "within"
-    if ms <= budget_ms * (1 + noise):
-        return True, f"above by {ms / budget_ms - 1:.1%}, within the measured noise of {noise:.1%}"
-    return False, f"over by {ms / budget_ms - 1:.1%} (measured noise {noise:.1%})"
-
-
 # --------------------------------------------------------------------------------------------
-# Engine backend selection and TensorRT
-
-
-def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
-
-
-def ort_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+# Engine backend selection
 
 
 def select_backend(requested: str, device: str) -> tuple[str, str]:
     """(backend, reason). ``auto``: TensorRT when it is installed and a GPU is the target; on a
     CUDA target without it, ONNX Runtime when it has its CUDA provider, else the PyTorch-native
-    engine (``pipeline.torch_engine``); on a CPU target, ONNX Runtime. An explicit ``tensorrt``
-    that cannot run is a DeployError, and so is ``torch`` on a CUDA target torch cannot see."""
+    engine (``pipeline.runtimes.torch_engine``); on a CPU target, ONNX Runtime. An explicit
+    ``tensorrt`` that cannot run is a DeployError, and so is ``torch`` on a CUDA target torch
+    cannot see."""
     backend, reason = _select_backend(requested, device)
     if backend == "torch" and device == "cuda" and not torch.cuda.is_available():
         raise DeployError(f"engine.backend {requested} gives the torch engine for target.device cuda, but torch sees "
@@ -182,99 +109,6 @@ def _select_backend(requested: str, device: str) -> tuple[str, str]:
     return "onnxruntime", f"auto: {why}"
 
 
-def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, input_shape: tuple[int, ...],
-                          batch: tuple[int, int, int], precision: str, timing_cache: str | Path,
-                          calibration: np.ndarray | None = None, calibration_cache: str | Path | None = None) -> None:
-    """Build and serialize a TensorRT engine from ONNX (TensorRT Python API).
-
-    ``batch``: (min, opt, max) of the optimisation profile. ``precision``: fp32 | fp16 | int8
-    (int8 needs ``calibration`` images, normalised NCHW float32; entropy calibrator, cache
-    written to ``calibration_cache``). The timing cache is read if present and written back."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        raise DeployError("TensorRT cannot parse the ONNX model: "
-                          + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
-    config = builder.create_builder_config()
-    cache_bytes = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT, *[(b, *input_shape) for b in batch])
-    config.add_optimization_profile(profile)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        if calibration is None or calibration_cache is None:
-            raise DeployError("int8 needs calibration images and a calibration cache path")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_calibration_profile(profile)
-        config.int8_calibrator = _entropy_calibrator(trt, calibration, batch[1], calibration_cache)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise DeployError("TensorRT failed to build the engine (see its log)")
-    Path(plan_path).write_bytes(bytes(plan))
-    Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-
-
-def _entropy_calibrator(trt: Any, images: np.ndarray, batch: int, cache_path: str | Path) -> Any:
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            super().__init__()
-            self.data = torch.from_numpy(images.astype(np.float32))
-            self.index = 0
-            self.device_batch = torch.empty((batch, *images.shape[1:]), device="cuda")
-
-        def get_batch_size(self) -> int:
-            return batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.index + batch > len(self.data):
-                return None
-            self.device_batch.copy_(self.data[self.index : self.index + batch])
-            self.index += batch
-            return [int(self.device_batch.data_ptr())]
-
-        def read_calibration_cache(self) -> bytes | None:
-            p = Path(cache_path)
-            return p.read_bytes() if p.is_file() else None
-
-        def write_calibration_cache(self, cache: bytes) -> None:
-            Path(cache_path).write_bytes(bytes(cache))
-
-    return Calibrator()
-
-
-class TensorRTRunner:
-    """Runs a serialized engine on CUDA tensors (fixed batch per call, within the profile)."""
-
-    def __init__(self, plan_path: str | Path) -> None:
-        import tensorrt as trt
-
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise DeployError(f"TensorRT cannot deserialize {plan_path}")
-        self.ctx = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to("cuda", torch.float32).contiguous()
-        self.ctx.set_input_shape(INPUT, tuple(x.shape))
-        y = torch.empty(tuple(self.ctx.get_tensor_shape(OUTPUT)), device="cuda", dtype=torch.float32)
-        self.ctx.set_tensor_address(INPUT, x.data_ptr())
-        self.ctx.set_tensor_address(OUTPUT, y.data_ptr())
-        self.ctx.execute_async_v3(self.stream.cuda_stream)
-        self.stream.synchronize()
-        return y
-
-    def logits(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return torch.cat([self(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)])
-
-
 # --------------------------------------------------------------------------------------------
 # Bundle
 
@@ -286,28 +120,135 @@ MANIFEST_KEYS = ("format", "model", "engine", "input", "output", "preprocessing"
                  "budget", "device", "versions", "git_revision", "files")
 
 
-def check_manifest(manifest: dict[str, Any]) -> None:
-    """Refuse a manifest missing a required key or with malformed input/preprocessing/files."""
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise DeployError(f"manifest.json lacks {missing}")
-    inp, pre = manifest["input"], manifest["preprocessing"]
-    for key in ("name", "shape", "dtype", "layout"):
-        if key not in inp:
-            raise DeployError(f"manifest.json input lacks {key!r}")
-    for key in ("resize", "mean", "std", "channels", "channel_order", "scale"):
-        if key not in pre:
-            raise DeployError(f"manifest.json preprocessing lacks {key!r}")
-    if len(pre["mean"]) != pre["channels"] or len(pre["std"]) != pre["channels"]:
-        raise DeployError("manifest.json preprocessing: mean/std must have one value per channel")
-    if not isinstance(manifest["files"], dict) or not manifest["files"]:
-        raise DeployError("manifest.json files must map file names to sha256")
+class _Part(BaseModel):
+    # strict: JSON types as written (no "3" for 3, no true for 1), finite numbers; keys this
+    # predictor does not read are kept (newer bundles may add some), except in preprocessing
+    model_config = ConfigDict(strict=True, frozen=True, allow_inf_nan=False, extra="allow")
+
+
+class ModelSpec(_Part):
+    onnx: str
+
+
+class InputSpec(_Part):
+    name: str
+    shape: list[str | int] = Field(min_length=4, max_length=4, description="[batch, C, H, W]")
+    dtype: str
+    layout: str
+
+
+class Preprocessing(_Part):
+    """How an image becomes the input (``preprocessing_spec``); every key is applied, so an unknown
+    one is refused rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    decode: str | None = Field(None, description="pipeline.images.DECODE_RULE; absent in bundles made before it")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    resize: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=2, max_length=2)
+    resample: str
+    channels: int
+    channel_order: str
+    scale: float = Field(gt=0)
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError(f"must be 1 or 3, got {v}")
+        return v
+
+    @field_validator("decode")
+    @classmethod
+    def _known_rule(cls, v: str | None) -> str | None:
+        if v is not None and v.split(":", 1)[0] != DECODE_ID:
+            raise ValueError(f"this predictor decodes images by {DECODE_ID}; the bundle asks for {v[:60]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std must have one value per channel ({self.channels}); "
+                             f"got {len(self.mean)} and {len(self.std)}")
+        return self
+
+
+class Manifest(_Part):
+    """A handoff bundle's manifest.json as ``pipeline.predict`` reads it."""
+
+    format: str
+    model: ModelSpec
+    engine: dict[str, Any]
+    input: InputSpec
+    output: dict[str, Any]
+    preprocessing: Preprocessing
+    classes: list[str] = Field(min_length=1)
+    accuracy: dict[str, Any]
+    latency: dict[str, Any]
+    budget: dict[str, Any]
+    device: dict[str, Any]
+    versions: dict[str, Any]
+    git_revision: str
+    files: dict[str, str] = Field(min_length=1, description="file name in the bundle -> sha256")
+
+    @model_validator(mode="after")
+    def _input_takes_the_preprocessed_image(self) -> Manifest:
+        c, h, w = self.input.shape[1:]
+        pre = self.preprocessing
+        if [c, h, w] != [pre.channels, *pre.resize]:
+            raise ValueError(f"preprocessing gives {pre.channels} x {pre.resize[0]} x {pre.resize[1]} images, but "
+                             f"input.shape is {self.input.shape}")
+        return self
+
+    @field_validator("files")
+    @classmethod
+    def _inside_the_bundle(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            parts = Path(name).parts
+            if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not a file name inside the bundle")
+        return v
+
+
+class _Card(_Part):
+    """What ``check_model_matches_manifest`` reads of a model card (``model_card``)."""
+
+    classes: list[str]
+    input: InputSpec
+    output: dict[str, Any]
+    preprocessing: dict[str, Any]
+
+
+def _problem(e: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "missing":
+        *parent, key = e["loc"]
+        return f"lacks {[key]}" if not parent else f"{'.'.join(map(str, parent))} lacks {key!r}"
+    got = repr(e.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return f"{loc or '(top level)'}: {e['msg'].removeprefix('Value error, ')} (got {got})"
+
+
+def check_manifest(manifest: Any) -> Manifest:
+    """``manifest`` (parsed JSON, any value) as a typed Manifest, or a DeployError naming every
+    field that is missing, of the wrong type or out of range."""
+    if not isinstance(manifest, dict):
+        raise DeployError(f"manifest.json must be a JSON object with the fields {', '.join(MANIFEST_KEYS)}; "
+                          f"got {type(manifest).__name__} {str(json.dumps(manifest))[:60]}")
+    try:
+        return Manifest.model_validate(manifest)
+    except ValidationError as err:
+        problems = [_problem(e) for e in err.errors()]
+        missing = [p for p in problems if p.startswith("lacks [")]
+        if missing:  # the top-level keys, in one list
+            keys = [p[len("lacks ["):-1].strip("'") for p in missing]
+            problems = [f"lacks {keys}"] + [p for p in problems if p not in missing]
+        raise DeployError("manifest.json " + "; ".join(problems[:8])) from None
 
 
 def read_model_card(onnx_path: str | Path) -> dict[str, Any]:
-    """The card ``export_onnx`` stored in an ONNX model, or a DeployError naming the file."""
-    import json
-
+    """The card ``pipeline.runtimes.export_onnx`` stored in an ONNX model, or a DeployError naming the file."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -321,8 +262,12 @@ def read_model_card(onnx_path: str | Path) -> dict[str, Any]:
                           "(or by an older version); its class list and input cannot be checked")
     try:
         card = json.loads(props[METADATA_KEY])
+        _Card.model_validate(card)
     except json.JSONDecodeError as err:
         raise DeployError(f"{onnx_path}: its {METADATA_KEY!r} metadata is not valid JSON: {err}") from None
+    except ValidationError as err:
+        raise DeployError(f"{onnx_path}: its {METADATA_KEY!r} metadata is not a model card: "
+                          + "; ".join(_problem(e) for e in err.errors()[:4])) from None
     graph_in = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     card["_graph"] = {"inputs": {i.name: dims(i) for i in graph_in}, "outputs": {o.name: dims(o) for o in proto.graph.output}}
@@ -356,34 +301,42 @@ def check_model_matches_manifest(manifest: dict[str, Any], card: dict[str, Any],
             problems.append(f"the model's input {inp['name']} is {shape}, its card says {inp['shape']}")
     outs = graph.get("outputs", {})
     k = len(card.get("classes") or [])
-    if len(outs) != 1 or next(iter(outs.values()), [None, None])[-1] != k:
+    if len(outs) != 1 or (next(iter(outs.values())) or [None])[-1] != k:
         problems.append(f"the model's outputs {outs} do not give one score per class ({k} classes)")
     if problems:
         raise DeployError(f"{what}: the manifest and the model disagree; refusing to predict:\n  " + "\n  ".join(problems))
 
 
-def verify_bundle(bundle: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` and check every listed file's sha256; a missing or altered file is
-    a DeployError naming it. Returns the manifest."""
-    import json
-
-    bundle = Path(bundle)
+def _read_manifest_json(bundle: Path) -> Any:
     mpath = bundle / "manifest.json"
     if not mpath.is_file():
         raise DeployError(f"{bundle} is not a handoff bundle: manifest.json is missing")
     try:
-        manifest = json.loads(mpath.read_text())
+        return json.loads(mpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DeployError(f"{mpath} is not UTF-8 text: {err}") from None
     except json.JSONDecodeError as err:
         raise DeployError(f"{mpath} is not valid JSON: {err}") from None
-    check_manifest(manifest)
-    for name, digest in manifest["files"].items():
+    except RecursionError:
+        raise DeployError(f"{mpath} is nested too deeply to be a manifest") from None
+    except OSError as err:
+        raise DeployError(f"cannot read {mpath}: {err}") from None
+
+
+def verify_bundle(bundle: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json``, check it against the schema (``check_manifest``), check every listed
+    file's sha256 and the model's own card; a malformed field, a missing or altered file is a
+    DeployError naming it. Returns the manifest as parsed (``check_manifest`` gives it typed)."""
+    bundle = Path(bundle)
+    manifest = _read_manifest_json(bundle)
+    spec = check_manifest(manifest)
+    for name, digest in spec.files.items():
         f = bundle / name
         if not f.is_file():
             raise DeployError(f"bundle file {name} listed in manifest.json is missing from {bundle}")
         if sha256(f) != digest:
             raise DeployError(f"bundle file {name} does not match its sha256 in manifest.json (altered or corrupted)")
-    onnx_name = manifest["model"].get("onnx") if isinstance(manifest.get("model"), dict) else None
-    if onnx_name not in manifest["files"]:
-        raise DeployError(f"manifest.json model.onnx ({onnx_name!r}) is not one of its hashed files")
-    check_model_matches_manifest(manifest, read_model_card(bundle / onnx_name), f"bundle {bundle}")
+    if spec.model.onnx not in spec.files:
+        raise DeployError(f"manifest.json model.onnx ({spec.model.onnx!r}) is not one of its hashed files")
+    check_model_matches_manifest(manifest, read_model_card(bundle / spec.model.onnx), f"bundle {bundle}")
     return manifest

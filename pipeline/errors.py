@@ -1,12 +1,11 @@
-"""Errors a user can act on. Entry points print them without a traceback and exit with 2."""
+"""Errors a user can act on. Entry points print them without a traceback and exit with 2.
 
+The base class and ``ConfigError`` live in ``models.errors`` (the architectures raise them and
+must not import ``pipeline``); they are the same classes here."""
 
-class SlimdeployError(Exception):
-    """Base class: the message says what is wrong and what to do."""
+from models.errors import ConfigError, SlimdeployError
 
-
-class ConfigError(SlimdeployError):
-    """A params value or model configuration is not allowed."""
+__all__ = ["CheckpointError", "ConfigError", "DataError", "SlimdeployError", "TrainingDiverged"]
 
 
 class DataError(SlimdeployError):

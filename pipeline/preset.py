@@ -193,4 +193,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_main  # exit quietly when the output pipe closes (`| head -1`)
+
+    sys.exit(run_main(main))

@@ -4,7 +4,7 @@ The supernet has the largest member's shape. Every searchable convolution comput
 width once; candidate width ``C_j`` uses the first ``C_j`` output channels with its own
 BatchNorm, and an alignment brings every candidate back to the full width so candidates can be
 mixed: channel-wise interpolation (``align="cwi"``, TAS: adaptive average pooling along the
-channel axis) or zero padding (``align="pad"``, the default; see docs/BENCHMARKS.md for why: on
+channel axis) or zero padding (``align="pad"``, the default; see docs/history.md for why: on
 short searches the CWI supernet barely trains, because a channel's meaning changes with the width
 drawn). Per forward pass two
 candidates are drawn from ``softmax((log_softmax(alpha) + Gumbel) / tau)`` without gradient
@@ -227,8 +227,9 @@ class SuperNet(nn.Module):
 
     def entropy(self) -> float:
         """Mean entropy (nats) over all width and depth distributions."""
-        ps = [c.probs() for c in self.choices()] + [d.probs() for d in self.depth]
-        return float(sum(-(p * p.clamp_min(1e-12).log()).sum() for p in ps) / len(ps))
+        with torch.no_grad():
+            ps = [c.probs() for c in self.choices()] + [d.probs() for d in self.depth]
+            return float(sum(-(p * p.clamp_min(1e-12).log()).sum() for p in ps) / len(ps))
 
 
 def family_params(num_classes: int, in_channels: int, arch_config: dict[str, Any]) -> int:
@@ -320,11 +321,13 @@ def run_search(
     from tqdm.auto import tqdm
 
     from pipeline.data import augment_batch, normalize
-    from pipeline.distill import oracle_kd_loss
+    from pipeline.distill import TeacherEnsemble, memoize_split, oracle_kd_loss
 
     gen = torch.Generator().manual_seed(seed)
     supernet.to(device)
     teachers.to(device)
+    if isinstance(teachers, TeacherEnsemble):  # the teachers' logits of the unaugmented split, once
+        memoize_split(teachers, normalize(data.train.x, *data.norm()), augment, device, batch_size)
     n = len(data.train)
     perm = torch.randperm(n, generator=gen)
     halves = perm[: n // 2], perm[n // 2 :]

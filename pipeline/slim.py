@@ -402,7 +402,7 @@ def load_slimmed_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint with or without a channel manifest: rebuild the registry model, remove
     the manifest's channels, then load the weights strictly (``weights_only=True``)."""
     from models import build_model
-    from pipeline.checkpoint import _load_weights, load_checkpoint, load_model
+    from pipeline.checkpoint import load_checkpoint, load_model, load_weights
 
     ckpt = load_checkpoint(path)
     manifest = ckpt.get("channel_manifest")
@@ -411,4 +411,4 @@ def load_slimmed_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(ckpt["arch"], **ckpt["arch_config"])
     example = torch.zeros(1, *manifest["input_shape"])
     masks = masks_from_kept(channel_groups(model, example), manifest["kept"])
-    return _load_weights(prune_structure(model, example, masks), ckpt, path)
+    return load_weights(prune_structure(model, example, masks), ckpt, path)

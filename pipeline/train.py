@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from pipeline.config import OptimizerConfig, TrainConfig
+from pipeline.cuda_graph import GRAPH_WARMUP_STEPS, CaptureFailed, Criterion, GraphedStep, autocast
 from pipeline.data import PreparedData, Split, augment_batch, normalize
 from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.io import torch_save
@@ -34,9 +34,8 @@ from pipeline.runtime import DistContext
 
 log = logging.getLogger(__name__)
 
-# criterion(logits (B, K), labels (B,), inputs (B, C, H, W) normalised) -> scalar loss.
-# The inputs are passed so that distillation losses can run teachers on the same batch.
-Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Criterion: (logits (B, K), labels (B,), inputs (B, C, H, W) normalised) -> scalar loss. The
+# inputs are passed so that distillation losses can run teachers on the same batch.
 
 
 @dataclass
@@ -63,79 +62,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimizerConf
 def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
     loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     return lambda logits, labels, _inputs: loss(logits, labels)
-
-
-def _autocast(device: torch.device, amp: bool, cache: bool = True):  # noqa: ANN202
-    if amp and device.type == "cuda":  # a graph capture needs the weight-cast cache off
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return nullcontext()
-
-
-GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before the training step is captured
-
-
-class GraphedStep:
-    """The whole training step (forward, loss, backward, optimiser) captured once in a CUDA graph
-    and replayed for every full batch: one launch per step instead of hundreds, so a small
-    network's training is no longer paced by the host (../shared/GPU.md: 0.5% of an H100 at
-    batch 128 with the eager loop). The batch is copied into static buffers; the optimiser must
-    read its learning rate from a device tensor (``torch.optim.SGD(lr=tensor, fused=True)``), which
-    the scheduler updates in place between replays. Anything that reads a value back to the host
-    inside the step cannot be captured: ``CaptureFailed`` then, and the caller falls back to the
-    eager step. A call runs one full batch: eagerly on a side stream for the first
-    ``GRAPH_WARMUP_STEPS`` calls (capture warm-up), then captures, then replays."""
-
-    def __init__(self, net: nn.Module, criterion: Criterion, opt: torch.optim.Optimizer, device: torch.device,
-                 amp: bool) -> None:
-        self.net, self.criterion, self.opt, self.device, self.amp = net, criterion, opt, device, amp
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.side = torch.cuda.Stream(device)
-        self.warm_steps = 0
-
-    def _eager_on_side_stream(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A normal step, run on a side stream as capture warm-up requires."""
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.side):
-            with _autocast(self.device, self.amp, cache=False):
-                logits = self.net(xb)
-                loss = self.criterion(logits.float(), yb, xb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
-        return logits, loss
-
-    def _capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        self.x, self.y = xb.clone(), yb.clone()  # static buffers with the batch's layout (channels_last)
-        self.opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            with _autocast(self.device, self.amp, cache=False):
-                self.logits = self.net(self.x)
-                self.loss = self.criterion(self.logits.float(), self.y, self.x)
-            self.loss.backward()
-            self.opt.step()
-        self.graph = graph
-
-    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None:
-            if self.warm_steps < GRAPH_WARMUP_STEPS:
-                self.warm_steps += 1
-                return self._eager_on_side_stream(xb, yb)
-            try:
-                self._capture(xb, yb)  # records the step without running it: replayed below
-            except Exception as err:  # noqa: BLE001 - whatever the capture hit, the eager step is correct
-                torch.cuda.synchronize(self.device)
-                self.opt.zero_grad(set_to_none=True)
-                raise CaptureFailed(f"CUDA graph capture failed ({type(err).__name__}: {str(err)[:200]})") from err
-        self.x.copy_(xb)
-        self.y.copy_(yb)
-        self.graph.replay()
-        return self.logits, self.loss
-
-
-class CaptureFailed(RuntimeError):
-    """The training step could not be captured as a CUDA graph."""
 
 
 # How often the loss is checked for NaN/inf: every step where reading it costs nothing (CPU), every
@@ -194,7 +120,7 @@ def predict_logits(
         xb = normalize(x[i : i + batch_size], mean, std)
         if channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out.append(model(xb).float())
     return torch.cat(out).cpu()
 
@@ -218,6 +144,99 @@ def epoch_steps(samples: int, batch_size: int, world_size: int = 1) -> int:
     return max(1, full + (1 if rest >= 2 or full == 0 else 0))
 
 
+def _step_mode(device: torch.device, cfg: TrainConfig, ctx: DistContext, graphable: bool) -> str:
+    """How the training step runs: "eager" (with the reason where a graph was possible), or, until
+    a capture has succeeded, "eager: not captured ..." for a step that will try to capture."""
+    if device.type != "cuda" or not cfg.cuda_graph:
+        return "eager"
+    if ctx.enabled:
+        return "eager: CUDA graphs are not used under DDP"
+    if not graphable:
+        return "eager: this stage's loss reads values on the host (not capturable)"
+    return f"eager: not captured (fewer than {GRAPH_WARMUP_STEPS + 1} full batches)"
+
+
+@dataclass
+class _Progress:
+    """What the epochs so far decided; written to and read from the resume state."""
+
+    start: int = 0
+    best_epoch: int = -1
+    best_acc: float = -1.0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _resume(path: Path | None, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device, desc: str) -> _Progress:
+    """The progress of an interrupted run of the same ``fingerprint`` (its model, optimiser and
+    scheduler states are loaded in place), or a fresh one."""
+    state: dict[str, Any] = {}
+    if path and path.is_file():
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except (RuntimeError, EOFError, ValueError, OSError) as err:  # e.g. a truncated file
+            log.warning("ignoring unreadable resume state %s (%s); starting from scratch", path, err)
+    if not state:
+        return _Progress()
+    if state.get("fingerprint") != fingerprint:
+        log.warning("ignoring %s: it belongs to a different configuration", path)
+        return _Progress()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    log.info("resuming %s from %s after epoch %d", desc, path, state["epoch"])
+    return _Progress(state["epoch"], state["best_epoch"], state["best_val_acc"], state["best_state"], state["history"])
+
+
+def _epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int, device: torch.device) -> list[torch.Tensor]:
+    """This rank's batches of sample indices for ``epoch``; a last batch of one sample is dropped
+    (BatchNorm cannot train on it)."""
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), device=device)
+    batches = [order[i : i + per_rank] for i in range(0, len(order), per_rank)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+class _Stepper:
+    """One optimiser step on a batch: replayed as a captured CUDA graph for full batches where that
+    is possible (``GraphedStep``), eager otherwise (also after a capture failed, with a warning).
+    ``mode`` says which ran."""
+
+    def __init__(self, net: nn.Module, criterion: Criterion, opt: torch.optim.Optimizer, device: torch.device,
+                 amp: bool, mode: str, desc: str, graphed: bool) -> None:
+        self.net, self.criterion, self.opt, self.device, self.amp = net, criterion, opt, device, amp
+        self.mode, self.desc = mode, desc
+        self.graph = GraphedStep(net, criterion, opt, device, amp) if graphed else None
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None and full:  # the graph is shaped for full batches
+            try:
+                logits, loss = self.graph(xb, yb)
+                if self.graph.graph is not None:
+                    self.mode = "cuda graph"
+                return logits, loss
+            except CaptureFailed as err:
+                self.mode = f"eager: {err}"
+                log.warning("%s: %s", self.desc, self.mode)
+                self.graph = None
+        with autocast(self.device, self.amp, cache=self.graph is None):  # eager (also a graph run's short batch)
+            logits = self.net(xb)
+            loss = self.criterion(logits.float(), yb, xb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return logits, loss
+
+    def release(self) -> None:
+        if self.graph is not None:
+            self.opt.zero_grad(set_to_none=True)  # the gradients live in the graph's pool: let it go with the graph
+            self.graph = None
+            torch.cuda.synchronize(self.device)
+
+
 def train_classifier(
     model: nn.Module,
     data: PreparedData,
@@ -227,7 +246,7 @@ def train_classifier(
     epochs: int,
     seed: int,
     device: torch.device,
-    ctx: DistContext = DistContext(),
+    ctx: DistContext | None = None,
     criterion: Criterion | None = None,
     resume_path: str | Path | None = None,
     fingerprint: str = "",
@@ -237,15 +256,17 @@ def train_classifier(
 ) -> TrainResult:
     """Train ``model`` (modified in place) and return the best-by-validation weights.
 
-    ``device`` is this rank's device. ``resume_path``: after every epoch the full training state
-    is written there; if it exists at the start with the same ``fingerprint`` (a digest of
-    everything that determines the run), training resumes from it. Only rank 0 writes it.
+    ``device`` is this rank's device; ``ctx`` the DDP context (None: one process).
+    ``resume_path``: after every epoch the full training state is written there; if it exists at
+    the start with the same ``fingerprint`` (a digest of everything that determines the run),
+    training resumes from it. Only rank 0 writes it.
 
     On one CUDA device with ``cfg.cuda_graph``, full batches run as a captured CUDA graph
     (``GraphedStep``); ``graphable=False`` says the criterion cannot be captured (it reads values
     on the host). A capture that fails falls back to the eager step, with a warning; the mode used
     is ``TrainResult.step_mode``.
     """
+    ctx = ctx or DistContext()
     criterion = criterion or cross_entropy(cfg.label_smoothing)
     use_cl = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda":
@@ -264,14 +285,7 @@ def train_classifier(
         range(len(train_y)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
     )
     steps_per_epoch = epoch_steps(len(train_y), cfg.batch_size, ctx.world_size)
-    if device.type != "cuda" or not cfg.cuda_graph:
-        step_mode = "eager"
-    elif ctx.enabled:
-        step_mode = "eager: CUDA graphs are not used under DDP"
-    elif not graphable:
-        step_mode = "eager: this stage's loss reads values on the host (not capturable)"
-    else:  # "cuda graph" once a capture has succeeded
-        step_mode = f"eager: not captured (fewer than {GRAPH_WARMUP_STEPS + 1} full batches)"
+    step_mode = _step_mode(device, cfg, ctx, graphable)
     graphed = step_mode.startswith("eager: not captured")
     opt = torch.optim.SGD(  # a graph reads the learning rate from device memory, updated in place
         model.parameters(), lr=torch.tensor(optim.lr, device=device) if graphed else optim.lr, momentum=optim.momentum,
@@ -279,27 +293,8 @@ def train_classifier(
     )
     total, warm = epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, optim))
-
-    start, best_epoch, best_acc = 0, -1, -1.0
-    best_state: dict[str, torch.Tensor] = {}
-    history: list[dict[str, float]] = []
     resume_path = Path(resume_path) if resume_path else None
-    state: dict[str, Any] = {}
-    if resume_path and resume_path.is_file():
-        try:
-            state = torch.load(resume_path, map_location=device, weights_only=True)
-        except (RuntimeError, EOFError, ValueError, OSError) as err:  # e.g. a truncated file
-            log.warning("ignoring unreadable resume state %s (%s); starting from scratch", resume_path, err)
-    if state:
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_val_acc"]
-            best_state, history = state["best_state"], state["history"]
-            log.info("resuming %s from %s after epoch %d", desc, resume_path, start)
-        else:
-            log.warning("ignoring %s: it belongs to a different configuration", resume_path)
+    done = _resume(resume_path, fingerprint, model, opt, sched, device, desc)
 
     net: nn.Module = model
     if ctx.enabled:
@@ -307,7 +302,7 @@ def train_classifier(
 
     show = cfg.progress and ctx.is_main
     check_every = 1 if device.type == "cpu" else CHECK_EVERY_CUDA
-    step_runner = GraphedStep(net, criterion, opt, device, cfg.amp) if graphed else None
+    stepper = _Stepper(net, criterion, opt, device, cfg.amp, step_mode, desc, graphed)
     amp_on = cfg.amp and device.type == "cuda"
 
     def diverged(value: float, epoch: int, step: str) -> TrainingDiverged:
@@ -316,20 +311,17 @@ def train_classifier(
         return TrainingDiverged(diverged_message(desc, value, epoch + 1, epochs, step,
                                                  float(opt.param_groups[0]["lr"]), amp_on))
 
-    epoch_bar = tqdm(range(start, epochs), desc=desc, unit="epoch", disable=not show, initial=start, total=epochs)
+    epoch_bar = tqdm(range(done.start, epochs), desc=desc, unit="epoch", disable=not show, initial=done.start,
+                     total=epochs)
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         net.train()
-        sampler.set_epoch(epoch)
         # every random draw of the epoch (e.g. the soft masks' Gumbel noise) from a seed of its own:
         # a resumed run draws what the uninterrupted one drew
         torch.manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
-        order = torch.tensor(list(sampler), device=device)
+        batches = _epoch_batches(sampler, epoch, per_rank, device)
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        batches = [order[i : i + per_rank] for i in range(0, len(order), per_rank)]
-        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
-            batches.pop()
         for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
             xb, yb = train_x[idx], train_y[idx]
             if cfg.augment == "padcrop_flip":
@@ -337,23 +329,7 @@ def train_classifier(
             xb = normalize(xb, mean, std)
             if use_cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            graph_step = step_runner is not None and len(idx) == per_rank  # the graph is shaped for full batches
-            if graph_step:
-                try:
-                    logits, loss = step_runner(xb, yb)
-                    if step_runner.graph is not None:
-                        step_mode = "cuda graph"
-                except CaptureFailed as err:
-                    step_mode = f"eager: {err}"
-                    log.warning("%s: %s", desc, step_mode)
-                    step_runner, graph_step = None, False
-            if not graph_step:  # eager (also a graph run's short last batch)
-                with _autocast(device, cfg.amp, cache=step_runner is None):
-                    logits = net(xb)
-                    loss = criterion(logits.float(), yb, xb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            logits, loss = stepper(xb, yb, full=len(idx) == per_rank)
             sched.step()
             with torch.no_grad():  # device-side sums: no host synchronisation inside the epoch
                 n = yb.numel()
@@ -373,41 +349,32 @@ def train_classifier(
         # Every rank evaluates the full validation split with identical weights: same decision.
         val_logits = predict_logits(model, data.val, mean, std, device, cfg.eval_batch_size, cfg.amp, use_cl)
         val_loss = nn.functional.cross_entropy(val_logits, data.val.y).item()
-        val_acc = (val_logits.argmax(1) == data.val.y).float().mean().item()
         if not math.isfinite(val_loss):
             raise diverged(val_loss, epoch, "on the validation split after the epoch")
         loss_sum, correct, count = sums.tolist()
-        record = {
-            "epoch": epoch + 1,
-            "lr": float(opt.param_groups[0]["lr"]),
-            "train_loss": loss_sum / count,
-            "train_acc": correct / count,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "epoch_seconds": train_seconds,
-        }
-        history.append(record)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        epoch_bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_acc:.4f}")
-        if not show and ctx.is_main:
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f, %.1f s", desc, epoch + 1,
-                     epochs, record["train_loss"], record["train_acc"], val_acc, train_seconds)
+        record = {"epoch": epoch + 1, "lr": float(opt.param_groups[0]["lr"]), "train_loss": loss_sum / count,
+                  "train_acc": correct / count, "val_loss": val_loss,
+                  "val_acc": (val_logits.argmax(1) == data.val.y).float().mean().item(), "epoch_seconds": train_seconds}
+        _end_epoch(record, model, done, epoch_bar, show, ctx, desc, epochs)
         if on_epoch_end is not None:  # before the resume state: what it changes is resumed too
             on_epoch_end(record)
         if resume_path and ctx.is_main:
-            torch_save(
-                {
-                    "fingerprint": fingerprint, "epoch": epoch + 1,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "best_state": best_state,
-                    "best_epoch": best_epoch, "best_val_acc": best_acc, "history": history,
-                },
-                resume_path,
-            )
-    if step_runner is not None:
-        opt.zero_grad(set_to_none=True)  # the gradients live in the graph's pool: let it go with the graph
-        del step_runner
-        torch.cuda.synchronize(device)
-    return TrainResult(copy.copy(best_state), best_epoch, best_acc, history, step_mode)
+            torch_save({"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best_state": done.best_state,
+                        "best_epoch": done.best_epoch, "best_val_acc": done.best_acc, "history": done.history},
+                       resume_path)
+    stepper.release()
+    return TrainResult(copy.copy(done.best_state), done.best_epoch, done.best_acc, done.history, stepper.mode)
+
+
+def _end_epoch(record: dict[str, float], model: nn.Module, done: _Progress, bar: Any, show: bool, ctx: DistContext,
+               desc: str, epochs: int) -> None:
+    """Record the epoch, keep the best weights by validation accuracy, report progress."""
+    done.history.append(record)
+    if record["val_acc"] > done.best_acc:
+        done.best_acc, done.best_epoch = record["val_acc"], int(record["epoch"])
+        done.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.4f}")
+    if not show and ctx.is_main:
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f, %.1f s", desc, record["epoch"], epochs,
+                 record["train_loss"], record["train_acc"], record["val_acc"], record["epoch_seconds"])

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the commands and stop")
     args = p.parse_args(argv)
 
-    from pipeline.errors import SlimdeployError
     from pipeline.config import validate_params
+    from pipeline.errors import SlimdeployError
     from pipeline.preset import absolute_root, load_yaml, resolve
 
     workdir = args.workdir.resolve()
@@ -177,4 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_main  # exit quietly when the output pipe closes (`| head -1`)
+
+    sys.exit(run_main(main))

@@ -1,27 +1,48 @@
 """engine: build the deployable engine (TensorRT from the ONNX model; where TensorRT is absent,
 ONNX Runtime, or on a GPU without ONNX Runtime's CUDA provider the PyTorch-native engine from the
-slimmed model: torch.export + AOTInductor + CUDA graphs), check its accuracy and top-1 agreement with ONNX on the test split, measure
-its latency at the deployment batch, and verify that it meets the latency budget."""
+slimmed model: torch.export + AOTInductor + CUDA graphs), check its accuracy and top-1 agreement
+with ONNX on the test split, measure its latency at the deployment batch, and verify that it meets
+the prune stage's latency budget (``Budget.verdict``, the rule every stage judges by: over means
+above budget x (1 + measured noise))."""
 
 from __future__ import annotations
 
 import sys
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import EngineConfig, TargetConfig, parse_section
-from pipeline.data import load_prepared, normalize
-from pipeline.deploy import (DeployError, TensorRTRunner, budget_verdict, build_tensorrt_engine, engine_latency,
-                             ort_logits, ort_session, parity, select_backend)
+from pipeline.data import PreparedData, load_prepared, normalize
+from pipeline.deploy import DeployError, engine_latency, parity, select_backend
 from pipeline.io import atomic_dir, write_json
-from pipeline.latency import device_record, timing_protocol
+from pipeline.latency import TimingProtocol, device_record, timing_protocol
 from pipeline.latency.backends import wall_timed
+from pipeline.prune import Budget
+from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
 from stages._common import load_params, log, parser, read_pruned, run
 
 
 class BudgetExceeded(DeployError):
     """The engine's measured latency is over the budget."""
+
+
+@dataclass
+class Built:
+    """An engine built into the output directory: its file, precision, logits on the test split,
+    latency at the deployment batch (``engine_latency``), device and runtime versions."""
+
+    engine_file: str
+    precision: str
+    logits: torch.Tensor
+    latency: dict[str, Any]
+    device: dict[str, Any]
+    versions: dict[str, str]
+    torch_engine: dict[str, Any] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,77 +61,35 @@ def main(argv: list[str] | None = None) -> int:
         target = parse_section(params, "target", TargetConfig)
         data = load_prepared(args.data)
         pruned = read_pruned(args.pruned, "budget_ms", "predicted_ms", "measured_ms")
-        budget_ms, predicted_ms, pruned_ms = pruned["budget_ms"], pruned["predicted_ms"], pruned["measured_ms"]
-        noise = float(pruned.get("noise", 0.0))  # repeatability of a measurement, measured by the prune stage
+        budget = Budget.from_masks(pruned)  # the prune stage's budget and measured noise
+        predicted_ms, pruned_ms = pruned["predicted_ms"], pruned["measured_ms"]
         protocol = timing_protocol(target, passes=cfg.timing_passes, min_span_s=cfg.timing_span_s)
         backend, reason = select_backend(cfg.backend, target.device)
-        shape = (data.channels, *data.meta["image_size"])
         mean, std = data.norm()
         x = normalize(data.test.x, mean, std)
         reference = ort_logits(ort_session(args.onnx, "cpu", optimize=False), x)
         bs = target.batch_size
         xb = x[torch.arange(bs) % len(x)].contiguous()  # one deployment batch of real test images
         with atomic_dir(args.out_dir) as tmp:
-            if backend == "onnxruntime":
-                engine_file, precision = "model.opt.onnx", "fp32"
-                sess = ort_session(args.onnx, target.device, target.threads, optimized_path=tmp / engine_file)
-                logits = ort_logits(sess, x)
-                feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
-                latency = engine_latency(wall_timed(lambda: sess.run(None, feed)), protocol)
-                device = device_record(target.device)
-                import onnxruntime
-
-                versions = {"onnxruntime": onnxruntime.__version__}
-            elif backend == "torch":
-                from pipeline.slim import load_slimmed_model
-                from pipeline.torch_engine import TorchEngineRunner, build_torch_engine
-
-                if not args.model:
-                    raise DeployError("the torch engine is built from the slimmed model: pass --model (dvc.yaml does)")
-                if cfg.precision == "int8":
-                    raise DeployError("engine.precision int8 is TensorRT only; the torch engine runs fp16 or fp32")
-                precision = cfg.precision if target.device == "cuda" else "fp32"
-                model, _ = load_slimmed_model(args.model)
-                built = build_torch_engine(model, shape, bs, target.device, precision, tmp, aoti=cfg.aoti)
-                engine_file = built["engine_file"]
-                runner = TorchEngineRunner(tmp / engine_file, built["kind"], target.device, precision, bs, shape,
-                                           cuda_graph=cfg.cuda_graph)
-                if target.device == "cpu":
-                    torch.set_num_threads(target.threads)
-                logits = runner.logits(x)
-                xd = xb.to(target.device, runner.dtype)
-                latency = engine_latency(wall_timed(lambda: runner(xd)), protocol)  # the runner synchronises
-                device, versions = device_record(target.device), {}
-                built["cuda_graph"] = runner.graph_status
-            else:
-                import tensorrt
-
-                engine_file, precision = "model.plan", cfg.precision
-                calib = None
-                if precision == "int8":
-                    calib = normalize(data.train.x[: cfg.calibration_images], mean, std).numpy()
-                build_tensorrt_engine(args.onnx, tmp / engine_file, shape, (1, bs, max(bs, cfg.max_batch)), precision,
-                                      tmp / "timing.cache", calib, tmp / "calibration.cache")
-                runner = TensorRTRunner(tmp / engine_file)
-                logits = runner.logits(x, bs)
-                xg = xb.cuda()
-                latency = engine_latency(wall_timed(lambda: runner(xg)), protocol)  # the runner synchronises
-                device, versions = device_record("cuda"), {"tensorrt": tensorrt.__version__}
-            check = parity(reference, logits)
-            within, how = budget_verdict(latency["ms"], budget_ms, noise)
-            acc = (logits.argmax(1) == data.test.y).double().mean().item()
+            built = BUILDERS[backend](args, cfg, target, data, tmp, x, xb, protocol)
+            check, latency = parity(reference, built.logits), built.latency
+            status, how = budget.verdict(latency["ms"])
+            acc = (built.logits.argmax(1) == data.test.y).double().mean().item()
             metrics = {
-                "backend": backend, "backend_reason": reason, "precision": precision, "engine_file": engine_file,
-                "test_acc": acc, "test_acc_onnx": (reference.argmax(1) == data.test.y).double().mean().item(),
+                "backend": backend, "backend_reason": reason, "precision": built.precision,
+                "engine_file": built.engine_file, "test_acc": acc,
+                "test_acc_onnx": (reference.argmax(1) == data.test.y).double().mean().item(),
                 "top1_agreement_with_onnx": check["top1_agreement"], "max_abs_diff_vs_onnx": check["max_abs_diff"],
                 "min_agreement": cfg.min_agreement, "batch_size": bs, "latency": latency,
-                "budget_ms": budget_ms, "predicted_ms": predicted_ms, "prune_measured_ms": pruned_ms,
-                "measured_over_budget": latency["ms"] / budget_ms, "p50_over_budget": latency["p50_ms"] / budget_ms,
-                "noise": noise, "within_budget": within, "verdict": how,
-                "device": device, "versions": {**versions, "torch": torch.__version__}, "threads": target.threads,
+                "budget_ms": budget.target_ms, "predicted_ms": predicted_ms, "prune_measured_ms": pruned_ms,
+                "measured_over_budget": latency["ms"] / budget.target_ms,
+                "p50_over_budget": latency["p50_ms"] / budget.target_ms, "noise": budget.noise,
+                "within_budget": budget.meets(latency["ms"]), "budget_status": status, "verdict": how,
+                "budget": budget.to_dict(), "device": built.device,
+                "versions": {**built.versions, "torch": torch.__version__}, "threads": target.threads,
             }
-            if backend == "torch":
-                metrics["torch_engine"] = built
+            if built.torch_engine is not None:
+                metrics["torch_engine"] = built.torch_engine
             write_json(tmp / "engine.json", metrics)
             if check["top1_agreement"] < cfg.min_agreement:
                 write_json(args.metrics, metrics)
@@ -119,18 +98,79 @@ def main(argv: list[str] | None = None) -> int:
             if not metrics["within_budget"]:
                 msg = (f"{backend} engine measures {latency['ms']:.4f} ms (fastest of {latency['windows']} windows; "
                        f"median window {latency['interval_ms'][1]:.4f}, p50 of all calls {latency['p50_ms']:.4f}, p99 "
-                       f"{latency['p99_ms']:.4f}) at batch {bs}: over the budget {budget_ms:.4f} ms ({how}); the table "
-                       f"predicted {predicted_ms:.4f} ms and the prune stage measured {pruned_ms:.4f} ms")
+                       f"{latency['p99_ms']:.4f}) at batch {bs}: over the budget {budget.target_ms:.4f} ms "
+                       f"({how}); the "
+                       f"table predicted {predicted_ms:.4f} ms and the prune stage measured {pruned_ms:.4f} ms")
                 if cfg.on_over_budget == "fail":
                     write_json(args.metrics, metrics)
                     raise BudgetExceeded(msg + " (engine.on_over_budget: warn turns this into a warning)")
                 log.warning("%s", msg)
         write_json(args.metrics, metrics)
-        log.info("%s engine (%s): test acc %.4f, top-1 agreement with ONNX %.4f, %.4f ms (p50 of all calls %.4f) / "
-                 "budget %.4f ms (%.3f, %s)", backend, reason, acc, check["top1_agreement"], latency["ms"],
-                 latency["p50_ms"], budget_ms, latency["ms"] / budget_ms, how)
+        log.info("%s engine (%s): test acc %.4f, top-1 agreement with ONNX %.4f, %.4f ms (p50 of all calls %.4f): %s",
+                 backend, reason, acc, check["top1_agreement"], latency["ms"], latency["p50_ms"], how)
 
     return run(body)
+
+
+def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
+                 x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+    import onnxruntime
+
+    engine_file = "model.opt.onnx"
+    sess = ort_session(args.onnx, target.device, target.threads, optimized_path=tmp / engine_file)
+    logits = ort_logits(sess, x)
+    feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
+    latency = engine_latency(wall_timed(lambda: sess.run(None, feed)), protocol)
+    return Built(engine_file, "fp32", logits, latency, device_record(target.device),
+                 {"onnxruntime": onnxruntime.__version__})
+
+
+def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
+           x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+    from pipeline.runtimes import TorchEngineRunner, build_torch_engine
+    from pipeline.slim import load_slimmed_model
+
+    if not args.model:
+        raise DeployError("the torch engine is built from the slimmed model: pass --model (dvc.yaml does)")
+    if cfg.precision == "int8":
+        raise DeployError("engine.precision int8 is TensorRT only; the torch engine runs fp16 or fp32")
+    precision = cfg.precision if target.device == "cuda" else "fp32"
+    shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
+    model, _ = load_slimmed_model(args.model)
+    built = build_torch_engine(model, shape, bs, target.device, precision, tmp, aoti=cfg.aoti)
+    runner = TorchEngineRunner(tmp / built["engine_file"], built["kind"], target.device, precision, bs, shape,
+                               cuda_graph=cfg.cuda_graph)
+    if target.device == "cpu":
+        torch.set_num_threads(target.threads)
+    logits = runner.logits(x)
+    xd = xb.to(target.device, runner.dtype)
+    latency = engine_latency(wall_timed(lambda: runner(xd)), protocol)  # the runner synchronises
+    built["cuda_graph"] = runner.graph_status
+    return Built(built["engine_file"], precision, logits, latency, device_record(target.device), {}, built)
+
+
+def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
+              x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+    import tensorrt
+
+    engine_file, precision = "model.plan", cfg.precision
+    shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
+    calib = None
+    if precision == "int8":
+        mean, std = data.norm()
+        calib = normalize(data.train.x[: cfg.calibration_images], mean, std).numpy()
+    plan = build_tensorrt_plan(args.onnx, shape, (1, bs, max(bs, cfg.max_batch)), precision,
+                               timing_cache=tmp / "timing.cache", calibration=calib,
+                               calibration_cache=tmp / "calibration.cache")
+    (tmp / engine_file).write_bytes(plan)
+    runner = TensorRTRunner(tmp / engine_file)
+    logits = runner.logits(x, bs)
+    xg = xb.cuda()
+    latency = engine_latency(wall_timed(lambda: runner(xg)), protocol)  # the runner synchronises
+    return Built(engine_file, precision, logits, latency, device_record("cuda"), {"tensorrt": tensorrt.__version__})
+
+
+BUILDERS = {"onnxruntime": _onnxruntime, "torch": _torch, "tensorrt": _tensorrt}
 
 
 if __name__ == "__main__":

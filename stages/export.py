@@ -12,9 +12,10 @@ import torch
 
 from pipeline.config import ExportConfig, parse_section
 from pipeline.data import load_prepared, normalize
-from pipeline.deploy import DeployError, export_onnx, model_card, ort_logits, ort_session, parity
+from pipeline.deploy import DeployError, model_card, parity
 from pipeline.errors import CheckpointError
 from pipeline.io import atomic_path, write_json
+from pipeline.runtimes import export_onnx, ort_logits, ort_session
 from pipeline.slim import load_slimmed_model
 from pipeline.train import predict_logits
 from stages._common import load_params, log, parser, run
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         reference = predict_logits(model, data.test, mean, std, cpu)
         with atomic_path(args.out) as tmp:  # moved into place only when the contract holds
-            export_onnx(model, shape, tmp, cfg.opset, card=model_card(data.meta))
+            export_onnx(model, shape, tmp, opset=cfg.opset, card=model_card(data.meta))
             sess = ort_session(tmp, "cpu", threads=1, optimize=False)  # the graph as exported
             got = ort_logits(sess, normalize(data.test.x, mean, std))
             check = parity(reference, got)

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from models.resnet_cifar import CifarResNet
+from pipeline.checkpoint import load_teachers
 from pipeline.config import DistillConfig, SearchConfig, TrainConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.distill import TeacherEnsemble
@@ -17,7 +18,6 @@ from pipeline.io import write_csv, write_json
 from pipeline.runtime import resolve_device
 from pipeline.search import SearchSpace, SuperNet, family_params, run_search
 from stages._common import load_params, log, parser, run
-from stages._teachers import load_teachers
 
 
 def _repair(arch: dict, budget: float, num_classes: int, in_channels: int) -> tuple[dict, bool]:

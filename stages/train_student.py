@@ -10,17 +10,16 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import load_teachers, save_checkpoint
 from pipeline.config import DistillConfig, StudentConfig, TrainConfig, parse_section, parse_teachers
-from pipeline.data import load_prepared
-from pipeline.distill import TeacherEnsemble, kd_criterion
+from pipeline.data import load_prepared, normalize
+from pipeline.distill import TeacherEnsemble, kd_criterion, memoize_split
 from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
 from pipeline.io import file_sha256, write_csv, write_json
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.train import check_above_chance, predict_logits, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, read_arch, run
-from stages._teachers import load_teachers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         teachers = load_teachers(args.teachers, names, data.meta)
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         ensemble = TeacherEnsemble(list(teachers.values())).to(device)
+        memoize_split(ensemble, normalize(data.train.x, *data.norm()), train_cfg.augment, device,
+                      train_cfg.batch_size // ctx.world_size)
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]  # retrained -> no resume
         fingerprint = digest(cfg.model_dump(), kd.model_dump(), train_cfg.model_dump(exclude={"progress"}),
                              searched, data.meta["split_hashes"], teacher_files, ctx.world_size)

@@ -14,8 +14,8 @@ import torch
 from models import build_model
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig, parse_section, parse_teachers
-from pipeline.errors import ConfigError
 from pipeline.data import load_prepared
+from pipeline.errors import ConfigError
 from pipeline.io import write_csv, write_json
 from pipeline.plots import history_png
 from pipeline.runtime import describe_device, shutdown_distributed, start_training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def make_imagefolder(
     for s in splits:
         for ci, c in enumerate(classes):
             for i in range(per_class):
-                write_image(root / s / c / f"{i:03d}.{ext}", size, seed=hash((s, ci, i)) % 2**32, fmt=fmt)
+                write_image(root / s / c / f"{i:03d}.{ext}", size, seed=zlib.crc32(f"{s}/{ci}/{i}".encode()), fmt=fmt)
     return root
 
 

@@ -269,6 +269,60 @@ def c_data_archive_corrupt(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _prepare(_folder_params(tmp, tmp / "ds.tar.gz"), tmp)
 
 
+def c_data_one_class(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", classes=("cat",), per_class=8)
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_class_too_small(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=8)
+    for f in sorted((root / "train" / "eel").iterdir())[2:]:
+        f.unlink()
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_constant_images(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp / "ds" / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (8, 8), 200).save(tmp / "ds" / "train" / c / f"{i}.png")
+    return _prepare(_folder_params(tmp, tmp / "ds", channels=1), tmp)
+
+
+def c_data_not_an_image(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=8)
+    (root / "train" / "cat" / "notes.png").write_text("a text file named .png")
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_truncated_png(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from tests.conftest import write_image
+
+    root = make_imagefolder(tmp / "ds", per_class=8)
+    write_image(root / "train" / "cat" / "cut.png", size=32, fmt="PNG")
+    data = (root / "train" / "cat" / "cut.png").read_bytes()
+    (root / "train" / "cat" / "cut.png").write_bytes(data[: len(data) // 2])
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_too_large(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from tests.test_images import png_header
+
+    root = make_imagefolder(tmp / "ds", per_class=8)
+    (root / "train" / "cat" / "huge.png").write_bytes(png_header(20000, 20000))
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
+def c_data_apple_double_only(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=8)
+    (root / "train" / "fox").mkdir()
+    for i in range(3):  # what copying from a Mac leaves beside (here: instead of) the images
+        (root / "train" / "fox" / f"._{i:03d}.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    return _prepare(_folder_params(tmp, root), tmp)
+
+
 def c_prepared_data_missing(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _teacher(world["params"], tmp / "no_prep", tmp)
 
@@ -412,7 +466,8 @@ def c_bundle_short_classes(world: dict, tmp: Path) -> tuple[int, list[Path]]:
 
 def c_bundle_swapped_model(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     from models import build_model
-    from pipeline.deploy import export_onnx, sha256
+    from pipeline.deploy import sha256
+    from pipeline.runtimes import export_onnx
 
     b = _bundle(world, tmp)
     export_onnx(build_model("resnet_tiny", num_classes=10, in_channels=1).eval(), (1, 8, 8), b / "model.onnx")
@@ -423,6 +478,46 @@ def c_bundle_swapped_model(world: dict, tmp: Path) -> tuple[int, list[Path]]:
 def c_bundle_unreadable_image(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "img.png").write_bytes(b"not a png")
     return _predict(world["dir"] / "bundle", tmp)
+
+
+def c_predict_too_large(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from tests.test_images import png_header
+
+    (tmp / "img.png").write_bytes(png_header(20000, 20000))
+    return _predict(world["dir"] / "bundle", tmp)
+
+
+def c_predict_apple_double(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from pipeline.predict import main as predict_main
+
+    (tmp / "._img.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    return predict_main(["--bundle", str(world["dir"] / "bundle"), str(tmp / "._img.png")]), []
+
+
+def _manifest_text(world: dict, tmp: Path, text: str) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    (b / "manifest.json").write_text(text)
+    return _predict(b, tmp)
+
+
+def c_manifest_null(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _manifest_text(world, tmp, "null")
+
+
+def c_manifest_number(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _manifest_text(world, tmp, "42")
+
+
+def c_manifest_preprocessing_null(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    _manifest(b, lambda m: m.update(preprocessing=None))
+    return _predict(b, tmp)
+
+
+def c_manifest_scalar_mean(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    b = _bundle(world, tmp)
+    _manifest(b, lambda m: m["preprocessing"].update(mean=0.5))
+    return _predict(b, tmp)
 
 
 def c_runner_unknown_stage(world: dict, tmp: Path) -> tuple[int, list[Path]]:
@@ -466,6 +561,17 @@ CASES = [
     Case("data-archive-link", "a .tar with a symlink to /etc/passwd", "leaves its folder or links elsewhere",
          c_data_archive_link),
     Case("data-archive-corrupt", "a .tar.gz that is not gzip", "cannot read archive", c_data_archive_corrupt),
+    Case("data-one-class", "an image folder with one class", "a classifier needs at least two", c_data_one_class),
+    Case("data-class-too-small", "a class with 2 images (train, val and test need one each)",
+         "have fewer than 3 images: each class needs at least 3", c_data_class_too_small),
+    Case("data-constant-images", "every image the same constant grey", "(std 0): nothing to learn there",
+         c_data_constant_images),
+    Case("data-not-an-image", "a text file named `notes.png`", "notes.png: not an image:", c_data_not_an_image),
+    Case("data-truncated-png", "a PNG cut in half", "cut.png: truncated:", c_data_truncated_png),
+    Case("data-too-large", "a 20000 x 20000 PNG (over Pillow's 89,478,485-pixel limit)",
+         "raise prepare.max_image_pixels", c_data_too_large),
+    Case("data-apple-double-only", "a class folder holding only AppleDouble `._*.jpg` files (hidden files are "
+         "skipped)", "skipped there: 3 hidden file(s)", c_data_apple_double_only),
     Case("data-prepared-missing", "a training stage without prepared data", "run the prepare stage first",
          c_prepared_data_missing),
     Case("ckpt-truncated", "a teacher checkpoint cut in half", "cannot read checkpoint", c_ckpt_truncated),
@@ -504,14 +610,28 @@ CASES = [
          c_bundle_swapped_model),
     Case("predict-unreadable-image", "an image file that is not an image", "cannot read image",
          c_bundle_unreadable_image),
+    Case("predict-too-large", "a 20000 x 20000 PNG to `pipeline.predict`", "raise --max-image-pixels",
+         c_predict_too_large),
+    Case("predict-apple-double", "an AppleDouble `._img.png` to `pipeline.predict`",
+         "AppleDouble metadata that macOS writes", c_predict_apple_double),
+    Case("manifest-null", "manifest.json that is `null`", "manifest.json must be a JSON object", c_manifest_null),
+    Case("manifest-number", "manifest.json that is `42`", "manifest.json must be a JSON object", c_manifest_number),
+    Case("manifest-preprocessing-null", "manifest.json with `preprocessing: null`",
+         "manifest.json preprocessing: Input should be a valid dictionary", c_manifest_preprocessing_null),
+    Case("manifest-scalar-mean", "manifest.json with `preprocessing.mean: 0.5`",
+         "manifest.json preprocessing.mean: Input should be a valid list", c_manifest_scalar_mean),
     Case("runner-unknown-stage", "`python -m stages --from nope`", "no stage 'nope'", c_runner_unknown_stage),
     Case("runner-from-after-until", "`python -m stages --from prune --until prepare`", "comes after",
          c_runner_from_after_until),
 ]
 
 
-def test_there_are_enough_cases() -> None:
-    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+def test_the_docs_table_lists_every_case_in_order() -> None:
+    # docs/BAD_INPUTS.md is generated from CASES (below); a case added, removed or renamed
+    # without regenerating it would leave the docs describing checks that do not run
+    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \|", (REPO / "docs" / "BAD_INPUTS.md").read_text(), re.M)
+    assert [(int(n), i) for n, i in rows] == [(k, c.id) for k, c in enumerate(CASES, 1)]
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

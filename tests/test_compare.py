@@ -1,12 +1,20 @@
-"""The baselines' side of the protocol: which candidate a baseline gets for a band of the budget."""
+"""The baselines' side of the protocol: which candidate a baseline gets for a band of the budget, and
+that every method gets the same training, measurement, band and verdict."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 from torch import nn
 
+from models import build_model
 from pipeline.compare import Candidate, match_budget, uniform_widths
-from pipeline.prune import allowed_widths
+from pipeline.config import OptimizerConfig, TrainConfig
+from pipeline.data import PreparedData
+from pipeline.latency import Timing
+from pipeline.prune import Budget, allowed_widths
 from pipeline.train import epoch_steps
 
 
@@ -68,10 +76,14 @@ def test_epoch_steps_counts_what_the_training_loop_runs() -> None:
 
 
 def _protocol_row(budget: float, seed: int, ours: float, uniform: tuple[float, float], l1: tuple[float, float],
-                  unpruned: float | None = None) -> dict:
+                  unpruned: float | None = None, ours_final: float = 0.95) -> dict:
+    """One (budget, seed) run: accuracies and measured / budget per method (the student at 1 ms, a
+    budget of ``budget`` of it, band [0.9, 1.0], no measured noise); ``ours_final``: ours in
+    compare's final joint run."""
     prune = {"test_acc": ours, "test_acc_student": 0.6, "measured_over_budget": 0.95, "measured_ms": 0.95 * budget,
-             "student_ms": 1.0, "soft_epochs": 0, "settle_epochs": 8}
-    compare = {"ours": {"measured_ms": 0.95 * budget},
+             "student_ms": 1.0, "soft_epochs": 0, "settle_epochs": 8, "budget": budget, "budget_unit": "fraction",
+             "budget_ms": budget, "band": [0.9, 1.0], "noise": 0.0}
+    compare = {"ours": {"measured_ms": ours_final * budget},
                "uniform": {"test_acc": uniform[0], "measured_over_budget": uniform[1], "measured_ms": uniform[1] * budget},
                "l1": {"test_acc": l1[0], "measured_over_budget": l1[1], "measured_ms": l1[1] * budget}}
     if unpruned is not None:  # the student trained as long: over any budget, a reference and no rival
@@ -84,18 +96,87 @@ def test_protocol_table_compares_only_with_baselines_under_the_budget() -> None:
 
     rows = [_protocol_row(0.5, 0, 0.55, (0.60, 1.10), (0.50, 0.95), 0.70),  # uniform over budget: ours - L1 = +5
             _protocol_row(0.5, 1, 0.55, (0.52, 0.97), (0.54, 0.96), 0.60),  # both under: ours - L1 = +1
-            _protocol_row(0.3, 0, 0.50, (0.58, 1.20), (0.59, 1.40))]  # both over: nothing to compare with
+            _protocol_row(0.3, 0, 0.50, (0.58, 1.20), (0.59, 1.40)),  # both over: nothing to compare with
+            # ours over the budget in compare's final run (under it in its own stage): not compared, marked
+            _protocol_row(0.7, 0, 0.60, (0.52, 0.97), (0.54, 0.50), ours_final=1.05),
+            _protocol_row(0.7, 1, 0.60, (0.52, 0.97), (0.54, 0.96))]
     lines = {line.split(" | ")[0].strip("| "): line for line in table(rows, baselines=True).splitlines()[2:]}
     assert "| 3.0 ± 2.8 |" in lines["0.5"] and "(over budget in 1 seed)" in lines["0.5"]
     assert lines["0.5"].split(" | ")[3] == "65.0 ± 7.1"  # the unpruned column; never the baseline to beat
     assert lines["0.3"].split(" | ")[3] == "-"
     assert "no baseline under budget" in lines["0.3"] and "(over budget in 1 seed)" in lines["0.3"]
+    cells = lines["0.7"].split(" | ")
+    assert cells[4] == "**60.0 ± 0.0 (over budget in 1 seed)**"  # judged on compare's final run, as the others
+    assert cells[6] == "54.0 ± 0.0 (below band in 1 seed)"  # L1 at 0.50 of the budget: below the band, marked
+    assert cells[7] == "6.0"  # only the seed where ours met the budget
+    assert cells[8].startswith("1.000; ")  # ours' measured / budget from the final joint run: (1.05 + 0.95) / 2
     points = {(p["method"], p["budget"]): p for p in pareto_points(rows)}
     ours = points[("ours", 0.5)]
     assert ours["seeds"] == 2 and ours["accuracy"] == pytest.approx(0.55) and ours["accuracy_err"] == 0.0
     assert points[("uniform width scaling", 0.5)]["accuracy_err"] == pytest.approx(0.0566, abs=1e-4)
+    assert points[("uniform width scaling", 0.5)]["not_at_budget"] == 1 and ours["not_at_budget"] == 0
+    assert points[("ours", 0.7)]["not_at_budget"] == 1
     assert sum(p["method"] == "student" for p in points.values()) == 1
     assert points[("student trained as long", 0.5)]["accuracy"] == pytest.approx(0.65)
+
+
+def _ms(model: nn.Module) -> float:  # a deterministic target: latency grows with the parameters
+    return 1e-4 * sum(p.numel() for p in model.parameters())
+
+
+def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkeypatch: pytest.MonkeyPatch,
+                                                                          digits: PreparedData) -> None:
+    import pipeline.compare as pc
+
+    torch.manual_seed(0)
+    student = build_model("resnet_tiny", num_classes=10, in_channels=1).eval()
+    budget = Budget.derive(0.6, "fraction", (0.8, 1.0), _ms(student), 0.02)
+    calls: list[list[nn.Module]] = []
+
+    def measure_many(models: list[nn.Module]) -> list[Timing]:
+        calls.append(list(models))
+        return [Timing(_ms(m), (_ms(m),), _ms(m), _ms(m), _ms(m), 5) for m in models]
+
+    trained: list[dict] = []
+    monkeypatch.setattr(pc, "train_classifier", lambda model, data, cfg, optim, **kw: trained.append(
+        {"model": model, "data": data, "cfg": cfg, "optim": optim, **kw}))
+    monkeypatch.setattr(pc, "check_above_chance", lambda *a, **k: None)  # untrained networks here
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return logits.sum()
+
+    fine_tune = pc.FineTune(digits, TrainConfig(), OptimizerConfig(), 7, 3, torch.device("cpu"), loss)
+    space = pc.baseline_space(student, torch.zeros(1, 1, 8, 8), 2, 0.25)
+    methods = ("uniform", "l1", "unpruned")
+    records, finals = pc.run_methods(methods, space, budget, lambda c: _ms(c.model),
+                                     pc.paired_measure(measure_many, student, budget.student_ms), fine_tune)
+    # same training: one call per method, on its final network, with one loss, optimizer, epochs, seed
+    assert [t["model"] for t in trained] == [finals[m] for m in methods]
+    assert all(t["criterion"] is loss and t["optim"] is fine_tune.optimizer and t["data"] is digits
+               and (t["epochs"], t["seed"]) == (7, 3) for t in trained)
+    # same measurement and band: every match paired with the student, matched to the band's top
+    assert all(len(c) == 2 and c[1] is student for c in calls)
+    for m in ("uniform", "l1"):
+        assert records[m]["probes"] and records[m]["measured_ms"] <= budget.bounds_ms()[1]
+    # same verdict: one joint run, every network (ours too) judged by the budget's rule on it
+    ours = copy.deepcopy(finals["uniform"])  # at the budget, as the baseline it copies
+    result = {"ours": {"test_acc": 0.5}, **{m: {"test_acc": 0.4} for m in methods}}
+    for name, verdict in pc.judge({"ours": ours, **finals}, student, budget, measure_many).items():
+        result[name].update(verdict)
+    final = calls[-1]
+    assert final[0] is student and final[1] is ours and all(a is b for a, b in zip(final[2:], finals.values()))
+    for name, model in (("ours", ours), *finals.items()):
+        ms = budget.student_ms * _ms(model) / _ms(student)
+        assert result[name]["measured_ms"] == pytest.approx(ms)
+        assert result[name]["budget_status"] == budget.verdict(result[name]["measured_ms"])[0]
+    assert result["unpruned"]["budget_status"] == "over" and result["ours"]["budget_status"] in ("in_band", "within")
+    versus = pc.versus_ours(result, methods)
+    assert versus["ours_minus_uniform"] == pytest.approx(0.1)
+    assert versus["at_equal_latency"]["uniform"] and not versus["at_equal_latency"]["unpruned"]
+    # ours over the budget: reported as such, and compared at equal latency with nothing
+    result["ours"].update(pc.judge({"ours": student}, student, budget, measure_many)["ours"])
+    assert result["ours"]["budget_status"] == "over"
+    assert not any(pc.versus_ours(result, methods)["at_equal_latency"].values())
 
 
 def test_uniform_widths_step_one_group_at_a_time_within_one_lattice_step_of_the_ratio() -> None:

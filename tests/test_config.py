@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 from pipeline.config import (
-    EnsembleConfig, PrepareConfig, ProfileConfig, SearchConfig, TargetConfig, TrainConfig, parse_section, parse_teachers,
+    EnsembleConfig,
+    PrepareConfig,
+    ProfileConfig,
+    SearchConfig,
+    TargetConfig,
+    TrainConfig,
+    parse_section,
+    parse_teachers,
 )
 from pipeline.errors import ConfigError
 from tests.conftest import REPO

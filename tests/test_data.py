@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from pipeline.data import (
-    augment_batch, channel_stats, holdout_split, load_prepared, load_source, load_split, normalize, prepare_splits,
-    save_prepared, split_indices,
+    augment_batch,
+    channel_stats,
+    check_splits,
+    holdout_split,
+    load_prepared,
+    load_source,
+    load_split,
+    normalize,
+    prepare_splits,
+    save_prepared,
+    split_indices,
 )
 from pipeline.errors import DataError
 from tests.conftest import make_imagefolder, prepare_cfg, write_image
@@ -214,3 +223,102 @@ def test_load_split_checks_the_file_against_the_prepared_data(tmp_path: Path, di
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(DataError, match="junk.npz: not a split file"):
         load_split(tmp_path / "junk.npz", data.meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset's shape, checked before any image is decoded; hidden files; the pixel limit
+
+
+def _folder_cfg(root: Path, **kw: object):  # noqa: ANN202
+    return prepare_cfg(source="imagefolder", root=str(root), image_size=None, **kw)
+
+
+def test_one_class_is_refused_before_decoding(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", classes=("cat",), per_class=10)
+    (root / "train" / "cat" / "bad.jpg").write_bytes(b"not a jpeg")  # decoding would fail first otherwise
+    with pytest.raises(DataError, match=r"the dataset has 1 class \('cat'\); a classifier needs at least two"):
+        load_source(_folder_cfg(root))
+
+
+def test_a_class_too_small_for_the_splits_is_named(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=6)
+    for f in sorted((root / "train" / "eel").iterdir())[2:]:
+        f.unlink()
+    (root / "train" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"class\(es\) 'eel' \(2\) have fewer than 3 images.*train, val, test"):
+        load_source(_folder_cfg(root))
+    cfg = _folder_cfg(root, max_per_class=2)  # the cap is applied before the count
+    with pytest.raises(DataError, match=r"'cat' \(2\), 'dog' \(2\), 'eel' \(2\) have fewer than 3"):
+        load_source(cfg)
+
+
+def test_a_split_without_some_class_is_refused(tmp_path: Path) -> None:
+    y = np.repeat([0, 1, 2], [40, 40, 3])
+    cfg = prepare_cfg(val_fraction=0.1, test_fraction=0.1)
+    parts = split_indices(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    left_out = [s for s, idx in parts.items() if 2 not in y[idx]]
+    assert left_out, "the example must leave the small class out of a split"
+    with pytest.raises(DataError, match=rf"'c' has none in {left_out[0]}.*about 10 images"):
+        check_splits(parts, y, ["a", "b", "c"], cfg)
+
+
+def test_constant_images_are_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        for i in range(6):
+            (tmp_path / "ds" / "train" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 7).save(tmp_path / "ds" / "train" / c / f"{i}.png")
+    cfg = _folder_cfg(tmp_path / "ds", val_fraction=0.2, test_fraction=0.2, channels=1)
+    with pytest.raises(DataError, match=r"every train image has the same value 7 in channel\(s\) \[0\] \(std 0\)"):
+        prepare_splits(load_source(cfg), cfg)
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=10)
+    clean = load_source(_folder_cfg(root))
+    for c in ("cat", "dog"):
+        (root / "train" / c / "._000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    write_image(root / "train" / ".ipynb_checkpoints" / "x.jpg", fmt="JPEG")
+    write_image(root / "train" / "eel" / ".cache" / "y.jpg", fmt="JPEG")
+    raw = load_source(_folder_cfg(root))
+    assert raw.classes == ["cat", "dog", "eel"] and not raw.skipped
+    np.testing.assert_array_equal(raw.train_x, clean.train_x)
+    assert "3 hidden file(s)" in caplog.text
+    archive = tmp_path / "ds.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root / "train", arcname="train")
+    assert load_source(_folder_cfg(archive)).classes == ["cat", "dog", "eel"]
+
+
+def test_a_class_of_only_apple_double_files_is_empty(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=10)
+    (root / "train" / "fox").mkdir()
+    (root / "train" / "fox" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    with pytest.raises(DataError, match=r"empty class folder\(s\).*train/fox; skipped there: 1 hidden file"):
+        load_source(_folder_cfg(root))
+
+
+def test_pixel_limit_names_the_param_and_can_be_raised(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=10, size=12)
+    with pytest.raises(DataError) as err:
+        load_source(_folder_cfg(root, max_image_pixels=143))
+    msg = str(err.value)
+    assert "30 unreadable image(s)" in msg and "(too large: 30)" in msg
+    assert "12 x 12 = 144 pixels, over the limit of 143; if the image is genuine, raise prepare.max_image_pixels" in msg
+    cfg = _folder_cfg(root, max_image_pixels=144)
+    _, meta = prepare_splits(load_source(cfg), cfg)
+    assert meta["max_image_pixels"] == 144 and meta["decode"].startswith("slimdeploy-decode/1:")
+
+
+def test_unreadable_images_are_listed_with_their_cause(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", per_class=6)
+    _corrupt(root)
+    (root / "train" / "eel" / "notes.png").write_text("hello")
+    with pytest.raises(DataError) as err:
+        load_source(_folder_cfg(root))
+    msg = str(err.value)
+    assert "3 unreadable image(s)" in msg and "(not an image: 2, truncated: 1)" in msg
+    assert "train/dog/broken.jpg: truncated:" in msg and "train/eel/notes.png: not an image:" in msg

@@ -1,9 +1,13 @@
-"""Deployment: ONNX parity, engine backend selection and budget check, manifest, hashes, predict."""
+"""Deployment: ONNX parity, the runtimes (one exporter, one session builder, one TensorRT
+builder), engine backend selection and budget check, manifest, hashes, predict."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,12 +18,33 @@ from PIL import Image
 from models import build_model
 from pipeline import deploy
 from pipeline.data import PreparedData, normalize
-from pipeline.deploy import (DeployError, check_manifest, export_onnx, model_card, ort_logits, ort_session, parity,
-                             select_backend, sha256, verify_bundle)
+from pipeline.deploy import DeployError, check_manifest, model_card, parity, select_backend, sha256, verify_bundle
+from pipeline.latency import make_backend
 from pipeline.predict import main as predict_main
 from pipeline.predict import predict
+from pipeline.runtimes import (
+    INPUT,
+    OUTPUT,
+    ConversionError,
+    TensorRTRunner,
+    build_tensorrt_plan,
+    export_onnx,
+    ort_logits,
+    ort_session,
+    tensorrt_available,
+)
 from stages import engine
 from tests.conftest import REPO
+
+
+def assert_same_top1(reference: torch.Tensor, other: torch.Tensor, tol: float, got: list[int] | None = None) -> None:
+    """Top-1 of ``other`` (or the classes ``got``) equals the reference's on every sample whose
+    reference top-2 gap is above ``tol``: an untrained network's near-ties may flip between runtimes."""
+    top2 = reference.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > tol
+    picked = torch.tensor(got) if got is not None else other.argmax(1)
+    assert decided.sum() >= len(reference) // 2, "too many near-ties for the check to mean anything"
+    assert torch.equal(picked[decided], reference.argmax(1)[decided])
 
 
 def _model() -> torch.nn.Module:
@@ -35,8 +60,9 @@ def test_export_matches_pytorch_and_batch_is_dynamic(tmp_path: Path, digits: Pre
         ref = model(x)
     sess = ort_session(tmp_path / "m.onnx", optimize=False)
     for bs in (1, 7, 50):
-        check = parity(ref, ort_logits(sess, x, batch_size=bs))
-        assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+        out = ort_logits(sess, x, batch_size=bs)
+        assert parity(ref, out)["max_abs_diff"] <= 1e-4
+        assert_same_top1(ref, out, tol=2e-4)
     import onnx
 
     m = onnx.load(str(tmp_path / "m.onnx"))
@@ -186,7 +212,7 @@ def test_predict_applies_the_manifest_preprocessing(tmp_path: Path, digits: Prep
     x = (digits.test.x[:4].float() / 255 - 0.3) / 0.3
     with torch.no_grad():
         expected = torch.softmax(_model()(x), 1)
-    assert [r["index"] for r in got] == expected.argmax(1).tolist()
+    assert_same_top1(expected, expected, tol=1e-4, got=[r["index"] for r in got])
     assert np.allclose([r["probability"] for r in got], expected.max(1).values.numpy(), atol=1e-4)
     assert predict_main(["--bundle", str(b), *map(str, paths)]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
@@ -228,23 +254,122 @@ def test_engine_stage_over_budget_can_warn(tmp_path: Path, digits_dir: Path, cap
     assert "over the budget" in caplog.text and (tmp_path / "engine" / "model.opt.onnx").is_file()
 
 
-def test_budget_verdict_allows_the_measured_noise_and_no_more() -> None:
-    assert deploy.budget_verdict(0.099, 0.1, 0.02) == (True, "within")
-    within, how = deploy.budget_verdict(0.1015, 0.1, 0.02)  # 1.5% over, noise 2%: a pass, said so
-    assert within and "within the measured noise of 2.0%" in how
-    assert deploy.budget_verdict(0.103, 0.1, 0.02)[0] is False
-    assert deploy.budget_verdict(0.1001, 0.1, 0.0)[0] is False
-
-
 def test_tensorrt_engine_build(tmp_path: Path, digits: PreparedData) -> None:
-    if not deploy.tensorrt_available():
+    if not tensorrt_available():
         reason = "TensorRT is not installed here (it cannot be on the CPU build machines, see ENV.md)"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     export_onnx(_model(), (1, 8, 8), tmp_path / "m.onnx")
-    deploy.build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.plan", (1, 8, 8), (1, 4, 16), "fp16",
-                                 tmp_path / "timing.cache")
-    runner = deploy.TensorRTRunner(tmp_path / "m.plan")
+    plan = build_tensorrt_plan(tmp_path / "m.onnx", (1, 8, 8), (1, 4, 16), "fp16",
+                               timing_cache=tmp_path / "timing.cache")
+    assert (tmp_path / "timing.cache").is_file()
+    (tmp_path / "m.plan").write_bytes(plan)
+    runner = TensorRTRunner(tmp_path / "m.plan")
     x = normalize(digits.test.x[:32], *digits.norm())
     ref = ort_logits(ort_session(tmp_path / "m.onnx", optimize=False), x)
     assert parity(ref, runner.logits(x, 4))["top1_agreement"] >= 0.995
+
+
+# --- the runtimes, as the deployment and the latency profiler share them --------------------------
+
+
+def test_one_exporter_for_the_bundle_and_the_profiler(tmp_path: Path) -> None:
+    """The deployment file (dynamic batch, checked) and the profiler's graph (fixed batch) come
+    from one function with the same tensor names; exporting leaves the model's mode alone."""
+    import onnx
+
+    model = _model().train()
+    data = export_onnx(model, (1, 8, 8), tmp_path / "m.onnx")
+    assert model.training and data == (tmp_path / "m.onnx").read_bytes()
+    fixed = onnx.load_from_string(export_onnx(model, (1, 8, 8), batch=3, check=False))
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert [i.name for i in fixed.graph.input] == [INPUT] and [o.name for o in fixed.graph.output] == [OUTPUT]
+    assert dims(fixed.graph.input[0]) == [3, 1, 8, 8] and dims(fixed.graph.output[0]) == [3, 10]
+    dynamic = onnx.load(str(tmp_path / "m.onnx"))
+    assert dims(dynamic.graph.input[0])[0] == "batch" and dynamic.graph.output[0].name == OUTPUT
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    for m in (data, fixed.SerializeToString()):  # the same numbers from both graphs
+        assert torch.allclose(ort_logits(ort_session(m, optimize=False), x), ref, atol=1e-4)
+
+
+def test_onnxruntime_backend_times_the_exported_graph() -> None:
+    backend = make_backend("onnxruntime", batch_size=2, threads=1)
+    call = backend.prepare(_model(), (1, 8, 8))
+    assert call() > 0
+
+
+class _FakeTensorRT:
+    """Just enough of the TensorRT 10 builder API to record what ``build_tensorrt_plan`` asks for."""
+
+    class BuilderFlag:
+        FP16, INT8 = "fp16", "int8"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self.calls: dict[str, Any] = {"flags": []}
+        calls = self.calls
+        ns = types.SimpleNamespace
+
+        class Config:
+            def create_timing_cache(self, data: bytes) -> bytes:
+                calls["timing_cache_in"] = data
+                return data
+
+            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> None:
+                pass
+
+            def get_timing_cache(self) -> Any:
+                return ns(serialize=lambda: b"cache")
+
+            def add_optimization_profile(self, profile: Any) -> None:
+                pass
+
+            def set_flag(self, flag: str) -> None:
+                calls["flags"].append(flag)
+
+            def set_calibration_profile(self, profile: Any) -> None:
+                pass
+
+        class Profile:
+            def set_shape(self, name: str, *shapes: tuple[int, ...]) -> None:
+                calls["profile"] = (name, shapes)
+
+        network = ns(get_input=lambda i: ns(name=INPUT))
+        self.Builder = lambda logger: ns(create_network=lambda flags: network, create_builder_config=Config,
+                                         create_optimization_profile=Profile,
+                                         build_serialized_network=lambda net, config: b"plan")
+        self.OnnxParser = lambda net, logger: ns(parse=lambda data: data.startswith(b"\x08"), num_errors=0)
+
+
+def test_one_tensorrt_builder_serves_the_engine_stage_and_the_profiler(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TensorRT installed: the builder asks TensorRT for what both callers need (the
+    profile's min/opt/max batch, the precision flags, the timing cache) and refuses int8 without
+    calibration data."""
+    trt = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_model = export_onnx(_model(), (1, 8, 8), tmp_path / "m.onnx")
+    # the engine stage: a file, a batch range, fp16, a timing cache written back
+    plan = build_tensorrt_plan(tmp_path / "m.onnx", (1, 8, 8), (1, 4, 16), "fp16", timing_cache=tmp_path / "t.cache")
+    assert plan == b"plan" and (tmp_path / "t.cache").read_bytes() == b"cache"
+    assert trt.calls["profile"] == (INPUT, ((1, 1, 8, 8), (4, 1, 8, 8), (16, 1, 8, 8)))
+    assert trt.calls["flags"] == ["fp16"]
+    # the latency backend: bytes, one fixed batch, fp32, no cache
+    trt.calls["flags"].clear()
+    assert build_tensorrt_plan(onnx_model, (1, 8, 8), (2, 2, 2), "fp32") == b"plan"
+    assert trt.calls["profile"][1] == ((2, 1, 8, 8),) * 3 and trt.calls["flags"] == []
+    with pytest.raises(ConversionError, match="int8 needs calibration"):
+        build_tensorrt_plan(onnx_model, (1, 8, 8), (2, 2, 2), "int8")
+    with pytest.raises(ConversionError, match="cannot parse"):
+        build_tensorrt_plan(b"not onnx", (1, 8, 8), (2, 2, 2), "fp32")

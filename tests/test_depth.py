@@ -14,9 +14,28 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import ConfigError
 from pipeline.latency import build_table, make_backend
 from pipeline.latency.calibrate import random_width_sets
-from pipeline.prune import SoftMaskedNet, allocate_widths, allowed_for, blocks_only, closed_loop, harden, prune_groups, widths_of
-from pipeline.slim import (BLOCK, apply_masks, block_masks, channel_groups, dropped_blocks, load_slimmed_model,
-                           masks_from_kept, random_masks, residual_blocks, slim)
+from pipeline.prune import (
+    SoftMaskedNet,
+    allocate_widths,
+    allowed_for,
+    blocks_only,
+    closed_loop,
+    harden,
+    prune_groups,
+    widths_of,
+)
+from pipeline.slim import (
+    BLOCK,
+    apply_masks,
+    block_masks,
+    channel_groups,
+    dropped_blocks,
+    load_slimmed_model,
+    masks_from_kept,
+    random_masks,
+    residual_blocks,
+    slim,
+)
 from tests.conftest import randomise_bn
 from tests.test_latency import FAST
 
@@ -136,9 +155,15 @@ def test_block_gates_train_and_a_fixed_removal_equals_the_masked_network() -> No
     net.eval().fixed = masks
     with torch.no_grad():
         assert torch.allclose(net(x), apply_masks(model, example, masks)(x), atol=1e-5)
+    # a block is valued like the channels it takes away: with hand-set importances (every channel
+    # 0.25, every block gate 0.5), a block whose inner group has 8 channels is worth 0.5 * 8 * 0.25
+    real = net.importance()
+    net.importance = lambda: {k: torch.full_like(v, 0.5 if k.startswith(BLOCK) else 0.25)  # type: ignore[method-assign]
+                              for k, v in real.items()}
     values = net.allocation_values()
-    inner = float(net.importance()["stages.0.1.conv1"].sum())
-    assert values["block:stages.0.1"].item() == pytest.approx(float(net.importance()["block:stages.0.1"]) * inner)
+    width = real["stages.0.1.conv1"].numel()
+    assert values["block:stages.0.1"].item() == pytest.approx(0.5 * max(1.0, 0.25 * width))
+    assert values["stages.0.1.conv1"].sum().item() == pytest.approx(0.25 * width)  # channel groups unchanged
 
 
 def test_allocation_harden_and_closed_loop_remove_and_restore_blocks() -> None:

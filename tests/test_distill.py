@@ -25,12 +25,17 @@ def test_oracle_target_uses_only_right_teachers() -> None:
     z = _teachers()
     target, has = distillation_target(z, labels, T, "oracle", "logits")
     assert has.tolist() == [True, True, False]  # sample 2: nobody is right
-    assert torch.allclose(target[0], F.softmax((z[0, 0] + z[1, 0]) / 2 / T, -1))  # teachers 0 and 1
-    assert torch.allclose(target[1], F.softmax((z[0, 1] + z[2, 1]) / 2 / T, -1))  # teachers 0 and 2
+    # expected values worked out by hand (T = 2), not with the code's own formula:
+    # sample 0, teachers 0 and 1: mean logits (3.5, 0.5, 0) / 2 -> softmax (1.75, 0.25, 0)
+    assert torch.allclose(target[0], torch.tensor([0.71587, 0.15973, 0.12440]), atol=1e-5)
+    # sample 1, teachers 0 and 2 (teacher 1 is wrong): mean logits (0, 2, 0.25) / 2
+    assert torch.allclose(target[1], torch.tensor([0.20612, 0.56031, 0.23357]), atol=1e-5)
     probs, _ = distillation_target(z, labels, T, "oracle", "probs")
-    assert torch.allclose(probs[0], (F.softmax(z[0, 0] / T, -1) + F.softmax(z[1, 0] / T, -1)) / 2)
+    # mean of softmax (2, 0, 0) = (.78699, .10650, .10650) and softmax (1.5, .5, 0) = (.62853, .23122, .14024)
+    assert torch.allclose(probs[0], torch.tensor([0.70776, 0.16886, 0.12337]), atol=1e-5)
     ens, has_all = distillation_target(z, labels, T, "ensemble", "logits")
-    assert has_all.all() and torch.allclose(ens[2], F.softmax(z[:, 2].mean(0) / T, -1))
+    # every teacher on sample 2, right or not: mean logits (1, 1, 0) / 2
+    assert has_all.all() and torch.allclose(ens[2], torch.tensor([0.38365, 0.38365, 0.23270]), atol=1e-5)
 
 
 def test_loss_cases_all_some_none_right() -> None:
@@ -79,3 +84,22 @@ def test_teacher_ensemble_is_frozen_and_stays_in_eval() -> None:
     s = torch.randn(5, 3, requires_grad=True)
     crit(s, torch.tensor([0, 1, 2, 0, 1]), x).backward()
     assert all(p.grad is None for p in ens.parameters()) and s.grad is not None
+
+
+def test_memoized_teachers_give_the_teachers_logits_and_run_on_rows_they_have_not_seen() -> None:
+    from pipeline.distill import memoize_split
+
+    torch.manual_seed(0)
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)) for _ in range(2)]
+    ens = TeacherEnsemble(members)
+    calls = {"n": 0}
+    ens.members[0].register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    split = torch.randn(10, 1, 4, 4)
+    assert not memoize_split(ens, split, "padcrop_flip", torch.device("cpu"), 4)  # augmented: rows never repeat
+    assert memoize_split(ens, split, "none", torch.device("cpu"), 4)
+    seen = calls["n"]  # the memo's own passes: ceil(10 / 4)
+    assert seen == 3
+    batch = split[[7, 2, 2, 9]]
+    assert torch.equal(ens(batch), ens.run(batch)) and calls["n"] == seen + 1  # looked up; only run() ran
+    fresh = batch + 1e-3  # not in the split (an augmented or a validation image): the teachers run
+    assert torch.equal(ens(fresh), ens.run(fresh)) and calls["n"] == seen + 3

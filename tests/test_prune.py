@@ -1,4 +1,4 @@
-"""Soft channel pruning under a latency budget: probabilities, masks, multiplier, rounding, loop."""
+"""Pruning under a latency budget: probabilities, masks, multiplier, rounding, criteria, knapsack, loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,26 @@ import torch
 from torch import nn
 
 from models import build_model
-from pipeline.prune import (BudgetPenalty, SoftMaskedNet, allocate_widths, allowed_widths, closed_loop, deactivation_prob,
-                            effective_band, gumbel_keep_mask, harden, inner_groups, masks_for_widths, nearest_allowed,
-                            normalize_importance, prune_groups, taylor_importance, widths_of)
+from pipeline.prune import (
+    BudgetPenalty,
+    Importance,
+    L1Importance,
+    SoftMaskedNet,
+    SoftMaskImportance,
+    allocate_widths,
+    allowed_widths,
+    closed_loop,
+    deactivation_prob,
+    gumbel_keep_mask,
+    harden,
+    inner_groups,
+    masks_for_widths,
+    nearest_allowed,
+    normalize_importance,
+    prune_groups,
+    taylor_importance,
+    widths_of,
+)
 from pipeline.slim import apply_masks, random_masks
 
 
@@ -228,12 +245,30 @@ def test_closed_loop_on_a_fine_lattice_jumps_instead_of_creeping() -> None:
     assert len(result.history) <= 4
 
 
-def test_effective_band_leaves_room_for_measured_noise() -> None:
-    assert effective_band((0.9, 1.0), 0.0) == (0.9, 1.0)
-    lo, hi = effective_band((0.9, 1.0), 0.03)
-    assert hi == pytest.approx(0.97) and lo == 0.9
-    lo, hi = effective_band((0.95, 1.0), 0.04)  # keeps 0.05 of width
-    assert hi == pytest.approx(0.96) and lo == pytest.approx(0.91)
+def test_a_criterion_is_one_importance_class_and_the_knapsack_takes_any() -> None:
+    model, example = _tiny()
+    groups = prune_groups(model, example)
+    net = SoftMaskedNet(model, groups)
+    l1 = L1Importance().rank(net)
+    modules = dict(model.named_modules())
+    for g in net.groups:  # the L1 norm of each group's root filters, ranking and values alike
+        assert torch.equal(l1.keep[g.name], modules[g.name].weight.detach().abs().sum((1, 2, 3)))
+    assert l1.keep is l1.values
+    scp = SoftMaskImportance().rank(net)
+    assert all(torch.equal(scp.keep[g], v) for g, v in net.importance().items())
+    assert all(torch.equal(scp.values[g], v) for g, v in net.allocation_values().items())
+
+    class Reversed(Importance):  # a new criterion: the last channels first
+        def scores(self, net: SoftMaskedNet) -> dict[str, torch.Tensor]:
+            return {g.name: torch.arange(g.size, dtype=torch.float32) for g in net.groups}
+
+    ranking = Reversed().rank(net)
+    allowed = {g.name: allowed_widths(g.size, 2, 0.25) for g in net.groups}
+    widths, _ = allocate_widths(ranking.values, allowed, lambda w: float(sum(w.values())), 0.6 * sum(
+        max(a) for a in allowed.values()))
+    masks = masks_for_widths(ranking.keep, widths)
+    for g, m in masks.items():  # the highest-scored channels kept: the last ones
+        assert m[m.numel() - widths[g]:].all() and not m[: m.numel() - widths[g]].any()
 
 
 def test_dual_step_is_per_epoch_whatever_the_number_of_batches() -> None:
@@ -243,7 +278,7 @@ def test_dual_step_is_per_epoch_whatever_the_number_of_batches() -> None:
         model, example = _tiny()
         net = SoftMaskedNet(model, prune_groups(model, example))
         full = sum(g.size for g in net.groups)
-        penalty = BudgetPenalty(net, lambda w: torch.tensor(1.0) + 0 * sum(w.values()) / full, target_ms=0.5,
+        penalty = BudgetPenalty(net, lambda w, full=full: torch.tensor(1.0) + 0 * sum(w.values()) / full, target_ms=0.5,
                                 dual_lr=2.0, steps_per_epoch=steps)
         for _ in range(steps):
             penalty()

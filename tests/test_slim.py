@@ -9,13 +9,18 @@ import torch
 
 from models import build_model
 from pipeline.checkpoint import load_model, save_checkpoint
-from pipeline.errors import CheckpointError
-from pipeline.errors import ConfigError
-from tests.conftest import randomise_bn
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.slim import (
-    SlimError, apply_masks, channel_groups, load_slimmed_model, magnitude_masks, random_masks, slim, validate_masks,
+    SlimError,
+    apply_masks,
+    channel_groups,
+    load_slimmed_model,
+    magnitude_masks,
+    random_masks,
+    slim,
+    validate_masks,
 )
-
+from tests.conftest import randomise_bn
 
 
 def _check(arch: str, size: int, channels: int = 3, seed: int = 0, **cfg: object) -> None:

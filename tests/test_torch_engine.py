@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from models import build_model
-from pipeline import torch_engine
-from pipeline.torch_engine import COMPILED, EXPORTED, TorchEngineError, TorchEngineRunner, build_torch_engine
+from pipeline.runtimes import COMPILED, EXPORTED, TorchEngineError, TorchEngineRunner, build_torch_engine, torch_engine
 
 
 def _model() -> torch.nn.Module:
@@ -53,7 +52,7 @@ def test_a_package_that_crashes_its_loader_falls_back_to_the_exported_program(tm
     real_run = subprocess.run
 
     def crashing(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
-        assert cmd[1:4] == ["-m", "pipeline.torch_engine", "check"]
+        assert cmd[1:4] == ["-m", "pipeline.runtimes.aoti_check", "check"]
         return real_run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], **kw)
 
     monkeypatch.setattr(torch_engine.subprocess, "run", crashing)

@@ -4,17 +4,16 @@ Backends: ``onnxruntime`` (CPU provider; CUDA provider where onnxruntime-gpu and
 ``torch`` (eager on CPU or CUDA, optionally replaying a captured CUDA graph) and ``tensorrt``
 (engine built from ONNX, imported lazily). A backend *prepares* a model once (export, session,
 engine or graph capture) into a ``TimedCall``, and times prepared calls with the protocol of
-``pipeline.latency.timing`` (interleaved windows, fastest window median).
+``pipeline.latency.timing`` (interleaved windows, fastest window median). Export, sessions and
+engines come from ``pipeline.runtimes``, the same code the deployment uses.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import os
 import platform
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,29 +24,21 @@ from torch import nn
 from pipeline.errors import SlimdeployError
 from pipeline.latency.timing import TimedCall, Timing, TimingProtocol, measure_calls
 from pipeline.runtime import cpu_name
+from pipeline.runtimes import (
+    RuntimeUnavailable,
+    TensorRTRunner,
+    build_tensorrt_plan,
+    export_onnx,
+    ort_providers,
+    ort_session,
+)
 
-
-class BackendUnavailable(SlimdeployError):
-    """The requested runtime is not installed or has no device here."""
+# the runtimes' own error, under the name the latency API has always used
+BackendUnavailable = RuntimeUnavailable
 
 
 class FingerprintMismatch(SlimdeployError):
     """A latency artifact was measured on another device, runtime or setting."""
-
-
-def export_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
-    """ONNX bytes of ``model`` (eval) for ``example``'s shape, with the TorchScript exporter.
-
-    The TorchScript-based exporter (``dynamo=False``) is used here because profiling exports
-    hundreds of small models and it is about 10x faster; the deployment export stage checks its
-    own output against PyTorch.
-    """
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"])
-    return buf.getvalue()
 
 
 def cuda_timed(fn: Callable[[], Any]) -> TimedCall:
@@ -152,6 +143,16 @@ def measure_reference(backend: Backend, reference: nn.Module, other: nn.Module, 
     return min(ref), min(r[1].ms for r in reps), min(MAX_NOISE, (max(ref) - min(ref)) / min(ref))
 
 
+def paired_ms(reference_ms: float, timed: Timing | float, reference_timed: Timing | float) -> float:
+    """``timed``'s latency in ms on the scale of ``reference_ms``: ``reference_ms * timed /
+    reference_timed``, where ``timed`` and ``reference_timed`` were measured together (interleaved
+    windows, ``Backend.measure_many``), so a slow spell of the machine moves both and cancels out.
+    ``timed``/``reference_timed``: Timings (their ``ms``) or ms."""
+    ms = timed.ms if isinstance(timed, Timing) else timed
+    ref = reference_timed.ms if isinstance(reference_timed, Timing) else reference_timed
+    return reference_ms * ms / ref
+
+
 def device_record(device: str) -> dict[str, Any]:
     """Hardware record for a latency figure: GPU name/capability/driver on "cuda", else the CPU."""
     return _cuda_device() if device == "cuda" else _cpu_device()
@@ -188,11 +189,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable("backend onnxruntime needs the onnxruntime package (make install)") from err
         self.ort = ort
         self.target = device
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable(
-                "target.device cuda with onnxruntime needs onnxruntime-gpu and a CUDA GPU "
-                f"(providers here: {ort.get_available_providers()}); run `make gpu-runtime` or use device: cpu"
-            )
+        ort_providers(device)  # fails now, naming what to install, rather than at the first model
         if self.precision != "fp32":
             raise BackendUnavailable("backend onnxruntime measures fp32 models; use precision: fp32")
 
@@ -202,24 +199,15 @@ class OnnxRuntimeBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": self.ort.__version__, "torch": torch.__version__}
 
-    def session(self, onnx_model: bytes) -> Any:
-        so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.target == "cuda" else ["CPUExecutionProvider"]
-        return self.ort.InferenceSession(onnx_model, so, providers=providers)
-
     def prepare_onnx(self, onnx_model: bytes, input_shape: tuple[int, ...]) -> TimedCall:
-        sess = self.session(onnx_model)
+        """An exported model (bytes) ready to run on a (batch_size, *input_shape) input."""
+        sess = ort_session(onnx_model, self.target, self.threads, log_severity=3)
         x = torch.randn(self.batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
         feed = {sess.get_inputs()[0].name: x}
         return wall_timed(lambda: sess.run(None, feed))
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
-        return self.prepare_onnx(export_onnx_bytes(model, torch.zeros(self.batch_size, *input_shape)), input_shape)
+        return self.prepare_onnx(_export(model, input_shape, self.batch_size), input_shape)
 
 
 class _Threads:
@@ -312,38 +300,20 @@ class TensorRTBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"tensorrt": self.trt.__version__, "torch": torch.__version__}
 
-    def build(self, onnx_model: bytes, input_shape: tuple[int, ...]) -> Any:
-        trt = self.trt
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(onnx_model):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendUnavailable(f"TensorRT could not parse the ONNX model: {errors}")
-        config = builder.create_builder_config()
-        if self.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        shape = (self.batch_size, *input_shape)
-        profile.set_shape(network.get_input(0).name, shape, shape, shape)
-        config.add_optimization_profile(profile)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise BackendUnavailable("TensorRT failed to build an engine (see its log above)")
-        return trt.Runtime(logger).deserialize_cuda_engine(plan)
-
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> TimedCall:
-        engine = self.build(export_onnx_bytes(model, torch.zeros(self.batch_size, *input_shape)), input_shape)
-        ctx = engine.create_execution_context()
-        x = torch.randn(self.batch_size, *input_shape, device="cuda")
-        out_name = engine.get_tensor_name(1)
-        y = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device="cuda")
-        ctx.set_tensor_address(engine.get_tensor_name(0), x.data_ptr())
-        ctx.set_tensor_address(out_name, y.data_ptr())
+        b = self.batch_size
+        runner = TensorRTRunner(build_tensorrt_plan(_export(model, input_shape, b), input_shape, (b, b, b),
+                                                    self.precision))
+        x = torch.randn(b, *input_shape, device="cuda")
+        y = runner.bind(x)
         stream = torch.cuda.current_stream()
-        keep = (engine, x, y)
-        return cuda_timed(lambda: (ctx.execute_async_v3(stream.cuda_stream), keep))
+        keep = (runner, x, y)  # the engine reads and writes these buffers: the closure keeps them alive
+        return cuda_timed(lambda: (runner.enqueue(stream), keep))
+
+
+def _export(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
+    # fixed batch, no onnx.checker: profiling exports hundreds of models, each only timed
+    return export_onnx(model, input_shape, batch=batch, check=False)
 
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")

@@ -46,7 +46,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
 from pipeline.latency.backends import Backend, check_fingerprint
 from pipeline.latency.timing import TimingProtocol
-from pipeline.slim import BLOCK, ChannelGroup, ChannelGraph, is_block, residual_blocks, tensor_consumers, trace_forward
+from pipeline.slim import BLOCK, ChannelGraph, ChannelGroup, is_block, residual_blocks, tensor_consumers, trace_forward
 
 log = logging.getLogger(__name__)
 

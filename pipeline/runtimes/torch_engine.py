@@ -6,7 +6,7 @@ Built from the slimmed model at the deployment batch:
 2. where ``aoti`` is asked for, compiled ahead of time by AOTInductor into ``model.aoti.pt2``
    (``torch._inductor.aoti_load_package`` runs it without Python model code). A compiled package
    that crashes its process when loaded has been seen (a segmentation fault on an H100,
-   ../shared/GPU.md), so the package is loaded and run in a **separate process**, and compared
+   ../shared/GPU.md), so the package is loaded and run in a **separate process** (``aoti_check``), and compared
    with the exported program, before it is declared the engine; any failure (exit code, signal,
    timeout, wrong numbers) falls back to the exported program and is recorded with its reason;
 3. on CUDA, the engine is replayed as a CUDA graph over a static input buffer where capture works
@@ -17,7 +17,6 @@ Built from the slimmed model at the deployment batch:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -33,6 +32,7 @@ from pipeline.errors import SlimdeployError
 log = logging.getLogger(__name__)
 
 EXPORTED, COMPILED = "model.pt2", "model.aoti.pt2"
+CHECK_MODULE = "pipeline.runtimes.aoti_check"  # `python -m` entry that loads and checks a compiled package
 
 
 class TorchEngineError(SlimdeployError):
@@ -85,10 +85,10 @@ def build_torch_engine(model: nn.Module, input_shape: tuple[int, ...], batch: in
     torch.save({"x": example.cpu(), "y": expected.float().cpu()}, out_dir / "check.pt")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.torch_engine", "check", str(out_dir / COMPILED), str(out_dir / "check.pt"),
+            [sys.executable, "-m", CHECK_MODULE, "check", str(out_dir / COMPILED), str(out_dir / "check.pt"),
              "--device", device, "--precision", precision],
             capture_output=True, text=True, timeout=check_timeout_s,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                                os.environ.get("PYTHONPATH", "")])})
         rc, why = proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1][:300]
     except subprocess.TimeoutExpired:
@@ -164,30 +164,3 @@ class TorchEngineRunner:
                 chunk = torch.cat([chunk, chunk[:1].expand(self.batch - n, *chunk.shape[1:])])
             outs.append(self(chunk.to(self.device, self.dtype))[:n].float().cpu())
         return torch.cat(outs)
-
-
-def _check_main(argv: list[str]) -> int:
-    """``python -m pipeline.torch_engine check PACKAGE CHECK.pt``: load the compiled package, run
-    it on the saved input, compare with the saved output; exit 0 only when it agrees."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.torch_engine")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check")
-    c.add_argument("package")
-    c.add_argument("data")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--precision", default="fp32")
-    args = p.parse_args(argv)
-    data = torch.load(args.data, weights_only=True)
-    runner = TorchEngineRunner(args.package, "aoti", args.device, args.precision, len(data["x"]),
-                               tuple(data["x"].shape[1:]), cuda_graph=False)
-    got = runner(data["x"].to(args.device)).float().cpu()
-    tol = 1e-3 if args.precision == "fp32" else 5e-2
-    diff = (got - data["y"]).abs().max().item()
-    if not diff <= tol * max(1.0, data["y"].abs().max().item()):
-        print(f"compiled package differs from the exported program by {diff:.3g}", file=sys.stderr)
-        return 3
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_check_main(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""Measurements on the target: the student's reference (and the budget derived from it, refused
+before any training when the smallest allowed network cannot meet it), and the measurements the
+search makes of sub-networks (alone, or paired with the student)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed
+from torch import nn
+
+from pipeline.config import PruneConfig
+from pipeline.latency import Backend, measure_reference, paired_ms
+from pipeline.prune.budget import Budget, BudgetError
+from pipeline.prune.groups import smallest_masks, widths_of
+from pipeline.prune.space import PruneSpace
+from pipeline.prune.state import ResumeState
+from pipeline.runtime import DistContext
+from pipeline.slim import prune_structure
+
+log = logging.getLogger(__name__)
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The student and the smallest allowed network measured together on the target (ms), the
+    relative ``noise`` of a measurement, the table's prediction for the smallest network, and
+    whether these came from an interrupted run's record (``resumed``)."""
+
+    student_ms: float
+    floor_ms: float
+    noise: float
+    floor_predicted_ms: float
+    resumed: bool = False
+
+    def budget(self, cfg: PruneConfig) -> Budget:
+        return Budget.derive(cfg.latency_budget, cfg.budget_unit, cfg.band, self.student_ms, self.noise)
+
+
+def measure_reference_budget(backend: Backend, student: nn.Module, space: PruneSpace, cfg: PruneConfig,
+                             state: ResumeState, key: str) -> Reference:
+    """The student's reference measurement (an interrupted run's, when ``state`` holds one for
+    ``key``: the budget, a fraction of the measured student, is part of the training state's
+    fingerprint, so re-measuring would orphan it). A BudgetError, before any training, when the
+    smallest allowed network cannot reach the budget's band (neither measured nor predicted)."""
+    floor_masks = smallest_masks(space.groups, space.allowed)
+    floor_pred = space.predict(widths_of(floor_masks))
+    saved = state.read("reference.json", key)
+    if saved is not None:
+        ref = Reference(saved["student_ms"], saved["floor_ms"], saved["noise"], floor_pred, resumed=True)
+        log.info("resuming with the reference latencies the interrupted run measured (student %.4f ms)", ref.student_ms)
+    else:
+        floor_net = prune_structure(student, space.example, floor_masks)
+        ref = Reference(*measure_reference(backend, student, floor_net, space.shape), floor_pred)
+    budget = ref.budget(cfg)
+    if min(floor_pred, ref.floor_ms) > budget.bounds_ms()[1]:
+        raise BudgetError(_unreachable_message(budget, ref, space, cfg))
+    log.info("budget %.4f ms (%.2f of the student's %.4f ms); smallest allowed network measures %.4f ms; a "
+             "measurement repeats within %.1f%%, so the closed loop aims at [%.3f, %.3f] of the budget",
+             budget.target_ms, budget.target_ms / ref.student_ms, ref.student_ms, ref.floor_ms, 100 * ref.noise,
+             *budget.band_effective)
+    return ref
+
+
+def _unreachable_message(budget: Budget, ref: Reference, space: PruneSpace, cfg: PruneConfig) -> str:
+    blocks = space.blocks
+    how = (f"(student {ref.student_ms:.4f} ms; "
+           + (f"every prunable group at its smallest allowed width, multiples of {space.multiple} from "
+              f"{space.min_fraction:.0%} of the full width, coupled groups: {cfg.coupled}; " if cfg.channels
+              else "prune.channels: false, every channel group at its full width; ")
+           + (f"all {len(blocks)} removable blocks removed)" if blocks else
+              "no block removed: prune.depth is false or the network has no removable block)"))
+    return (f"prune.latency_budget {cfg.latency_budget:g} {cfg.budget_unit} = {budget.target_ms:.4f} ms is below what "
+            f"the smallest allowed network reaches: measured {ref.floor_ms:.4f} ms "
+            f"({ref.floor_ms / ref.student_ms:.2f} "
+            f"of the student), predicted {ref.floor_predicted_ms:.4f} ms {how}. Raise the budget, lower "
+            f"profile.min_fraction{', use prune.coupled: gate' if cfg.coupled == 'keep' else ''}"
+            f"{', set prune.channels: true' if not cfg.channels else ''}, or search a smaller student.")
+
+
+def share_reference(ref: Reference, ctx: DistContext, device: torch.device, state: ResumeState, key: str) -> Reference:
+    """Under DDP every rank measured the student; rank 0's reference is the one all use. Rank 0
+    records a fresh reference in ``state`` (for a resumed run, under ``key``)."""
+    if ctx.enabled:
+        b = torch.tensor([ref.student_ms, ref.floor_ms, ref.noise], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(b, 0)
+        student_ms, floor_ms, noise = b.tolist()
+        ref = Reference(student_ms, floor_ms, noise, ref.floor_predicted_ms, ref.resumed)
+    if not ref.resumed and ctx.is_main:
+        state.write("reference.json", key, {"student_ms": ref.student_ms, "floor_ms": ref.floor_ms, "noise": ref.noise})
+    return ref
+
+
+def measure_alone(backend: Backend, model: nn.Module, space: PruneSpace) -> Callable[[Masks], float]:
+    """masks -> ms of ``model`` (a copy; its weights do not matter) slimmed to them, measured alone."""
+    plain = copy.deepcopy(model)
+
+    def measure(masks: Masks) -> float:
+        return backend.measure(prune_structure(plain, space.example, masks), space.shape).ms
+
+    return measure
+
+
+def measure_paired(backend: Backend, model: nn.Module, student: nn.Module, student_ms: float,
+                   space: PruneSpace) -> Callable[[Masks], float]:
+    """masks -> ms of ``model`` slimmed to them, measured paired with ``student`` in interleaved
+    windows (a slow spell of the machine moves both): the ratio to the student times ``student_ms``."""
+    def measure(masks: Masks) -> float:
+        sub_t, ref_t = backend.measure_many([prune_structure(model, space.example, masks), student], space.shape)
+        return paired_ms(student_ms, sub_t, ref_t)
+
+    return measure

@@ -1,0 +1,78 @@
+"""The one latency budget (pipeline/prune/budget.py): its band, its verdict at the edges, its record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from pipeline.prune import Budget
+
+
+def _budget(noise: float = 0.02, band: tuple[float, float] = (0.9, 1.0)) -> Budget:
+    return Budget.derive(0.5, "fraction", band, 0.2, noise)  # 0.1 ms
+
+
+def test_derive_takes_a_fraction_of_the_student_or_milliseconds() -> None:
+    assert _budget().target_ms == pytest.approx(0.1)
+    b = Budget.derive(0.07, "ms", (0.9, 1.0), 0.2, 0.0)
+    assert b.target_ms == 0.07 and b.unit == "ms" and b.student_ms == 0.2
+
+
+def test_effective_band_leaves_room_for_measured_noise() -> None:
+    assert _budget(0.0).band_effective == (0.9, 1.0)
+    lo, hi = _budget(0.03).band_effective
+    assert hi == pytest.approx(0.97) and lo == 0.9
+    lo, hi = _budget(0.04, (0.95, 1.0)).band_effective  # keeps 0.05 of width
+    assert hi == pytest.approx(0.96) and lo == pytest.approx(0.91)
+    b = _budget(0.02)
+    assert b.bounds_ms() == pytest.approx((0.09, 0.098)) and b.limit_ms == pytest.approx(0.102)
+    assert b.aim_ms(0.0) == pytest.approx(0.09) and b.aim_ms(1.0) == pytest.approx(0.098)
+
+
+def test_verdict_at_every_edge() -> None:
+    b = _budget(0.02)
+    lo, hi = b.bounds_ms()
+    assert b.verdict(lo)[0] == "in_band" and b.verdict(hi)[0] == "in_band"  # the band is closed
+    assert b.verdict(math.nextafter(lo, 0))[0] == "below_band"
+    assert b.verdict(math.nextafter(hi, 1))[0] == "within"
+    assert b.verdict(b.limit_ms)[0] == "within" and b.verdict(math.nextafter(b.limit_ms, 1))[0] == "over"
+    assert b.meets(b.limit_ms) and not b.meets(math.nextafter(b.limit_ms, 1)) and b.meets(0.001)
+    assert b.at_budget(hi) and b.at_budget(b.limit_ms) and not b.at_budget(0.001) and not b.at_budget(1.0)
+
+
+def test_the_engines_rule_allows_the_measured_noise_and_no_more() -> None:
+    # what pipeline.deploy.budget_verdict decided, now the one rule every stage uses
+    b = _budget(0.02)
+    assert b.verdict(0.099)[0] == "within"
+    status, how = b.verdict(0.1015)  # 1.5% over the target, noise 2%: meets the budget, said so
+    assert status == "within" and "meets the budget" in how
+    status, how = b.verdict(0.103)
+    assert status == "over" and "over it by 3.0%" in how and "2.0%" in how
+    assert not _budget(0.0).meets(0.1001)
+
+
+def test_round_trip_through_json_and_masks_json() -> None:
+    b = _budget(0.013, (0.85, 0.98))
+    d = json.loads(json.dumps(b.to_dict()))
+    assert Budget.from_dict(d) == b and d["band_effective"] == list(b.band_effective)
+    assert Budget.from_masks({"budget": d, "budget_ms": 123.0}) == b  # the object wins over the flat keys
+    old = Budget.from_masks({"budget_ms": 0.2, "noise": 0.01})  # by hand, or an older prune stage
+    assert old.target_ms == 0.2 and old.noise == 0.01 and old.meets(0.202) and not old.meets(0.2021)
+    with pytest.raises(ValueError, match="lacks"):
+        Budget.from_dict({"target_ms": 1.0})
+
+
+def test_budget_is_frozen_and_validated() -> None:
+    b = _budget()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.target_ms = 1.0  # type: ignore[misc]
+    assert hash(b) == hash(_budget())
+    with pytest.raises(ValueError, match="band"):
+        Budget(0.1, (1.0, 0.9), 0.0, "ms", 0.1, 0.2)
+    with pytest.raises(ValueError, match="target_ms"):
+        Budget(0.0, (0.9, 1.0), 0.0, "ms", 0.0, 0.2)
+    with pytest.raises(ValueError, match="noise"):
+        Budget(0.1, (0.9, 1.0), 1.5, "ms", 0.1, 0.2)
