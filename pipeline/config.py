@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.config_models import ModelEntry
 from pipeline.errors import ConfigError
 from pipeline.images import DEFAULT_MAX_PIXELS
 
@@ -80,27 +81,22 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="show progress bars")
 
 
-class TeacherConfig(Section):
-    """One entry of `teachers`: a model and how to train it."""
+class TeacherConfig(ModelEntry):
+    """One entry of `teachers`: a model (``arch``, ``arch_config``, optional ``weights``: see
+    ``pipeline.config_models.ModelEntry``) and how to train it. With ``weights`` the teacher
+    fine-tunes from them for ``epochs`` epochs; ``epochs: 0`` uses them as they are (evaluated,
+    checked above chance, saved)."""
 
-    arch: str = Field(description="registry name (see models/) or torchvision:<name>")
-    arch_config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the architecture")
     seed: int = Field(0, ge=0)
-    epochs: int = Field(ge=1, le=100000)
+    epochs: int = Field(ge=0, le=100000, description="training epochs; 0: no training, use `weights` as they are")
     optimizer: OptimizerConfig = OptimizerConfig()
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_known(cls, v: str) -> str:
-        from models.registry import is_known, unknown_arch_message
-
-        if not is_known(v):
-            raise ValueError(unknown_arch_message(v))
-        return v
 
     @model_validator(mode="after")
     def _warmup_shorter_than_training(self) -> TeacherConfig:
-        if self.optimizer.warmup_epochs >= self.epochs:
+        if self.epochs == 0 and self.weights is None:
+            raise ValueError("epochs: 0 uses the weights as they are, so it needs weights (a file in weights/ or a "
+                             "torchvision weights name); without them give epochs >= 1")
+        if self.epochs > 0 and self.optimizer.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be < epochs ({self.epochs})"
             )
@@ -293,12 +289,16 @@ class EngineConfig(Section):
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
         "auto", description="auto: TensorRT when installed and a GPU is the target; on a GPU without it ONNX Runtime's "
         "CUDA provider, else the PyTorch-native engine (torch); ONNX Runtime on a CPU target")
-    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision; torch on CUDA: fp16 "
-                                                       "or fp32 (ONNX Runtime and torch on a CPU: fp32)")
+    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision (strongly typed: fp16 "
+                                                       "builds an fp16 conversion of the ONNX model, int8 needs a Q/DQ "
+                                                       "model); torch on CUDA: fp16 or fp32 (ONNX Runtime and torch on "
+                                                       "a CPU: fp32)")
     aoti: bool = Field(True, description="torch engine: compile the torch.export program with AOTInductor (loaded "
                        "and checked in a separate process; the exported program is the fallback)")
     cuda_graph: bool = Field(True, description="torch engine on CUDA: replay the engine as a CUDA graph")
-    calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration")
+    calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration; "
+                                    "unused by the engine today: TensorRT int8 needs a Q/DQ (explicitly quantized) "
+                                    "ONNX model, which a later stage will produce")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")
@@ -396,7 +396,7 @@ def parse_teachers(params: dict[str, Any]) -> dict[str, TeacherConfig]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
             "params.yaml: 'teachers' must be a non-empty mapping of name -> "
-            "{arch, arch_config, seed, epochs, optimizer}"
+            "{arch, arch_config, weights, seed, epochs, optimizer}"
         )
     out = {}
     for name, entry in raw.items():

@@ -1,5 +1,7 @@
 """train_teacher: train one member of the teacher ensemble (``teachers.<name>`` in params).
 
+With ``weights`` the teacher starts from them (a file inside ``--weights-dir`` or a torchvision
+weights name) and fine-tunes ``epochs`` epochs; ``epochs: 0`` evaluates and saves them as they are.
 Launch plainly (``python -m stages.train_teacher --name t0 ...``) or under torchrun for DDP.
 """
 
@@ -18,6 +20,7 @@ from pipeline.data import load_prepared
 from pipeline.errors import ConfigError
 from pipeline.io import write_csv, write_json
 from pipeline.plots import history_png
+from pipeline.pretrained import evaluate_as_is, load_entry_weights
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.train import check_above_chance, test_accuracy, train_classifier
 from stages._common import digest, load_params, log, parser, run
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     p.add_argument("--plots", required=True, help="per-epoch history CSV path (a PNG is written beside it)")
     p.add_argument("--resume-dir", default=".resume", help="where the resume state lives until the stage succeeds")
+    p.add_argument("--weights-dir", default="weights", help="folder a weights file must lie in (a dvc.yaml dependency)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -46,17 +50,31 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = build_model(cfg.arch, **arch_config)
         except ConfigError as err:
-            raise ConfigError(f"teachers.{args.name}.arch_config: {err}") from None
+            key = "arch_config" if str(err).startswith("arch_config") else "arch"
+            raise ConfigError(f"teachers.{args.name}.{key}: {err}") from None
+        weights = None
+        if cfg.weights is not None:
+            try:
+                weights = load_entry_weights(model, cfg.arch, cfg.weights, args.weights_dir)
+            except ConfigError as err:
+                raise type(err)(f"teachers.{args.name}.weights: {err}") from None
+            if cfg.epochs == 0 and weights.replaced:
+                raise ConfigError(f"teachers.{args.name}: epochs: 0 uses the weights as they are, but {weights.replaced} "
+                                  f"were replaced by a fresh initialisation (the weights have another class count or "
+                                  "input channels), which needs training: set epochs >= 1")
 
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         fingerprint = digest(cfg.model_dump(), train_cfg.model_dump(exclude={"progress"}),
-                             data.meta["split_hashes"], ctx.world_size)
+                             data.meta["split_hashes"], ctx.world_size, weights and weights.sha256)
         resume = Path(args.resume_dir) / "train_teacher" / f"{args.name}.pt"
         try:
-            result = train_classifier(
-                model, data, train_cfg, cfg.optimizer, epochs=cfg.epochs, seed=cfg.seed, device=device,
-                ctx=ctx, resume_path=resume, fingerprint=fingerprint, desc=f"teacher {args.name}",
-            )
+            if cfg.epochs == 0:
+                result = evaluate_as_is(model, data, train_cfg, device)
+            else:
+                result = train_classifier(
+                    model, data, train_cfg, cfg.optimizer, epochs=cfg.epochs, seed=cfg.seed, device=device,
+                    ctx=ctx, resume_path=resume, fingerprint=fingerprint, desc=f"teacher {args.name}",
+                )
         finally:
             shutdown_distributed()
         if not ctx.is_main:
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage": "train_teacher", "name": args.name, "best_epoch": result.best_epoch,
             "val_acc": result.best_val_acc, "test_acc": test_acc,
             "data_hash": data.meta["split_hashes"]["train"], "classes": data.meta["classes"],
+            "weights": weights and weights.report(),
         }
         save_checkpoint(args.out, cfg.arch, arch_config, result.best_state, meta)
         write_csv(args.plots, result.history)
@@ -77,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": args.name, "arch": cfg.arch,
             "params": sum(p.numel() for p in model.parameters()),
             "epochs": cfg.epochs, "best_epoch": result.best_epoch, "step_mode": result.step_mode,
+            "weights": weights and weights.report(),
             "val_acc": result.best_val_acc, "test_acc": test_acc,
             "epoch_seconds_median": statistics.median(epoch_s),
             "epoch_seconds_min": min(epoch_s), "epoch_seconds_max": max(epoch_s),

@@ -16,7 +16,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -533,6 +534,69 @@ def c_runner_from_after_until(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return code, [tmp / "w" / "metrics"]
 
 
+def _weights_teacher(world: dict, tmp: Path, entry: dict) -> tuple[int, list[Path]]:
+    """Teacher `a` of the tiny pipeline as ``entry`` (weights / arch keys), run from ``tmp`` (the
+    test's working directory) so that weights/ is the stage's default weights folder."""
+    return _teacher(_params(tmp, teachers={"a": {"seed": 0, "epochs": 1, **entry}}), world["dir"] / "prep", tmp)
+
+
+def c_weights_other_arch(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    (tmp / "weights").mkdir()
+    shutil.copy2(world["dir"] / "t" / "b.pt", tmp / "weights" / "b.pt")  # teacher b: a mobilenetv2_tiny
+    return _weights_teacher(world, tmp, {"arch": "resnet_tiny", "weights": "weights/b.pt"})
+
+
+def c_weights_pickled_module(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    from models import build_model
+
+    (tmp / "weights").mkdir()
+    torch.save(build_model("resnet_tiny", num_classes=10, in_channels=1), tmp / "weights" / "model.pt")  # whole module
+    return _weights_teacher(world, tmp, {"arch": "resnet_tiny", "weights": "weights/model.pt"})
+
+
+def c_weights_name_not_cached(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    before = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(tmp / "torch")  # an empty hub cache, as on a fresh offline machine
+    try:
+        return _weights_teacher(world, tmp, {"arch": "torchvision:mobilenet_v3_small", "weights": "IMAGENET1K_V1"})
+    finally:
+        if before is None:
+            del os.environ["TORCH_HOME"]
+        else:
+            os.environ["TORCH_HOME"] = before
+
+
+@contextmanager
+def _user_module(tmp: Path, package: str, source: str) -> Iterator[str]:
+    """``<package>.net``: a module of the user's own in ``tmp``, importable while the case runs."""
+    (tmp / package).mkdir()
+    (tmp / package / "__init__.py").write_text("")
+    (tmp / package / "net.py").write_text(source)
+    sys.path.insert(0, str(tmp))
+    try:
+        yield f"{package}.net"
+    finally:
+        sys.path.remove(str(tmp))
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+def c_arch_does_not_import(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    with _user_module(tmp, "nets_import", "import not_an_installed_package\n") as module:
+        return _weights_teacher(world, tmp, {"arch": f"{module}:build"})
+
+
+def c_arch_not_callable(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    with _user_module(tmp, "nets_callable", "WIDTH = 16\n") as module:
+        return _weights_teacher(world, tmp, {"arch": f"{module}:WIDTH"})
+
+
+def c_arch_not_a_module(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    source = "def build(num_classes, in_channels):\n    return [num_classes, in_channels]\n"
+    with _user_module(tmp, "nets_module", source) as module:
+        return _weights_teacher(world, tmp, {"arch": f"{module}:build"})
+
+
 CASES = [
     Case("params-typo-late-section", "a typo in `prune` (`latency_budgt`), run by the first training stage",
          "prune.latency_budgt: unknown key; allowed: latency_budget", c_params_typo_late_section),
@@ -623,6 +687,17 @@ CASES = [
     Case("runner-unknown-stage", "`python -m stages --from nope`", "no stage 'nope'", c_runner_unknown_stage),
     Case("runner-from-after-until", "`python -m stages --from prune --until prepare`", "comes after",
          c_runner_from_after_until),
+    Case("weights-other-arch", "`weights:` a mobilenetv2_tiny checkpoint for a resnet_tiny teacher",
+         "does not fit the model: missing in the weights", c_weights_other_arch),
+    Case("weights-pickled-module", "`weights:` a whole pickled nn.Module (`torch.save(model)`)",
+         "is a pickle that needs code to load", c_weights_pickled_module),
+    Case("weights-name-not-cached", "`weights: IMAGENET1K_V1` with an empty torch hub cache, offline",
+         "are not in the torch hub cache: expected", c_weights_name_not_cached),
+    Case("arch-does-not-import", "`arch: <module>:build` whose module imports a package that is not installed",
+         "does not import: ModuleNotFoundError", c_arch_does_not_import),
+    Case("arch-not-callable", "`arch: <module>:WIDTH`, an int", "is not callable", c_arch_not_callable),
+    Case("arch-not-a-module", "`arch: <module>:build` returning a list", "not a torch nn.Module",
+         c_arch_not_a_module),
 ]
 
 

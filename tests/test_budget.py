@@ -63,6 +63,11 @@ def test_round_trip_through_json_and_masks_json() -> None:
     assert old.target_ms == 0.2 and old.noise == 0.01 and old.meets(0.202) and not old.meets(0.2021)
     with pytest.raises(ValueError, match="lacks"):
         Budget.from_dict({"target_ms": 1.0})
+    from pipeline.errors import CheckpointError
+
+    for broken in ({"budget": {"target_ms": 1.0}}, {"budget": None}, {"noise": 0.1}, {"budget_ms": "x"}):
+        with pytest.raises(CheckpointError, match="re-run the prune stage"):  # exit 2 with a message, no traceback
+            Budget.from_masks(broken)
 
 
 def test_budget_is_frozen_and_validated() -> None:

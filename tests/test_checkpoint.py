@@ -65,3 +65,38 @@ def test_unwrap_ddp_like_wrappers() -> None:
             self.module = inner
 
     assert unwrap(Wrapper()) is inner and unwrap(inner) is inner
+
+
+def test_user_arch_goes_through_checkpoint_slim_and_export(tmp_path: Path) -> None:
+    """An architecture of the user's own (user_models/example.py) is an ordinary model downstream:
+    the checkpoint stores its ``module:callable`` name and rebuilds it, the slimmed network equals
+    the masked one and reloads from its channel manifest, and ONNX matches PyTorch."""
+    from pipeline.runtimes import export_onnx, ort_logits, ort_session
+    from pipeline.slim import channel_groups, load_slimmed_model, random_masks, slim
+    from tests.conftest import randomise_bn
+
+    arch, cfg = "user_models.example:build", {"num_classes": 4, "in_channels": 1, "width": 8}
+    torch.manual_seed(0)
+    model = randomise_bn(build_model(arch, **cfg))
+    save_checkpoint(tmp_path / "m.pt", arch, cfg, model.state_dict())
+    loaded, ckpt = load_model(tmp_path / "m.pt")
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert ckpt["arch"] == arch and torch.equal(model(x), loaded(x))
+
+    example = torch.zeros(1, 1, 8, 8)
+    groups = channel_groups(loaded, example)
+    residual = next(g for g in groups if ("stem.0", "out") in g.members)
+    assert ("conv2.0", "out") in residual.members  # the addition couples the stem and the block's output
+    assert {g.name for g in groups} >= {"conv1.0", "down.0"}
+    masks = random_masks(groups, 0.3, 0.6, torch.Generator().manual_seed(0))
+    result = slim(loaded, example, masks, check_inputs=x)
+    assert result.max_abs_diff <= 1e-4
+    assert sum(p.numel() for p in result.model.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+    save_checkpoint(tmp_path / "s.pt", arch, cfg, result.model.state_dict(),
+                    channel_manifest={"input_shape": [1, 8, 8], "kept": result.kept})
+    slimmed, _ = load_slimmed_model(tmp_path / "s.pt")
+    with torch.no_grad():
+        assert torch.equal(slimmed(x), result.model(x))
+        onnx = export_onnx(slimmed, (1, 8, 8), tmp_path / "m.onnx")
+        diff = (ort_logits(ort_session(onnx), x) - slimmed(x)).abs().max().item()
+    assert diff <= 1e-4, f"ONNX differs from PyTorch by {diff}"

@@ -111,3 +111,40 @@ def test_configs_are_frozen() -> None:
     cfg = parse_section(DEFAULT, "train", TrainConfig)
     with pytest.raises(ValueError):
         cfg.batch_size = 3  # type: ignore[misc]
+
+
+def _teacher(**entry: object) -> dict:
+    return parse_teachers({"teachers": {"a": {"arch": "resnet_tiny", "epochs": 2, **entry}}})["a"]
+
+
+def test_teacher_weights_key() -> None:
+    assert _teacher().weights is None
+    cfg = _teacher(weights="weights/a.pt")
+    assert cfg.weights == "weights/a.pt" and not cfg.weights_is_name
+    # epochs: 0 = use the weights as they are; the optimizer (and its warmup) is then unused
+    assert _teacher(weights="weights/a.pt", epochs=0, optimizer={"warmup_epochs": 1}).epochs == 0
+    for name in ("IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"):
+        assert _teacher(arch="torchvision:resnet18", weights=name).weights_is_name
+    assert _teacher(arch="user_models.example:build", arch_config={"width": 4}).arch == "user_models.example:build"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expect"),
+    [
+        ({"epochs": 0}, "epochs: 0 uses the weights as they are, so it needs weights"),
+        ({"epochs": -1, "weights": "weights/a.pt"}, "teachers.a.epochs"),
+        ({"weights": "IMAGENET1K_V1"}, "weights name 'IMAGENET1K_V1' needs a torchvision:<name> architecture"),
+        ({"arch": "torchvision:resnet18", "weights": "IMAGENET1K_V9"},
+         "has no weights 'IMAGENET1K_V9'; available: IMAGENET1K_V1, DEFAULT"),
+        ({"arch": "torchvision:resnet18", "weights": "ResNet50_Weights.IMAGENET1K_V1"},
+         "names ResNet50_Weights, but the weights of torchvision:resnet18 are ResNet18_Weights"),
+        ({"weights": " weights/a.pt"}, "teachers.a.weights: must be a file path inside weights/"),
+        ({"weights": ""}, "teachers.a.weights"),
+        ({"wieghts": "weights/a.pt"}, "teachers.a.wieghts: unknown key; allowed: arch, arch_config, weights"),
+        ({"arch": "user_models.example"}, "or your own as 'package.module:callable'"),
+    ],
+)
+def test_bad_teacher_weights_name_their_key(entry: dict, expect: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _teacher(**entry)
+    assert expect in str(err.value)

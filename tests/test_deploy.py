@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -300,76 +298,27 @@ def test_onnxruntime_backend_times_the_exported_graph() -> None:
     assert call() > 0
 
 
-class _FakeTensorRT:
-    """Just enough of the TensorRT 10 builder API to record what ``build_tensorrt_plan`` asks for."""
-
-    class BuilderFlag:
-        FP16, INT8 = "fp16", "int8"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level: int) -> None:
-            pass
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            pass
-
-    def __init__(self) -> None:
-        self.calls: dict[str, Any] = {"flags": []}
-        calls = self.calls
-        ns = types.SimpleNamespace
-
-        class Config:
-            def create_timing_cache(self, data: bytes) -> bytes:
-                calls["timing_cache_in"] = data
-                return data
-
-            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> None:
-                pass
-
-            def get_timing_cache(self) -> Any:
-                return ns(serialize=lambda: b"cache")
-
-            def add_optimization_profile(self, profile: Any) -> None:
-                pass
-
-            def set_flag(self, flag: str) -> None:
-                calls["flags"].append(flag)
-
-            def set_calibration_profile(self, profile: Any) -> None:
-                pass
-
-        class Profile:
-            def set_shape(self, name: str, *shapes: tuple[int, ...]) -> None:
-                calls["profile"] = (name, shapes)
-
-        network = ns(get_input=lambda i: ns(name=INPUT))
-        self.Builder = lambda logger: ns(create_network=lambda flags: network, create_builder_config=Config,
-                                         create_optimization_profile=Profile,
-                                         build_serialized_network=lambda net, config: b"plan")
-        self.OnnxParser = lambda net, logger: ns(parse=lambda data: data.startswith(b"\x08"), num_errors=0)
-
-
 def test_one_tensorrt_builder_serves_the_engine_stage_and_the_profiler(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without TensorRT installed: the builder asks TensorRT for what both callers need (the
-    profile's min/opt/max batch, the precision flags, the timing cache) and refuses int8 without
-    calibration data."""
-    trt = _FakeTensorRT()
+    """Without TensorRT installed, on a fake of the TensorRT 11 API (it raises on any attribute 11
+    removed): the builder asks for what both callers need (the profile's min/opt/max batch, a
+    strongly typed network, the timing cache, fp16 as an fp16 conversion of the ONNX model) and
+    refuses int8 of a model without Q/DQ nodes. tests/test_tensorrt_api.py covers 10.x and 11.x."""
+    from pipeline.runtimes import onnx_precision
+    from tests.fake_tensorrt import fake_tensorrt
+
+    trt = fake_tensorrt("11.4.0")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     onnx_model = export_onnx(_model(), (1, 8, 8), tmp_path / "m.onnx")
     # the engine stage: a file, a batch range, fp16, a timing cache written back
     plan = build_tensorrt_plan(tmp_path / "m.onnx", (1, 8, 8), (1, 4, 16), "fp16", timing_cache=tmp_path / "t.cache")
-    assert plan == b"plan" and (tmp_path / "t.cache").read_bytes() == b"cache"
+    assert plan == b"plan" and (tmp_path / "t.cache").read_bytes() == b"cache:"
     assert trt.calls["profile"] == (INPUT, ((1, 1, 8, 8), (4, 1, 8, 8), (16, 1, 8, 8)))
-    assert trt.calls["flags"] == ["fp16"]
-    # the latency backend: bytes, one fixed batch, fp32, no cache
-    trt.calls["flags"].clear()
+    assert trt.calls["networks"][-1].strongly_typed and onnx_precision(trt.calls["parsed"][-1]) == "fp16"
+    # the latency backend: bytes, one fixed batch, fp32 (the model as given), no cache
     assert build_tensorrt_plan(onnx_model, (1, 8, 8), (2, 2, 2), "fp32") == b"plan"
-    assert trt.calls["profile"][1] == ((2, 1, 8, 8),) * 3 and trt.calls["flags"] == []
-    with pytest.raises(ConversionError, match="int8 needs calibration"):
+    assert trt.calls["profile"][1] == ((2, 1, 8, 8),) * 3 and trt.calls["parsed"][-1] == onnx_model
+    with pytest.raises(ConversionError, match="int8 needs an explicitly quantized ONNX model"):
         build_tensorrt_plan(onnx_model, (1, 8, 8), (2, 2, 2), "int8")
     with pytest.raises(ConversionError, match="cannot parse"):
         build_tensorrt_plan(b"not onnx", (1, 8, 8), (2, 2, 2), "fp32")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
-from models import build_model, list_models
+from models import build_model, is_known, list_models
 from pipeline.errors import ConfigError
 
 CASES = [
@@ -17,6 +21,7 @@ CASES = [
     ("mobilenetv2", {"width_mult": 0.25}, 3, 32),
     ("torchvision:resnet18", {}, 1, 32),
     ("torchvision:mobilenet_v3_small", {}, 3, 32),
+    ("user_models.example:build", {"width": 6}, 1, 8),
 ]
 
 
@@ -69,3 +74,55 @@ def test_bad_arch_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="stage_widths.*same non-zero length"):
         build_model("resnet20", num_classes=10, in_channels=3, stage_widths=[4, 4])
     assert "resnet_tiny" in list_models() and "mobilenetv2_tiny" in list_models()
+
+
+@pytest.fixture
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A package of the user's own outside the project, importable for this test only."""
+    pkg = tmp_path / "my_nets"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "broken.py").write_text("import not_an_installed_package_xyz  # noqa\n")
+    (pkg / "nets.py").write_text(
+        "import torch\n"
+        "WIDTH = 8\n"
+        "def not_a_module(num_classes, in_channels):\n    return {'fc': torch.zeros(num_classes)}\n"
+        "def no_classes(in_channels):\n    return torch.nn.Identity()\n"
+        "def ok(num_classes, in_channels, width=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, width, 3), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(width, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_nets"
+    for name in [m for m in sys.modules if m == "my_nets" or m.startswith("my_nets.")]:
+        del sys.modules[name]
+
+
+def test_user_arch_is_known_by_form_and_built_with_its_config(user_package: str) -> None:
+    assert is_known("user_models.example:build") and is_known("a.b.c:Net.small")
+    assert not is_known("user_models.example") and not is_known("user_models.example:") and not is_known("a b:c")
+    model = build_model(f"{user_package}.nets:ok", num_classes=5, in_channels=2, width=3)
+    assert model(torch.zeros(2, 2, 8, 8)).shape == (2, 5)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['widht'\]; allowed: \['width'\]"):
+        build_model(f"{user_package}.nets:ok", num_classes=5, in_channels=2, widht=3)
+    with pytest.raises(ConfigError, match="unknown architecture 'user_models.example'.*package.module:callable"):
+        build_model("user_models.example", num_classes=5, in_channels=2)
+
+
+@pytest.mark.parametrize(("attr", "message"), [
+    ("broken:build", "module 'my_nets.broken' does not import: ModuleNotFoundError: No module named "
+                     "'not_an_installed_package_xyz'; fix that import"),
+    ("missing:build", "module 'my_nets.missing' does not import: ModuleNotFoundError.*put your model in user_models/"),
+    ("nets:nope", "module 'my_nets.nets' has no attribute 'nope'"),
+    ("nets:WIDTH", "'WIDTH' is not callable \\(it is a int\\)"),
+    ("nets:not_a_module", "returned a dict, not a torch nn.Module"),
+    ("nets:no_classes", "must accept the keyword arguments num_classes and in_channels \\(lacks num_classes\\)"),
+])
+def test_user_arch_errors_name_the_problem(user_package: str, attr: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(f"{user_package}.{attr}", num_classes=3, in_channels=1)
+
+
+def test_user_arch_in_the_project_must_live_in_user_models() -> None:
+    # a project file outside user_models/ is no stage's DVC dependency: a change would re-run nothing
+    with pytest.raises(ConfigError, match="stages/__init__.py is a project file outside user_models/"):
+        build_model("stages.prune:main", num_classes=3, in_channels=1)

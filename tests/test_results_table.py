@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import results_table as rt
+from benchmarks.tables import fmt, others, protocol
 
 
 def test_committed_results_match_the_result_files() -> None:
@@ -18,10 +19,11 @@ def test_committed_results_match_the_result_files() -> None:
 
 
 def test_every_current_source_exists_and_is_dated() -> None:
-    for path in [r.rows for r in (*rt.C10_RUNS.values(), rt.C10_UNPRUNED, rt.DIGITS_RUN)] + \
-            [p for _, p in rt.LATENCY_RUNS] + [*rt.TIMING_NOISE, *rt.THROUGHPUT, rt.ROBUSTNESS, rt.PIPELINE_LOG]:
-        assert (rt.REPO / path).is_file(), path
-        assert rt.recorded_date(path) != "uncommitted", f"{path}: no date in the file or its run's table"
+    for path in [r.rows for r in (*protocol.C10_RUNS.values(), protocol.C10_UNPRUNED, protocol.DIGITS_RUN)] + \
+            [p for _, p in others.LATENCY_RUNS] + [*others.TIMING_NOISE, *others.THROUGHPUT, others.ROBUSTNESS,
+                                                  others.PIPELINE_LOG]:
+        assert (fmt.REPO / path).is_file(), path
+        assert fmt.recorded_date(path) != "uncommitted", f"{path}: no date in the file or its run's table"
 
 
 @pytest.mark.parametrize(("xs", "kw", "want"), [
@@ -32,13 +34,13 @@ def test_every_current_source_exists_and_is_dated() -> None:
     ([], {}, "-"),
 ])
 def test_mean_std(xs: list[float], kw: dict, want: str) -> None:
-    assert rt.mean_std(xs, **kw) == want
+    assert fmt.mean_std(xs, **kw) == want
 
 
 def test_median_range() -> None:
-    assert rt.median_range([0.96, 0.83, 0.90]) == "0.90 (0.83-0.96)"
-    assert rt.median_range([100.0, 100.0], 0, "%") == "100%"
-    assert rt.median_range([]) == "-"
+    assert fmt.median_range([0.96, 0.83, 0.90]) == "0.90 (0.83-0.96)"
+    assert fmt.median_range([100.0, 100.0], 0, "%") == "100%"
+    assert fmt.median_range([]) == "-"
 
 
 def test_landing_marks_networks_outside_the_band() -> None:
@@ -46,10 +48,10 @@ def test_landing_marks_networks_outside_the_band() -> None:
         return {"prune": {"measured_over_budget": x},
                 "compare": {"protocol": {"band": [0.9, 0.98]}, "l1": {"measured_over_budget": x}}}
 
-    ratios, marks = rt._landing([run(0.85), run(0.95), run(0.99), run(1.05)], "l1")
+    ratios, marks = protocol.landing_of([run(0.85), run(0.95), run(0.99), run(1.05)], "l1")
     assert ratios == [0.85, 0.95, 0.99, 1.05]
     assert marks == "below band 1/4, above band top 1/4, over budget 1/4"
-    assert rt._landing([run(0.95)], "l1")[1] == "-"
+    assert protocol.landing_of([run(0.95)], "l1")[1] == "-"
 
 
 def test_readme_table_replaces_only_what_is_between_the_markers() -> None:
@@ -63,7 +65,7 @@ def test_readme_table_replaces_only_what_is_between_the_markers() -> None:
 def test_date_from_the_file_else_uncommitted(tmp_path: Path) -> None:
     dated = tmp_path / "r.json"
     dated.write_text(json.dumps({"date": "2026-12-02", "rows": []}))
-    assert rt.recorded_date(dated) == "2026-12-02"
+    assert fmt.recorded_date(dated) == "2026-12-02"
     undated = tmp_path / "u.json"
     undated.write_text("[]")
-    assert rt.recorded_date(undated) == "uncommitted"  # outside the repository: no commit to date it by
+    assert fmt.recorded_date(undated) == "uncommitted"  # outside the repository: no commit to date it by

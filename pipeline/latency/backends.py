@@ -28,6 +28,7 @@ from pipeline.runtimes import (
     RuntimeUnavailable,
     TensorRTRunner,
     build_tensorrt_plan,
+    check_tensorrt_version,
     export_onnx,
     ort_providers,
     ort_session,
@@ -290,6 +291,7 @@ class TensorRTBackend(Backend):
                 "backend tensorrt needs the `tensorrt` Python package and an NVIDIA GPU (e.g. the NVIDIA "
                 "PyTorch container, see Dockerfile); use target.backend: onnxruntime here"
             ) from err
+        check_tensorrt_version(trt)  # 10.x or 11.x: strongly typed builds (fp16 from an fp16 ONNX model)
         if not torch.cuda.is_available():
             raise BackendUnavailable("backend tensorrt needs a CUDA GPU visible to torch")
         self.trt = trt

@@ -1,0 +1,78 @@
+"""Tables of the house checks' result files: `make run` in fresh clones (time per stage, the
+headline figures of each run) and the tiny preset's margin over the chance guard."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from benchmarks.tables.fmt import RESULTS, Refs, mean_std, median_range, read_json
+
+FRESH_CLONES = RESULTS / "fresh_clone/runs.json"
+TINY_MARGIN = RESULTS / "tiny_margin/runs.json"
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _ratio(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+
+def fresh_clone_runs() -> tuple[list[str], list[list[str]], Refs]:
+    """One row per clone: exit code, install and `make run` seconds, the figures compared between runs."""
+    d = read_json(FRESH_CLONES)
+    refs = Refs()
+    k = refs.key(FRESH_CLONES, d["command"], d["machine"])
+    rows = []
+    for r in d["runs"]:
+        h, c = r.get("metrics", {}), r.get("metrics", {}).get("compare", {})
+        rows.append([str(r["clone"]), r["commit"], str(r["exit"]), f"{r['install_s']:.0f}", f"{r['run_s']:.0f}",
+                     _pct(h.get("student")), _pct(h.get("pruned")), _pct(c.get("uniform")), _pct(c.get("l1")),
+                     _pct(c.get("unpruned")), _ratio(h.get("prune_measured_over_budget")),
+                     _ratio(h.get("engine_over_budget")), str(h.get("step", "-")), h.get("kept_digest", "-"), k])
+    header = ["clone", "commit", "exit", "install s", "make run s", "student %", "pruned %", "uniform %", "L1 %",
+              "unpruned %", "prune: measured / budget", "engine: measured / budget", "channel step",
+              "kept channels (digest)", "src"]
+    return header, rows, refs
+
+
+def fresh_clone_stages() -> tuple[list[str], list[list[str]], Refs]:
+    """Seconds per stage of `make run`, median (range) over the clones that completed."""
+    d = read_json(FRESH_CLONES)
+    refs = Refs()
+    k = refs.key(FRESH_CLONES, d["command"], d["machine"])
+    ok = [r for r in d["runs"] if r["exit"] == 0]
+    stages = list(dict.fromkeys(s for r in ok for s in r["stages_s"]))
+    total = statistics.median(r["run_s"] for r in ok) if ok else 0.0
+    rows = []
+    for s in stages:
+        xs = [r["stages_s"][s] for r in ok if s in r["stages_s"]]
+        rows.append([s, median_range(xs, 1), f"{100 * statistics.median(xs) / total:.0f}%" if total else "-", k])
+    rows.append(["**`make run`, in all** (`dvc repro` and the report; install excluded)",
+                 f"**{median_range([r['run_s'] for r in ok], 1)}**", "", k])
+    return ["stage", "seconds, median (range)", "share", "src"], rows, refs
+
+
+def tiny_margin() -> tuple[list[str], list[list[str]], Refs]:
+    """Each network of the tiny preset against the chance guard's limit, over seeds."""
+    d = read_json(TINY_MARGIN)
+    refs = Refs()
+    k = refs.key(TINY_MARGIN, d["command"], d["machine"])
+    ok = [r for r in d["runs"] if r["exit"] == 0]
+    limit = ok[0]["limit"] if ok else float("nan")
+    rows = []
+    for name in sorted({n for r in ok for n in r["acc"]}):
+        xs = [r["acc"][name] for r in ok if name in r["acc"]]
+        rows.append([name, f"{len(xs)} of {len(d['runs'])}", mean_std(xs), f"{100 * min(xs):.1f}",
+                     f"{100 * limit:.1f}", f"{100 * (min(xs) - limit):+.1f}", k])
+    return ["network", "seeds completed", "test acc % mean ± std", "lowest %", "guard limit %",
+            "lowest - limit, points", "src"], rows, refs
+
+
+def make_run_summary() -> tuple[str, str]:
+    """(median (range) seconds of `make run`, "N of N exit 0") for the README."""
+    d = read_json(FRESH_CLONES)
+    ok = [r for r in d["runs"] if r["exit"] == 0]
+    return median_range([r["run_s"] for r in ok], 0, " s"), f"{len(ok)} of {len(d['runs'])} exit 0"
