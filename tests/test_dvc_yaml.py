@@ -17,7 +17,7 @@ PACKAGES = ("pipeline", "stages", "models")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
-def _module_file(name: str) -> Path | None:
+def module_file(name: str) -> Path | None:
     if name.split(".")[0] not in PACKAGES:
         return None
     base = REPO / Path(*name.split("."))
@@ -48,7 +48,7 @@ def imported_files(entry: Path) -> set[Path]:
             for n in names:
                 parts = n.split(".")
                 for i in range(1, len(parts) + 1):
-                    mf = _module_file(".".join(parts[:i]))
+                    mf = module_file(".".join(parts[:i]))
                     if mf is not None:
                         todo.append(mf)
     return seen
@@ -65,7 +65,7 @@ def stages() -> list[tuple[str, dict]]:
 def test_stage_deps_cover_imports(name: str, stage: dict) -> None:
     module = re.search(r"-m (stages\.\w+)", stage["cmd"])
     assert module, f"stage {name}: cmd does not run `-m stages.<name>`"
-    entry = _module_file(module.group(1))
+    entry = module_file(module.group(1))
     assert entry is not None
     deps = [d for d in stage["deps"] if "${" not in d]
     missing = []

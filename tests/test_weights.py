@@ -237,11 +237,11 @@ def _stages() -> list[tuple[str, dict]]:
 
 
 def _entry(stage: dict) -> Path:
-    from tests.test_dvc_yaml import _module_file
+    from tests.test_dvc_yaml import module_file
 
     module = re.search(r"-m (stages\.\w+)", stage["cmd"])
     assert module, stage["cmd"]
-    return _module_file(module.group(1))
+    return module_file(module.group(1))
 
 
 @pytest.mark.parametrize(("name", "stage"), _stages(), ids=[n for n, _ in _stages()])
