@@ -33,9 +33,11 @@ from benchmarks._runner import REPO, machine
 _STAGE = re.compile(r"Running stage '([^']+)'")
 
 
-def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tuple[float, str]], float]:
+def run_logged(cmd: list[str], log_path: Path, cwd: Path,
+               redraws: bool = True) -> tuple[int, list[tuple[float, str]], float]:
     """Run ``cmd`` with its output streamed to the terminal and to ``log_path``, each line
     prefixed with the seconds since start; returns (exit code, stage starts, total seconds).
+    ``redraws=False`` keeps only the last state of a progress bar's redraws (``\r``) in the log.
 
     The log is written outside the repository while ``cmd`` runs and copied to ``log_path`` when
     it ends: when ``dvc exp run`` applied the finished experiment to the workspace, the tracked
@@ -52,7 +54,8 @@ def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tup
             assert proc.stdout is not None
             for line in proc.stdout:
                 now = time.perf_counter() - t0
-                log.write(f"{now:9.1f} {line}")
+                text = line if redraws else line.rstrip("\n").split("\r")[-1] + "\n"
+                log.write(f"{now:9.1f} {text}")
                 log.flush()
                 sys.stdout.write(line)
                 m = _STAGE.search(line)
@@ -62,8 +65,9 @@ def run_logged(cmd: list[str], log_path: Path, cwd: Path) -> tuple[int, list[tup
     return proc.returncode, starts, time.perf_counter() - t0
 
 
-def stage_times_from_log(log_path: Path) -> list[dict[str, Any]]:
-    """Per-stage seconds from a log written by ``run_logged`` (start of one stage to the next)."""
+def stage_times_from_log(log_path: Path, until: str | None = None) -> list[dict[str, Any]]:
+    """Per-stage seconds from a log written by ``run_logged`` (start of one stage to the next; the
+    last one ends at the log's last line, or at the first line containing ``until``)."""
     starts, end = [], 0.0
     for line in log_path.read_text().splitlines():
         stamp, _, rest = line.strip().partition(" ")
@@ -71,6 +75,8 @@ def stage_times_from_log(log_path: Path) -> list[dict[str, Any]]:
             end = float(stamp)
         except ValueError:
             continue
+        if until is not None and until in rest:
+            break
         m = _STAGE.search(rest)
         if m:
             starts.append((end, m.group(1)))

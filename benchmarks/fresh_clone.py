@@ -3,9 +3,9 @@
     python -m benchmarks.fresh_clone --clones 3 --out benchmarks/results/fresh_clone
 
 Each clone is `git clone` of the committed HEAD into a new temporary directory (uncommitted changes
-are not in it), then `make install` (timed on its own) and `make run`, whose output is time-stamped
-line by line: a stage's time runs from its `Running stage` line to the next one (DVC's bookkeeping
-included), the last one to the end of `dvc repro`. Recorded per clone: exit code, install and run
+are not in it), then `make install` (timed on its own) and `make run`, logged line by line with
+``benchmarks.cifar10_pipeline.run_logged``: a stage's time runs from its `Running stage` line to the
+next one (DVC's bookkeeping included), the last one to the end of `dvc repro`. Recorded per clone: exit code, install and run
 seconds, per-stage seconds, the headline metrics (teachers, student, pruned network, baselines,
 engine) and a digest of the pruned network's kept channels, so runs can be compared for
 sameness. Writes ``runs.json`` and ``table.md``; clones are removed unless ``--keep``.
@@ -16,44 +16,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from benchmarks._runner import REPO, machine, write_results
-
-_STAGE = re.compile(r"Running stage '([^']+)'")
-
-
-def timed_run(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[tuple[float, str]], float]:
-    """Run ``cmd``; every output line goes to ``log`` prefixed with seconds since start. Returns
-    (exit code, [(seconds, line)], total seconds)."""
-    t0 = time.perf_counter()
-    lines: list[tuple[float, str]] = []
-    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          stdin=subprocess.DEVNULL) as proc, log.open("w") as f:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            t = time.perf_counter() - t0
-            line = line.rstrip("\n").split("\r")[-1]  # a progress bar's redraws: its last state only
-            lines.append((t, line))
-            f.write(f"{t:8.1f} {line}\n")
-        code = proc.wait()
-    return code, lines, time.perf_counter() - t0
-
-
-def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
-    """Seconds from each `Running stage` line to the next (the last one to ``end``)."""
-    starts = [(t, m.group(1)) for t, line in lines if (m := _STAGE.search(line))]
-    marks = [t for t, _ in starts[1:]] + [end]
-    return {name: round(nxt - t, 1) for (t, name), nxt in zip(starts, marks)}
+from benchmarks.cifar10_pipeline import run_logged, stage_times_from_log
 
 
 def headline(clone: Path) -> dict[str, Any]:
@@ -84,12 +57,13 @@ def one_clone(i: int, out_dir: Path, keep: bool) -> dict[str, Any]:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
                             check=True).stdout.strip()
-    code_i, _, install_s = timed_run(["make", "install"], clone, out_dir / f"clone{i}_install.log")
-    code, lines, run_s = (timed_run(["make", "run"], clone, out_dir / f"clone{i}_run.log") if code_i == 0
-                          else (code_i, [], 0.0))
-    repro_end = next((t for t, line in lines if "rm -rf .resume" in line), run_s)
+    code_i, _, install_s = run_logged(["make", "install"], out_dir / f"clone{i}_install.log", clone, redraws=False)
+    log = out_dir / f"clone{i}_run.log"
+    code, _, run_s = run_logged(["make", "run"], log, clone, redraws=False) if code_i == 0 else (code_i, [], 0.0)
+    # the stages of `dvc repro`: the last one ends where `make run` moves on to the report
+    stages = {t["stage"]: t["seconds"] for t in stage_times_from_log(log, until="rm -rf .resume")} if code_i == 0 else {}
     row = {"clone": i, "commit": commit, "exit": code, "install_s": round(install_s, 1), "run_s": round(run_s, 1),
-           "stages_s": stage_seconds(lines, repro_end), **({"metrics": headline(clone)} if code == 0 else {})}
+           "stages_s": stages, **({"metrics": headline(clone)} if code == 0 else {})}
     if not keep:
         shutil.rmtree(clone, ignore_errors=True)
     else:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data import normalize
+
 Mode = Literal["oracle", "ensemble", "none"]
 
 
@@ -117,6 +119,16 @@ def memoize_split(ensemble: TeacherEnsemble, inputs: torch.Tensor, augment: str,
         return False
     ensemble.memoize(inputs, batch_size)
     return True
+
+
+def training_ensemble(teachers: Sequence[nn.Module], train_x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      augment: str, device: torch.device, batch_size: int) -> TeacherEnsemble:
+    """The frozen teachers on ``device``, with their logits of the training split (``train_x``,
+    uint8 NCHW, normalised by ``mean``/``std`` as the training loop does) memoized where
+    ``memoize_split`` allows it. ``batch_size``: the per-rank training batch."""
+    ensemble = TeacherEnsemble(teachers).to(device)
+    memoize_split(ensemble, normalize(train_x, mean, std), augment, device, batch_size)
+    return ensemble
 
 
 def kd_criterion(teachers: TeacherEnsemble, temperature: float, alpha: float, mode: Mode, average: str = "logits"):  # noqa: ANN201

@@ -326,14 +326,14 @@ def run_search(
     gen = torch.Generator().manual_seed(seed)
     supernet.to(device)
     teachers.to(device)
-    if isinstance(teachers, TeacherEnsemble):  # the teachers' logits of the unaugmented split, once
-        memoize_split(teachers, normalize(data.train.x, *data.norm()), augment, device, batch_size)
     n = len(data.train)
     perm = torch.randperm(n, generator=gen)
     halves = perm[: n // 2], perm[n // 2 :]
     x_all, y_all = data.train.x.to(device), data.train.y.to(device)
     mean = torch.tensor(data.meta["mean"], device=device)
     std = torch.tensor(data.meta["std"], device=device)
+    if isinstance(teachers, TeacherEnsemble):  # the teachers' logits of the unaugmented split, once
+        memoize_split(teachers, normalize(x_all, mean, std), augment, device, batch_size)
     steps = max(1, min(len(h) for h in halves) // batch_size)
     w_opt = torch.optim.SGD(supernet.weight_parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=epochs * steps)

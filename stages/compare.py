@@ -34,8 +34,8 @@ from pipeline.config import (
     parse_section,
     parse_teachers,
 )
-from pipeline.data import load_prepared, load_split, normalize
-from pipeline.distill import TeacherEnsemble, kd_criterion, memoize_split
+from pipeline.data import load_prepared, load_split
+from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.flops import count_params
 from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend, timing_protocol
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.methods:
             device = resolve_device(train_cfg.device)
             teachers = load_teachers(args.teachers, list(parse_teachers(params)), data.meta)
-            ensemble = TeacherEnsemble(list(teachers.values())).to(device)
-            memoize_split(ensemble, normalize(data.train.x, *data.norm()), train_cfg.augment, device,
-                          train_cfg.batch_size)
+            ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment,
+                                         device, train_cfg.batch_size)
             criterion = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
             space = baseline_space(student, example, prune_cfg.multiple or table.step,
                                    float(table.meta["min_fraction"]))

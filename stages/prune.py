@@ -19,8 +19,8 @@ import torch
 
 from pipeline.checkpoint import load_student, load_teachers, save_checkpoint
 from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
-from pipeline.data import load_prepared, normalize
-from pipeline.distill import TeacherEnsemble, kd_criterion, memoize_split
+from pipeline.data import load_prepared
+from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.io import atomic_path, file_sha256, write_csv, write_json
 from pipeline.latency import LatencyTable, target_backend
 from pipeline.plots import widths_png
@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         ref = share_reference(ref, ctx, device, state, ref_key)
         budget = ref.budget(cfg)  # the one Budget: written into masks.json, read back by compare and engine
-        ensemble = TeacherEnsemble(list(teachers.values())).to(device)
-        memoize_split(ensemble, normalize(data.train.x, *data.norm()), train_cfg.augment, device,
-                      train_cfg.batch_size // ctx.world_size)
+        ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment, device,
+                                     train_cfg.batch_size // ctx.world_size)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
         fingerprint = digest(cfg.model_dump(exclude={"progress"}), "calibrated", kd.model_dump(),
                              train_cfg.model_dump(exclude={"progress"}), file_sha256(args.student),

@@ -12,8 +12,8 @@ import torch
 from models import build_model
 from pipeline.checkpoint import load_teachers, save_checkpoint
 from pipeline.config import DistillConfig, StudentConfig, TrainConfig, parse_section, parse_teachers
-from pipeline.data import load_prepared, normalize
-from pipeline.distill import TeacherEnsemble, kd_criterion, memoize_split
+from pipeline.data import load_prepared
+from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.ensemble import ensemble_report
 from pipeline.flops import count_flops, count_params
 from pipeline.io import file_sha256, write_csv, write_json
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(searched["arch"], **arch_config)
         teachers = load_teachers(args.teachers, names, data.meta)
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
-        ensemble = TeacherEnsemble(list(teachers.values())).to(device)
-        memoize_split(ensemble, normalize(data.train.x, *data.norm()), train_cfg.augment, device,
-                      train_cfg.batch_size // ctx.world_size)
+        ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment, device,
+                                     train_cfg.batch_size // ctx.world_size)
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]  # retrained -> no resume
         fingerprint = digest(cfg.model_dump(), kd.model_dump(), train_cfg.model_dump(exclude={"progress"}),
                              searched, data.meta["split_hashes"], teacher_files, ctx.world_size)
