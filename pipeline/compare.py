@@ -126,33 +126,47 @@ def candidates(make: Callable[[float], Candidate], knobs: list[float],
 
 
 def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
-                 measure: Callable[[nn.Module], float], high_ms: float) -> Match:
+                 measure: Callable[[list[nn.Module]], list[float]], high_ms: float, batch: int = 4) -> Match:
     """The largest candidate that *measures* at most ``high_ms``. Candidates are ranked by the
     latency table's prediction (ties: by the sum of their widths, the larger first); measuring
     starts at the one predicted just under ``high_ms``
     (allowing the prediction 10% of error upwards) and walks down until one fits, then back up
     past where it started until one does not, so a predictor that errs either way cannot hand a
     baseline a smaller network than it could have had. When none fits, the smallest is returned
-    with its measurement (the budget is out of the method's reach)."""
+    with its measurement (the budget is out of the method's reach).
+
+    ``measure`` times a list of networks in one interleaved run; the walk measures ``batch`` of
+    them at a time (the next ones it would visit) and decides exactly as a walk of one at a time
+    over the same readings would: a run's span costs the same for one network as for four."""
     # equal predictions (a staircase table, or a flat one on a tiny network): the larger network first
     ranked = sorted(cands, key=lambda c: (predict(c), sum(c.widths.values())), reverse=True)
     probes: list[dict[str, Any]] = []
 
-    def fits(i: int) -> bool:
-        c = ranked[i]
-        c.measured_ms = measure(c.model)
-        probes.append({"label": c.label, "predicted_ms": predict(c), "measured_ms": c.measured_ms})
-        return c.measured_ms <= high_ms
+    def fits(order: list[int]) -> list[bool]:
+        for i, ms in zip(order, measure([ranked[i].model for i in order])):
+            ranked[i].measured_ms = ms
+            probes.append({"label": ranked[i].label, "predicted_ms": predict(ranked[i]), "measured_ms": ms})
+        return [ranked[i].measured_ms <= high_ms for i in order]
 
     start = next((i for i, c in enumerate(ranked) if predict(c) <= 1.1 * high_ms), len(ranked) - 1)
-    best = next((i for i in range(start, len(ranked)) if fits(i)), None)
+    best = None
+    for lo in range(start, len(ranked), batch):  # down: the first that fits
+        order = list(range(lo, min(lo + batch, len(ranked))))
+        best = next((i for i, ok in zip(order, fits(order)) if ok), None)
+        if best is not None:
+            break
     if best is None:
         return Match(ranked[-1], probes)
     if best == start:  # the start fitted: larger ones (predicted over the start) may fit too
-        for i in range(start - 1, -1, -1):
-            if not fits(i):
+        while best > 0:
+            order = list(range(best - 1, max(best - 1 - batch, -1), -1))
+            ok = fits(order)
+            fitted = 0
+            while fitted < len(order) and ok[fitted]:
+                fitted += 1
+            best = order[fitted - 1] if fitted else best
+            if fitted < len(order):
                 break
-            best = i
     return Match(ranked[best], probes)
 
 
@@ -207,11 +221,12 @@ def table_predict(predictor: LatencyPredictor, groups: Sequence[str]) -> Callabl
 
 
 def paired_measure(measure_many: Callable[[list[nn.Module]], list[Timing]], student: nn.Module,
-                   student_ms: float) -> Callable[[nn.Module], float]:
-    """model -> ms, measured paired with ``student`` (as the prune stage's closed loop measures ours)."""
-    def measure(model: nn.Module) -> float:
-        t_model, t_student = measure_many([model, student])
-        return paired_ms(student_ms, t_model, t_student)
+                   student_ms: float) -> Callable[[list[nn.Module]], list[float]]:
+    """models -> ms each, measured in one run together with ``student`` and rescaled by its reading
+    (as the prune stage's closed loop measures ours)."""
+    def measure(models: list[nn.Module]) -> list[float]:
+        *t_models, t_student = measure_many([*models, student])
+        return [paired_ms(student_ms, t, t_student) for t in t_models]
 
     return measure
 
@@ -244,7 +259,7 @@ class FineTune:
 
 
 def run_methods(methods: Sequence[str], space: BaselineSpace, budget: Budget, predict: Callable[[Candidate], float],
-                measure: Callable[[nn.Module], float],
+                measure: Callable[[list[nn.Module]], list[float]],
                 fine_tune: Callable[[nn.Module, str], tuple[float, float]],
                 ) -> tuple[dict[str, dict], dict[str, nn.Module]]:
     """Every method's network cut to the budget's band (``match_budget`` at ``budget.bounds_ms()``'s

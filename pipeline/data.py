@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DataError
@@ -160,6 +159,8 @@ def split_indices(
             f"a class has only {per_class.min()} image(s); each needs at least {needed} to be "
             "split into train/val/test"
         )
+    from sklearn.model_selection import train_test_split  # here: ~1 s of import every other stage skips
+
     out: dict[str, np.ndarray] = {}
     try:
         if test_fraction is not None:

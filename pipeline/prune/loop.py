@@ -53,7 +53,7 @@ def _shrink(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mappin
             predict: Callable[[dict[str, int]], float], cost: Callable[[Masks], float],
             inside: Mapping[str, str]) -> tuple[Masks, str] | None:
     """The next state when over the band (None: every group at its smallest width)."""
-    options = []
+    moves = []  # (saves nothing, where it lands, landing ms, saving ms, group, width, state)
     mid = (here.lo + here.hi) / 2
     for g, a in allowed.items():
         smaller = [w for w in a if w < here.widths[g]]
@@ -63,21 +63,27 @@ def _shrink(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mappin
         # the next smaller width, and the one predicted to land nearest the band's middle (one
         # measurement instead of many small steps on a fine lattice)
         for w in {max(smaller), min(smaller, key=lambda v: (abs(landing_of[v] - mid), -v))}:
-            cand = _step(here.state, keep_probs, g, w)
             landing = landing_of[w]
             saving = here.ms - landing  # on the staircase a narrower layer can be predicted no faster
-            per_ms = (cost(cand) - here.cost) / saving if saving > 0 else float("nan")
             # prefer moves predicted to land in the band, then moves still over it, then those
-            # overshooting below it (the least); among them the cheapest in validation loss per
-            # ms saved; moves predicted to save nothing last
+            # overshooting below it (the least); moves predicted to save nothing last
             where = 0 if here.lo <= landing <= here.hi else (1 if landing > here.hi else 2)
-            options.append((saving <= 0, where, per_ms if where < 2 and saving > 0 else -landing,
-                            g, -w, cand, per_ms))
-    if not options:
+            moves.append((saving <= 0, where, landing, saving, g, w, _step(here.state, keep_probs, g, w)))
+    if not moves:
         return None
-    *_, g, _w, state, per_ms = min(options, key=lambda o: o[:5])
-    why = "predicted to save nothing" if math.isnan(per_ms) else f"val loss {per_ms:+.3g} per ms saved"
-    return state, f"shrink {g} to {widths_of(state)[g]} ({why})"
+
+    def per_ms(move: tuple) -> float:  # validation loss added per ms saved (one forward pass of the val images)
+        return (cost(move[6]) - here.cost) / move[3] if move[3] > 0 else float("nan")
+
+    # within the best class, the cheapest in validation loss per ms saved (overshooting moves: the one
+    # landing highest); only that class's moves are priced
+    best = min(m[:2] for m in moves)
+    options = [(*m[:2], per_ms(m) if m[1] < 2 and m[3] > 0 else -m[2], m[4], -m[5], m) for m in moves if m[:2] == best]
+    chosen = min(options, key=lambda o: o[:5])
+    move = chosen[5]
+    price = chosen[2] if move[1] < 2 and move[3] > 0 else per_ms(move)
+    why = "predicted to save nothing" if math.isnan(price) else f"val loss {price:+.3g} per ms saved"
+    return move[6], f"shrink {move[4]} to {widths_of(move[6])[move[4]]} ({why})"
 
 
 def _grow(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[str, list[int]],

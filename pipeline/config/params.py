@@ -1,0 +1,65 @@
+"""The whole params file at once: every section through its typed config, every problem
+listed in one ConfigError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config.base import Section, parse_section
+from pipeline.config.deploy import (
+    CompareConfig,
+    EngineConfig,
+    ExportConfig,
+    HandoffConfig,
+    ProfileConfig,
+    PruneConfig,
+    SlimConfig,
+    TargetConfig,
+)
+from pipeline.config.training import (
+    DistillConfig,
+    EnsembleConfig,
+    PrepareConfig,
+    SearchConfig,
+    StudentConfig,
+    TrainConfig,
+    parse_teachers,
+)
+from pipeline.errors import ConfigError
+
+
+def _sections() -> dict[str, type[Section]]:
+    return {
+        "prepare": PrepareConfig, "train": TrainConfig, "ensemble": EnsembleConfig, "distill": DistillConfig,
+        "search": SearchConfig, "student": StudentConfig, "target": TargetConfig, "profile": ProfileConfig,
+        "prune": PruneConfig, "slim": SlimConfig, "compare": CompareConfig, "export": ExportConfig,
+        "engine": EngineConfig, "handoff": HandoffConfig,
+    }
+
+
+def validate_params(params: dict[str, Any]) -> None:
+    """The whole params file, every section through its typed config, before any work: a typo in
+    `prune` stops the first stage, not the eighth. Every problem of every section is listed in one
+    ConfigError; unknown sections are named with the allowed ones. A section that is absent is left
+    to the stage that needs it."""
+    sections = _sections()
+    known = {*sections, "teachers", "run"}
+    problems = [f"  {k}: unknown section; allowed: {', '.join(sorted(known))}" for k in params if k not in known]
+    for name, model in sections.items():
+        if name in params:
+            try:
+                parse_section(params, name, model)
+            except ConfigError as err:
+                problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  {name}: {err}"]
+    if "teachers" in params:
+        try:
+            parse_teachers(params)
+        except ConfigError as err:
+            problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  teachers: {err}"]
+    if "run" in params:
+        launcher = (params.get("run") or {}).get("launcher") if isinstance(params.get("run"), dict) else None
+        if not isinstance(launcher, str) or not launcher.strip():
+            problems.append("  run.launcher: must be a command such as `python` or "
+                            "`torchrun --standalone --nproc_per_node=N`")
+    if problems:
+        raise ConfigError("invalid params.yaml:\n" + "\n".join(problems))
