@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 run: install
-	dvc repro
+	dvc repro handoff ensemble
 	@# every stage is done: a resume state left by an interrupted run (even one DVC then restored from
 	@# its run-cache without running it) is stale
 	rm -rf .resume

@@ -65,7 +65,7 @@ def main() -> int:
         work = Path(tmp)
         pfile = write_params(work, params)
         for i in range(args.runs):
-            wall = run_stage("profile", "--data", str(args.data), "--student-arch", str(args.arch),
+            wall = run_stage("profile", "--data", str(args.data), "--arch", str(args.arch),
                              "--out", str(work / f"table{i}.json"), "--metrics", str(work / f"m{i}.json"),
                              "--plots-dir", str(work / f"plots{i}"), params=pfile)
             m = json.loads((work / f"m{i}.json").read_text())

@@ -22,8 +22,9 @@ import torch
 
 from benchmarks._runner import machine
 from models import build_model
+from pipeline.blocks import block_masks, residual_blocks
 from pipeline.latency import TimingProtocol, make_backend
-from pipeline.slim import block_masks, prune_structure, residual_blocks
+from pipeline.slim import prune_structure
 
 NETWORKS = {
     "blocks 9,8,7 widths 16/32/47": ([9, 8, 7], [16, 32, 47]),

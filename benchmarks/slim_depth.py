@@ -22,9 +22,10 @@ import torch
 
 from benchmarks._runner import machine
 from models import build_model
+from pipeline.blocks import block_masks, residual_blocks
 from pipeline.flops import count_params
 from pipeline.latency import TimingProtocol, make_backend
-from pipeline.slim import block_masks, magnitude_masks, residual_blocks, slim
+from pipeline.slim import magnitude_masks, slim
 from tests.conftest import randomise_bn
 
 STUDENT = {"blocks": [1, 3, 2], "stage_widths": [16, 29, 51], "stem_width": 16,

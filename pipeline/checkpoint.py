@@ -16,7 +16,7 @@ from torch import nn
 
 from models import build_model
 from pipeline.errors import CheckpointError
-from pipeline.io import torch_save
+from pipeline.io import torch_save, write_json
 
 REQUIRED_KEYS = ("arch", "arch_config", "state_dict", "meta")
 
@@ -53,6 +53,16 @@ def save_checkpoint(
     if channel_manifest is not None:
         ckpt["channel_manifest"] = channel_manifest
     torch_save(ckpt, path)
+
+
+def arch_file(checkpoint: str | Path) -> Path:
+    """``<stem>.arch.json`` next to the checkpoint ``<stem>.pt``: its architecture alone, which the
+    latency table is built from (a DVC dependency that does not change when only the weights do)."""
+    return Path(checkpoint).with_suffix(".arch.json")
+
+
+def write_arch_file(checkpoint: str | Path, arch: str, arch_config: dict[str, Any]) -> None:
+    write_json(arch_file(checkpoint), {"arch": arch, "arch_config": dict(arch_config)})
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import load_model
-from pipeline.config import HandoffConfig, TargetConfig, parse_section, parse_teachers
+from pipeline.config import CompressConfig, HandoffConfig, TargetConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.deploy import check_manifest, model_card, sha256, verify_bundle
 from pipeline.errors import CheckpointError
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_section(params, "handoff", HandoffConfig)
         target = parse_section(params, "target", TargetConfig)
         names = list(parse_teachers(params))
+        source = parse_section(params, "compress", CompressConfig) if "compress" in params else CompressConfig()
         data = load_prepared(args.data)
         engine_dir = Path(args.engine_dir)
         try:
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # accuracy against latency measured on the target, every model the same way
         entries = [("teachers", n, load_model(Path(args.teachers) / f"{n}.pt")[0]) for n in names]
-        entries += [("student", "student", load_model(args.student)[0]), ("pruned (ours)", "pruned", slimmed)]
+        start, start_ckpt = load_model(args.student)
+        # the network compressed: the searched student, or a teacher entry (your model), named as such
+        entries += [("student" if source.teacher is None else f"input model ({source.teacher})", "student", start),
+                    ("pruned (ours)", "pruned", slimmed)]
         timings = target_backend(target).measure_many([m for _, _, m in entries], shape)  # interleaved
         points = [point(method, n, t.ms, t.spread, test_accuracy(m, data, torch.device("cpu")), n_test)
                   for (method, n, m), t in zip(entries, timings)]
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                      for f in sorted({"model.onnx", eng["engine_file"], "widths.png", "pareto.png", "README.md"})}
             manifest = bundle_manifest(cfg.name, git, eng, card, slim_ckpt, sum(q.numel() for q in slimmed.parameters()),
                                        data.meta, n_test, points, latency_model, files)
+            manifest["compressed_from"] = {"model": source.model, "arch": start_ckpt["arch"],
+                                           "weights": start_ckpt["meta"].get("weights"),
+                                           "test_acc": start_ckpt["meta"].get("test_acc")}
             check_manifest(manifest)
             write_json(tmp / "manifest.json", manifest)
             verify_bundle(tmp)

@@ -30,18 +30,19 @@ from pipeline.latency.calibrate import CalibrationResult
 from pipeline.latency.staircase import StepDetection
 from pipeline.plots import predicted_vs_measured_png, staircase_png
 from pipeline.slim import ChannelGraph
-from stages._common import load_params, log, parser, read_arch, run
+from stages._common import load_params, log, parser, read_artifact, run
 
 
 class PredictorContractError(SlimdeployError):
     """The calibrated predictor's held-out error is above the opt-in profile.max_mape."""
 
 
-def _model(cfg: ProfileConfig, meta: dict[str, Any], student_arch: str) -> tuple[nn.Module, str, dict[str, Any]]:
+def _model(cfg: ProfileConfig, meta: dict[str, Any], arch_json: str) -> tuple[nn.Module, str, dict[str, Any]]:
     """The network to profile (eval mode), its registry name and its full ``arch_config``."""
     arch, extra = cfg.arch, dict(cfg.arch_config)
-    if arch == "student":
-        searched = read_arch(student_arch)
+    if arch == "student":  # the network compress.model names
+        searched = read_artifact(arch_json, ("arch", "arch_config"), "an architecture JSON",
+                                 "train_student (or train_teacher)")
         arch, extra = searched["arch"], {**searched["arch_config"], **extra}
     arch_config = {"num_classes": meta["num_classes"], "in_channels": meta["channels"], **extra}
     try:
@@ -97,7 +98,8 @@ def _metrics(cfg: ProfileConfig, target: TargetConfig, arch_config: dict[str, An
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data directory (input shape, classes)")
-    p.add_argument("--student-arch", required=True, help="arch.json of the searched student (profile.arch: student)")
+    p.add_argument("--arch", required=True, help="architecture JSON of the network to compress (compress.model's "
+                   "<stem>.arch.json; profile.arch: student)")
     p.add_argument("--out", required=True, help="latency table JSON path")
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     p.add_argument("--plots-dir", required=True, help="directory for validation/staircase CSV and PNG")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = target_backend(target)
         meta = load_prepared(args.data).meta
         shape = (meta["channels"], *meta["image_size"])
-        model, arch, arch_config = _model(cfg, meta, args.student_arch)
+        model, arch, arch_config = _model(cfg, meta, args.arch)
         torch.manual_seed(0)
         example = torch.zeros(1, *shape)
         specs = conv_layers(model, example, ChannelGraph(model, example).groups)

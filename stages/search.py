@@ -16,7 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.flops import count_params
 from pipeline.io import write_csv, write_json
 from pipeline.runtime import resolve_device
-from pipeline.search import SearchSpace, SuperNet, family_params, run_search
+from pipeline.search import SearchSpace, family_params, run_search
+from pipeline.supernet import SuperNet
 from stages._common import load_params, log, parser, run
 
 

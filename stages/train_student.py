@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from pipeline.checkpoint import load_teachers, save_checkpoint
+from pipeline.checkpoint import load_teachers, save_checkpoint, write_arch_file
 from pipeline.config import DistillConfig, StudentConfig, TrainConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.distill import kd_criterion, training_ensemble
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(args.out, searched["arch"], arch_config, result.best_state,
                         {"stage": "train_student", "val_acc": result.best_val_acc, "test_acc": test_acc,
                          "data_hash": data.meta["split_hashes"]["train"], "classes": data.meta["classes"]})
+        write_arch_file(args.out, searched["arch"], arch_config)  # what profile builds the latency table from
         write_csv(args.plots, result.history)
         epoch_s = [h["epoch_seconds"] for h in result.history]
         write_json(args.metrics, {

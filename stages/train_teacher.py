@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import save_checkpoint, write_arch_file
 from pipeline.config import TrainConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": weights and weights.report(),
         }
         save_checkpoint(args.out, cfg.arch, arch_config, result.best_state, meta)
+        write_arch_file(args.out, cfg.arch, arch_config)  # compress.model may name this teacher
         write_csv(args.plots, result.history)
         history_png(result.history, Path(args.plots).with_suffix(".png"), f"teacher {args.name} ({cfg.arch})")
         write_json(args.metrics, {

@@ -178,6 +178,10 @@ def c_params_budget_zero(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _teacher(_params(tmp, prune={"latency_budget": 0}), world["dir"] / "prep", tmp)
 
 
+def c_params_compress_unknown_teacher(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, compress={"model": "artifacts/teachers/mine"}), world["dir"] / "prep", tmp)
+
+
 def c_params_taylor_threshold(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _prune(world, tmp, world["dir"] / "prof" / "table.json",
                   _params(tmp, prune={"method": "taylor", "allocation": "threshold"}))
@@ -268,6 +272,12 @@ def c_data_archive_link(world: dict, tmp: Path) -> tuple[int, list[Path]]:
 def c_data_archive_corrupt(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "ds.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     return _prepare(_folder_params(tmp, tmp / "ds.tar.gz"), tmp)
+
+
+def c_data_classes_differ(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4, splits=("train", "test"))
+    (root / "test" / "eel").rename(root / "test" / "eels")  # a test folder spelt differently
+    return _prepare(_folder_params(tmp, root), tmp)
 
 
 def c_data_one_class(world: dict, tmp: Path) -> tuple[int, list[Path]]:
@@ -603,6 +613,8 @@ CASES = [
     Case("params-unknown-section", "an unknown section `prunee:`", "prunee: unknown section; allowed:",
          c_params_unknown_section),
     Case("params-budget-zero", "`prune.latency_budget: 0`", "prune.latency_budget", c_params_budget_zero),
+    Case("params-compress-unknown-teacher", "`compress.model: artifacts/teachers/mine` with no teacher `mine`",
+         "compress.model: names teacher 'mine', which is not an entry of `teachers`", c_params_compress_unknown_teacher),
     Case("params-taylor-threshold", "`prune.method: taylor` with `prune.allocation: threshold`",
          "set allocation: knapsack", c_params_taylor_threshold),
     Case("params-blocks-only-without-depth", "`prune.channels: false` with `prune.depth: false` (nothing to prune)",
@@ -625,6 +637,8 @@ CASES = [
     Case("data-archive-link", "a .tar with a symlink to /etc/passwd", "leaves its folder or links elsewhere",
          c_data_archive_link),
     Case("data-archive-corrupt", "a .tar.gz that is not gzip", "cannot read archive", c_data_archive_corrupt),
+    Case("data-classes-differ", "an image folder whose test/ classes differ from train/ (`eel` against `eels`)",
+         "only in train: ['eel']; only in test: ['eels']", c_data_classes_differ),
     Case("data-one-class", "an image folder with one class", "a classifier needs at least two", c_data_one_class),
     Case("data-class-too-small", "a class with 2 images (train, val and test need one each)",
          "have fewer than 3 images: each class needs at least 3", c_data_class_too_small),

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models import build_model
+from pipeline.blocks import BLOCK, block_masks, dropped_blocks, residual_blocks
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import ConfigError
 from pipeline.latency import build_table, make_backend
@@ -24,18 +25,7 @@ from pipeline.prune import (
     prune_groups,
     widths_of,
 )
-from pipeline.slim import (
-    BLOCK,
-    apply_masks,
-    block_masks,
-    channel_groups,
-    dropped_blocks,
-    load_slimmed_model,
-    masks_from_kept,
-    random_masks,
-    residual_blocks,
-    slim,
-)
+from pipeline.slim import apply_masks, channel_groups, load_slimmed_model, masks_from_kept, random_masks, slim
 from tests.conftest import randomise_bn
 from tests.test_latency import FAST
 

@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from models import build_model
+from pipeline.blocks import block_masks
 from pipeline.prune import SoftMaskedNet, prune_groups
-from pipeline.slim import apply_masks, block_masks, channel_groups, random_masks
+from pipeline.slim import apply_masks, channel_groups, random_masks
 from tests.conftest import REPO
 from tests.test_stages import TINY
 

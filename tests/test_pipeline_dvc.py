@@ -106,3 +106,50 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     assert not {"prepare", "train_teacher@a"} & set(ran)
     assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile", "prune", "slim", "compare",
                         "export", "engine", "handoff"}
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_compress_a_trained_model_given_as_a_weights_file(tmp_path: Path) -> None:
+    """The compress-only path (README, "Your own model and images"): a network trained outside the
+    pipeline, given as a weights file and taken as it is (a teacher entry with `epochs: 0`),
+    compressed with self-distillation by `make run`'s `dvc repro handoff ensemble`; the search
+    and the student never run, a second repro runs nothing, and new weights re-run from the stage
+    that reads them, without re-profiling (the architecture did not change)."""
+    import torch
+
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    _sh(["git", "init", "-q"], repo)
+    _tiny_params(repo / "params.yaml")
+    _sh(["dvc", "repro", "train_teacher@a"], repo)  # "trained outside": a network and its weights file
+    ckpt = torch.load(repo / "artifacts" / "teachers" / "a.pt", map_location="cpu", weights_only=True)
+    torch.save(ckpt["state_dict"], repo / "weights" / "own.pt")  # a plain state_dict, as users have them
+
+    params = resolve("tiny")
+    params["teachers"] = {"own": {"arch": "resnet_tiny", "arch_config": {}, "weights": "weights/own.pt", "seed": 0,
+                                  "epochs": 0}}
+    params["compress"] = {"model": "artifacts/teachers/own"}
+    params["distill"] = {**params.get("distill", {}), "mode": "ensemble"}  # from the unpruned model itself
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh(["dvc", "repro", "handoff", "ensemble"], repo)
+    assert {"train_teacher@own", "ensemble", "profile", "prune", "slim", "compare", "export", "engine",
+            "handoff"} <= _ran(out)
+    assert not {"search", "train_student"} & _ran(out) and not (repo / "artifacts" / "search").exists()
+    manifest = json.loads((repo / "artifacts" / "handoff" / "manifest.json").read_text())
+    own = json.loads((repo / "metrics" / "teachers" / "own.json").read_text())
+    assert manifest["compressed_from"]["model"] == "artifacts/teachers/own"
+    assert manifest["compressed_from"]["test_acc"] == pytest.approx(own["test_acc"])
+    assert own["epochs"] == 0 and own["weights"]["source"].endswith("own.pt")
+    methods = {m["method"] for m in manifest["accuracy"]["models"]}
+    assert "input model (own)" in methods and "pruned (ours)" in methods
+    prune = json.loads((repo / "metrics" / "prune.json").read_text())
+    assert prune["test_acc_student"] == pytest.approx(own["test_acc"])  # pruned from the given network
+
+    assert _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo)) == set()
+    state = torch.load(repo / "weights" / "own.pt", weights_only=True)
+    torch.save({k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}, repo / "weights" / "own.pt")
+    rerun = _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo))
+    assert {"train_teacher@own", "prune", "handoff"} <= rerun and not {"prepare", "profile", "search"} & rerun

@@ -12,7 +12,8 @@ import torch
 from models import build_model
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import ConfigError
-from pipeline.search import SearchSpace, SuperNet, cost_loss, cwi, family_params, tau_at
+from pipeline.search import SearchSpace, cost_loss, family_params, tau_at
+from pipeline.supernet import SuperNet, cwi
 
 
 def test_cwi_shapes_and_identity() -> None:
@@ -95,7 +96,7 @@ def test_arch_json_round_trips_through_registry(tmp_path: Path) -> None:
 
 
 def test_two_distinct_candidates_even_when_softmax_underflows() -> None:
-    from pipeline.search import WidthChoice
+    from pipeline.supernet import WidthChoice
 
     c = WidthChoice(16, (0.25, 0.5, 1.0))
     with torch.no_grad():

@@ -22,6 +22,7 @@ TINY["train"].update(progress=False, batch_size=32)
 TINY["profile"].update(arch="resnet_tiny", staircase_channels=8, staircase_repeats=2, staircase_passes=1,
                        fit_samples=4, heldout_samples=4, max_points=3, progress=False)
 TINY["target"]["timing"] = {"passes": 2, "window_ms": 1.0, "span_s": 0.0}
+TINY["compare"]["methods"] = ["uniform", "l1", "unpruned"]  # every method (the default leaves unpruned out)
 # Every network here must learn far above the chance guard on any CPU, not just clear it: 3 epochs
 # put both teachers at 84-96% on 270 test images (limit 15.5%) over 5 seeds on an AMD EPYC, where
 # 1-2 epochs left a tiny network at the guard's edge on an Intel Xeon.
@@ -141,7 +142,7 @@ def test_ensemble_missing_teacher(tmp_path: Path, digits_dir: Path, caplog: pyte
 
 
 def run_profile(tmp_path: Path, params: Path, data: Path) -> int:
-    return profile.main(["--params", str(params), "--data", str(data), "--student-arch", str(tmp_path / "none.json"),
+    return profile.main(["--params", str(params), "--data", str(data), "--arch", str(tmp_path / "none.json"),
                          "--out", str(tmp_path / "prof" / "table.json"),
                          "--metrics", str(tmp_path / "m" / "profile.json"), "--plots-dir", str(tmp_path / "p")])
 
@@ -370,7 +371,7 @@ def test_missing_or_foreign_arch_json_is_a_clear_error(tmp_path: Path, digits_di
                                                       caplog: pytest.LogCaptureFixture) -> None:
     params = write_params(tmp_path, profile={"arch": "student"})
     assert run_profile(tmp_path, params, digits_dir) == 2
-    assert "none.json does not exist; run the search stage first" in caplog.text
+    assert "none.json does not exist; run the train_student (or train_teacher) stage first" in caplog.text
     (tmp_path / "none.json").write_text('{"widths": [1]}')
     assert run_profile(tmp_path, params, digits_dir) == 2
     assert "lacks ['arch', 'arch_config']" in caplog.text

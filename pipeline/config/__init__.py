@@ -7,15 +7,17 @@ names from ``pipeline.config``; one module per idea:
 - ``entries``: ``ModelEntry``, what every model entry names (``arch``, ``arch_config``, ``weights``).
 - ``training``: the sections that train (prepare, train, teachers, ensemble, distill, search,
   student) and ``parse_teachers``.
-- ``deploy``: the deployment sections (target, profile, prune, slim, compare, export, engine,
-  handoff).
+- ``deploy``: the deployment sections (compress: which network is compressed; target, profile,
+  prune, slim, compare, export, engine, handoff).
 - ``params``: ``validate_params``, the whole file checked at once.
 """
 
 from pipeline.config.base import Device, Section, parse_section, validate
 from pipeline.config.deploy import (
     PRUNE_OPTIMIZER,
+    STUDENT_MODEL,
     CompareConfig,
+    CompressConfig,
     EngineConfig,
     ExportConfig,
     HandoffConfig,
@@ -40,7 +42,7 @@ from pipeline.config.training import (
 )
 
 __all__ = [
-    "ARCH_HELP", "PRUNE_OPTIMIZER", "WEIGHTS_HELP", "CompareConfig", "Device", "DistillConfig", "EngineConfig",
+    "ARCH_HELP", "PRUNE_OPTIMIZER", "STUDENT_MODEL", "CompressConfig", "WEIGHTS_HELP", "CompareConfig", "Device", "DistillConfig", "EngineConfig",
     "EnsembleConfig", "ExportConfig", "HandoffConfig", "ModelEntry", "OptimizerConfig", "PrepareConfig",
     "ProfileConfig", "PruneConfig", "SearchConfig", "Section", "SlimConfig", "StudentConfig", "TargetConfig",
     "TeacherConfig", "TimingConfig", "TrainConfig", "WeightsRef", "parse_section", "parse_teachers", "validate",

@@ -11,6 +11,35 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config.base import Section
 from pipeline.config.training import OptimizerConfig
 
+STUDENT_MODEL = "artifacts/student/model"
+TEACHER_MODELS = "artifacts/teachers/"
+
+
+class CompressConfig(Section):
+    """`compress`: the network that profile, prune, compare and handoff start from, as a path stem:
+    ``<stem>.pt`` (its checkpoint) and ``<stem>.arch.json`` (its architecture, which the latency
+    table is built from). The searched student (the default), or a teacher entry: your own trained
+    model, given with ``weights:`` (``epochs: 0`` takes it as it is). dvc.yaml reads the stem, so
+    the stages that are not upstream of the bundle (search and the student, when a teacher entry is
+    compressed) do not run under ``dvc repro handoff ensemble`` (``make run``)."""
+
+    model: str = Field(STUDENT_MODEL, description=f"{STUDENT_MODEL} (the searched student) or "
+                       f"{TEACHER_MODELS}<name> (a teacher entry, e.g. your own model)")
+
+    @field_validator("model")
+    @classmethod
+    def _stem(cls, v: str) -> str:
+        name = v.removeprefix(TEACHER_MODELS)
+        if v != STUDENT_MODEL and (name == v or not name or "/" in name or name.endswith(".pt")):
+            raise ValueError(f"must be {STUDENT_MODEL} (the searched student) or {TEACHER_MODELS}<name> with <name> "
+                             "an entry of `teachers` (your own model), without the .pt suffix")
+        return v
+
+    @property
+    def teacher(self) -> str | None:
+        """The teacher entry compressed, or None for the searched student."""
+        return None if self.model == STUDENT_MODEL else self.model.removeprefix(TEACHER_MODELS)
+
 
 class TimingConfig(Section):
     """`target.timing`: how every latency is measured (pipeline/latency/timing.py): each model is

@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.config.base import Section, parse_section
 from pipeline.config.deploy import (
     CompareConfig,
+    CompressConfig,
     EngineConfig,
     ExportConfig,
     HandoffConfig,
@@ -33,7 +34,7 @@ def _sections() -> dict[str, type[Section]]:
         "prepare": PrepareConfig, "train": TrainConfig, "ensemble": EnsembleConfig, "distill": DistillConfig,
         "search": SearchConfig, "student": StudentConfig, "target": TargetConfig, "profile": ProfileConfig,
         "prune": PruneConfig, "slim": SlimConfig, "compare": CompareConfig, "export": ExportConfig,
-        "engine": EngineConfig, "handoff": HandoffConfig,
+        "engine": EngineConfig, "handoff": HandoffConfig, "compress": CompressConfig,
     }
 
 
@@ -51,11 +52,13 @@ def validate_params(params: dict[str, Any]) -> None:
                 parse_section(params, name, model)
             except ConfigError as err:
                 problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  {name}: {err}"]
+    teachers = None
     if "teachers" in params:
         try:
-            parse_teachers(params)
+            teachers = parse_teachers(params)
         except ConfigError as err:
             problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  teachers: {err}"]
+    problems += _compressed_teacher(params, teachers)
     if "run" in params:
         launcher = (params.get("run") or {}).get("launcher") if isinstance(params.get("run"), dict) else None
         if not isinstance(launcher, str) or not launcher.strip():
@@ -63,3 +66,15 @@ def validate_params(params: dict[str, Any]) -> None:
                             "`torchrun --standalone --nproc_per_node=N`")
     if problems:
         raise ConfigError("invalid params.yaml:\n" + "\n".join(problems))
+
+
+def _compressed_teacher(params: dict[str, Any], teachers: dict[str, Any] | None) -> list[str]:
+    """compress.model naming a teacher entry that `teachers` does not have."""
+    try:
+        name = parse_section(params, "compress", CompressConfig).teacher if "compress" in params else None
+    except ConfigError:
+        return []  # listed with the section's own problems
+    if name is None or teachers is None or name in teachers:
+        return []
+    return [f"  compress.model: names teacher {name!r}, which is not an entry of `teachers` "
+            f"(entries: {', '.join(teachers)}); add it there (your model: arch, weights, epochs: 0)"]

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.blocks import BLOCK, groups_inside_blocks, is_block
 from pipeline.latency.backends import Backend
 from pipeline.latency.table import LatencyTable
 from pipeline.latency.timing import Timing, TimingProtocol
-from pipeline.slim import BLOCK, ChannelGraph, groups_inside_blocks, is_block, prune_structure
+from pipeline.slim import ChannelGraph, prune_structure
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ calibrated on real sub-networks (``pipeline.latency.calibrate``):
 
 Until calibrated, ``scale`` is 1 and ``offset_ms`` closes the gap to the measured full network.
 
-Removable residual blocks (``pipeline.slim.residual_blocks``) are priced from the same units: a
+Removable residual blocks (``pipeline.blocks.residual_blocks``) are priced from the same units: a
 block's keep value ``w["block:<name>"]`` in [0, 1] (1 kept, 0 removed, in between the soft phase's
 expectation) multiplies the table latency of every convolution inside it, so a removed block
 costs nothing and the widths of its inner channels stop mattering. The addition and activation a
@@ -42,11 +42,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.blocks import BLOCK, is_block, residual_blocks
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, write_json
 from pipeline.latency.backends import Backend, check_fingerprint
 from pipeline.latency.timing import TimingProtocol
-from pipeline.slim import BLOCK, ChannelGraph, ChannelGroup, is_block, residual_blocks, tensor_consumers, trace_forward
+from pipeline.slim import ChannelGraph, ChannelGroup, tensor_consumers, trace_forward
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ take, and hard masks (per group, a boolean per channel; per block, one boolean).
   - ``gate``: any other group, typically channels coupled through residual additions, where a
     BatchNorm is summed with other branches before the ReLU; a learnable keep logit per channel.
     ``coupled: keep`` makes them ``fixed`` instead (full width: SCP's own choice);
-  - ``block`` (``depth``): a removable residual block (``pipeline.slim.residual_blocks``), one
+  - ``block`` (``depth``): a removable residual block (``pipeline.blocks.residual_blocks``), one
     keep logit; its mask multiplies the residual branch's last BatchNorm (0: the identity).
 
 * Widths live on the latency table's lattice (multiples of the measured staircase step, and the
@@ -26,8 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.blocks import BLOCK, groups_inside_blocks, is_block, residual_blocks
 from pipeline.latency.table import grid_values
-from pipeline.slim import BLOCK, ChannelGraph, groups_inside_blocks, is_block, residual_blocks, tensor_consumers
+from pipeline.slim import ChannelGraph, tensor_consumers
 
 RELUS = (nn.ReLU, nn.ReLU6)
 Kind = Literal["scp", "gate", "fixed", "block"]

@@ -21,10 +21,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.blocks import is_block
 from pipeline.data import PreparedData, normalize
 from pipeline.prune.groups import PruneGroup, inner_groups
 from pipeline.prune.soft import SoftMaskedNet
-from pipeline.slim import is_block
 from pipeline.train import Criterion
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.blocks import dropped_blocks
 from pipeline.config import PruneConfig
 from pipeline.data import PreparedData
 from pipeline.errors import SlimdeployError
@@ -20,7 +21,7 @@ from pipeline.prune.measure import Reference
 from pipeline.prune.soft import BudgetPenalty
 from pipeline.prune.space import PruneSpace
 from pipeline.prune.state import ResumeState
-from pipeline.slim import apply_masks, dropped_blocks, prune_structure
+from pipeline.slim import apply_masks, prune_structure
 from pipeline.train import check_above_chance, test_accuracy
 
 

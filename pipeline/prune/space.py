@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.blocks import BLOCK
 from pipeline.config import PruneConfig
 from pipeline.errors import ConfigError
 from pipeline.latency import LatencyPredictor, LatencyTable
 from pipeline.prune.groups import PruneGroup, allowed_for, blocks_only, inner_groups, prune_groups
-from pipeline.slim import BLOCK
 
 
 @dataclass
