@@ -1,5 +1,9 @@
 """CIFAR-style ResNet (He et al. 2016, section 4.2): 3x3 stem, three stages of BasicBlocks.
 
+``stem_stride`` fits the stem to the input: 1 (CIFAR's, for images of about 32 px), 2 (the stem's
+convolution at stride 2) or 4 (stride 2 and a 3x3 max-pool at stride 2, ImageNet-style), so the
+same family works at 96-224 px without running its first stage at full resolution.
+
 Every width is explicit so that searched or slimmed networks are ordinary registry models:
 ``stem_width``; per stage the output ``stage_widths[s]`` and the number of ``blocks[s]``; per block
 the inner width ``mid_widths[s][b]`` (the channels between the two 3x3 convolutions, the ones
@@ -15,6 +19,14 @@ import torch
 from torch import nn
 
 from models.registry import register
+
+STEM_STRIDES = (1, 2, 4)
+
+
+def stem_stride_for(image_size: int) -> int:
+    """The stem's stride for square inputs of ``image_size`` px: 1 up to 32 px (CIFAR), 2 up to
+    64 px, 4 above (so the first stage runs at 16-56 px for inputs of 64-224 px)."""
+    return 1 if image_size <= 32 else 2 if image_size <= 64 else 4
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
@@ -54,8 +66,11 @@ class CifarResNet(nn.Module):
         stage_widths: Sequence[int],
         stem_width: int | None = None,
         mid_widths: Sequence[Sequence[int]] | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
+        if stem_stride not in STEM_STRIDES:
+            raise ValueError(f"stem_stride must be one of {STEM_STRIDES}, got {stem_stride!r}")
         if len(blocks) != len(stage_widths) or not blocks:
             raise ValueError(
                 f"blocks ({list(blocks)}) and stage_widths ({list(stage_widths)}) need the same "
@@ -72,7 +87,10 @@ class CifarResNet(nn.Module):
             raise ValueError(
                 f"mid_widths must give one width >= 1 per block, shaped like blocks={list(blocks)}"
             )
-        self.stem = nn.Sequential(*_conv_bn(in_channels, stem_width, 3, 1), nn.ReLU(inplace=True))
+        stem = [*_conv_bn(in_channels, stem_width, 3, min(stem_stride, 2)), nn.ReLU(inplace=True)]
+        if stem_stride == 4:
+            stem.append(nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(*stem)
         stages: list[nn.Module] = []
         c_in = stem_width
         for s, (n, c_out) in enumerate(zip(blocks, stage_widths)):
@@ -112,9 +130,10 @@ def cifar_resnet(
     stage_widths: Sequence[int] = (16, 32, 64),
     stem_width: int | None = None,
     mid_widths: Sequence[Sequence[int]] | None = None,
+    stem_stride: int = 1,
 ) -> CifarResNet:
     """Fully explicit CIFAR ResNet; the form searched and slimmed networks are saved in."""
-    return CifarResNet(num_classes, in_channels, blocks, stage_widths, stem_width, mid_widths)
+    return CifarResNet(num_classes, in_channels, blocks, stage_widths, stem_width, mid_widths, stem_stride)
 
 
 def _preset(depth: int):  # noqa: ANN202 - returns a registry builder
@@ -123,11 +142,12 @@ def _preset(depth: int):  # noqa: ANN202 - returns a registry builder
         in_channels: int,
         stage_widths: Sequence[int] = (16, 32, 64),
         width_mult: float = 1.0,
+        stem_stride: int = 1,
     ) -> CifarResNet:
         if width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         widths = [max(1, round(w * width_mult)) for w in stage_widths]
-        return CifarResNet(num_classes, in_channels, _depth_to_blocks(depth), widths)
+        return CifarResNet(num_classes, in_channels, _depth_to_blocks(depth), widths, stem_stride=stem_stride)
 
     build.__doc__ = f"ResNet-{depth} for CIFAR-sized inputs (3 stages of {(depth - 2) // 6} blocks)."
     return build

@@ -149,16 +149,19 @@ class SuperNet(nn.Module):
     """CIFAR ResNet supernet: widths and depths are distributions, see module docstring."""
 
     def __init__(self, num_classes: int, in_channels: int, blocks: Sequence[int], stage_widths: Sequence[int],
-                 ratios: Sequence[float] = WIDTH_RATIOS, align: str = "cwi") -> None:
+                 ratios: Sequence[float] = WIDTH_RATIOS, align: str = "cwi", stem_stride: int = 1) -> None:
         super().__init__()
         if align not in ALIGN:
             raise ConfigError(f"align must be one of {sorted(ALIGN)}, got {align!r}")
+        if stem_stride not in (1, 2, 4):
+            raise ConfigError(f"stem_stride must be 1, 2 or 4, got {stem_stride!r}")
+        self.stem_stride = stem_stride  # as models.resnet_cifar: 4 = stride-2 conv, then a stride-2 max-pool
         self.num_classes, self.in_channels = num_classes, in_channels
         self.stage_choice = nn.ModuleList(WidthChoice(w, ratios) for w in stage_widths)
         self.mid_choice = nn.ModuleList(
             nn.ModuleList(WidthChoice(w, ratios) for _ in range(n)) for w, n in zip(stage_widths, blocks))
         self.depth = nn.ModuleList(DepthChoice(n) for n in blocks)
-        self.stem = SearchConv(in_channels, self.stage_choice[0], 3, 1, align)
+        self.stem = SearchConv(in_channels, self.stage_choice[0], 3, min(stem_stride, 2), align)
         self.stages = nn.ModuleList()
         c_in = stage_widths[0]
         for s, (n, w) in enumerate(zip(blocks, stage_widths)):
@@ -187,6 +190,8 @@ class SuperNet(nn.Module):
         for c in self.choices():
             c.resample()
         h = F.relu(self.stem(x))
+        if self.stem_stride == 4:
+            h = F.max_pool2d(h, 3, stride=2, padding=1)
         for stage, depth in zip(self.stages, self.depth):
             outs = []
             for block in stage:
@@ -221,7 +226,8 @@ class SuperNet(nn.Module):
         depths = [int(d.beta.argmax()) + 1 for d in self.depth]
         widths = [c.argmax_width() for c in self.stage_choice]
         mids = [[self.mid_choice[s][b].argmax_width() for b in range(n)] for s, n in enumerate(depths)]
-        return {"blocks": depths, "stage_widths": widths, "stem_width": widths[0], "mid_widths": mids}
+        arch = {"blocks": depths, "stage_widths": widths, "stem_width": widths[0], "mid_widths": mids}
+        return arch if self.stem_stride == 1 else {**arch, "stem_stride": self.stem_stride}
 
     def entropy(self) -> float:
         """Mean entropy (nats) over all width and depth distributions."""

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from models.resnet_cifar import CifarResNet
+from models.resnet_cifar import CifarResNet, stem_stride_for
 from pipeline.checkpoint import load_teachers
 from pipeline.config import DistillConfig, SearchConfig, TrainConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         smallest, largest = space.check_budget(data.num_classes, data.channels, budget)  # before any training
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        supernet = SuperNet(data.num_classes, data.channels, blocks, widths, cfg.width_ratios, cfg.align)
+        stem_stride = cfg.stem_stride or stem_stride_for(max(data.meta["image_size"]))
+        supernet = SuperNet(data.num_classes, data.channels, blocks, widths, cfg.width_ratios, cfg.align, stem_stride)
         history = run_search(
             supernet, TeacherEnsemble(list(teachers.values())), data, budget=budget, largest=largest,
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_ratio_of_largest_teacher": budget / largest_teacher, "largest_teacher_params": largest_teacher,
             "params_ratio_of_largest_teacher": n / largest_teacher, "family_smallest_params": smallest,
             "family_largest_params": largest, "family": {"blocks": list(blocks), "stage_widths": list(widths)},
-            "within_budget": n <= budget, "repaired_after_search": repaired,
+            "within_budget": n <= budget, "repaired_after_search": repaired, "stem_stride": stem_stride,
         }
         write_csv(args.plots, history)
         write_json(args.out, result)

@@ -126,3 +126,19 @@ def test_user_arch_in_the_project_must_live_in_user_models() -> None:
     # a project file outside user_models/ is no stage's DVC dependency: a change would re-run nothing
     with pytest.raises(ConfigError, match="stages/__init__.py is a project file outside user_models/"):
         build_model("stages.prune:main", num_classes=3, in_channels=1)
+
+
+def test_the_stem_fits_the_input_size() -> None:
+    from models.resnet_cifar import stem_stride_for
+
+    assert [stem_stride_for(s) for s in (8, 32, 33, 64, 96, 224)] == [1, 1, 2, 2, 4, 4]
+    x = torch.zeros(2, 3, 224, 224)
+    seen = {}
+    for stride in (1, 2, 4):
+        net = build_model("cifar_resnet", num_classes=5, in_channels=3, blocks=[1, 1, 1], stage_widths=[8, 8, 8],
+                          stem_stride=stride).eval()
+        net.stages[0].register_forward_hook(lambda m, i, o, s=stride: seen.__setitem__(s, o.shape[-1]))
+        assert net(x).shape == (2, 5)
+    assert seen == {1: 224, 2: 112, 4: 56}  # the first stage's resolution
+    with pytest.raises(ConfigError, match="arch_config for 'resnet20' is invalid: stem_stride must be one of"):
+        build_model("resnet20", num_classes=5, in_channels=3, stem_stride=3)

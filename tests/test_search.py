@@ -106,3 +106,14 @@ def test_two_distinct_candidates_even_when_softmax_underflows() -> None:
         c.resample()
         idx = [i for i, _ in c.choices()]
         assert len(set(idx)) == 2
+
+
+def test_a_downsampling_stem_is_searched_and_kept_in_the_derived_architecture() -> None:
+    net = SuperNet(10, 3, [2, 2], [8, 16], stem_stride=4)
+    x = torch.randn(2, 3, 64, 64)
+    assert net(x).shape == (2, 10)
+    arch = net.derive()
+    assert arch["stem_stride"] == 4
+    student = build_model("cifar_resnet", num_classes=10, in_channels=3, **arch).eval()
+    assert student(x).shape == (2, 10) and isinstance(student.stem[-1], torch.nn.MaxPool2d)
+    assert "stem_stride" not in SuperNet(10, 3, [2, 2], [8, 16]).derive()  # CIFAR's stem: arch.json as before

@@ -51,6 +51,8 @@ def _check(arch: str, size: int, channels: int = 3, seed: int = 0, **cfg: object
         ("cifar_resnet", 8, 3, {"blocks": [2, 1], "stage_widths": [8, 16], "mid_widths": [[5, 7], [11]]}),
         ("mobilenetv2_tiny", 16, 1, {}),
         ("mobilenetv2", 32, 3, {"width_mult": 0.5}),
+        ("resnet20", 64, 3, {"stem_stride": 4}),  # the downsampling stem: stride-2 conv and max-pool
+        ("cifar_resnet", 40, 3, {"blocks": [2, 1], "stage_widths": [8, 16], "stem_stride": 2}),
     ],
 )
 def test_registry_archs_slim_equivalently(arch: str, size: int, channels: int, cfg: dict) -> None:

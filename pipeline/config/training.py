@@ -119,6 +119,9 @@ class SearchConfig(Section):
     """`search`: TAS width/depth search of the student under a parameter budget."""
 
     blocks: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="max blocks per stage; null: largest ResNet teacher")
+    stem_stride: Literal[1, 2, 4] | None = Field(None, description="the stem's stride: 1 (CIFAR), 2, or 4 (stride-2 "
+                                                 "convolution and max-pool, ImageNet-style); null: from the image size "
+                                                 "(1 up to 32 px, 2 up to 64 px, 4 above)")
     stage_widths: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="max stage widths; null: largest ResNet teacher")
     width_ratios: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     align: Literal["pad", "cwi"] = Field("pad", description="how candidate widths are aligned: zero padding or "
