@@ -51,21 +51,26 @@ def make_folder(root: Path, per_class: int, test_per_class: int, size: int, seed
     """train/ and test/ class folders of disjoint, resized CIFAR-10 JPEGs; returns the classes."""
     from PIL import Image
 
+    with tarfile.open(ARCHIVE) as tar:  # names first, then one sequential pass (a .tar.gz does not seek)
+        names = sorted(m.name for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg"))
+    by_class: dict[str, list[str]] = {}
+    for n in names:
+        by_class.setdefault(n.split("/")[1], []).append(n)
+    rng = random.Random(seed)
+    chosen: dict[str, str] = {}
+    for files in by_class.values():
+        rng.shuffle(files)
+        chosen.update({n: "train" for n in files[:per_class]})
+        chosen.update({n: "test" for n in files[per_class:per_class + test_per_class]})
     with tarfile.open(ARCHIVE) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
-        by_class: dict[str, list[tarfile.TarInfo]] = {}
-        for m in members:
-            by_class.setdefault(m.name.split("/")[1], []).append(m)
-        rng = random.Random(seed)
-        for cls, files in sorted(by_class.items()):
-            files = sorted(files, key=lambda m: m.name)
-            rng.shuffle(files)
-            for split, chosen in (("train", files[:per_class]),
-                                  ("test", files[per_class:per_class + test_per_class])):
-                (root / split / cls).mkdir(parents=True, exist_ok=True)
-                for m in chosen:
-                    img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-                    img.resize((size, size), Image.BICUBIC).save(root / split / cls / Path(m.name).name, quality=95)
+        for m in tar:
+            split = chosen.get(m.name)
+            if split is None:
+                continue
+            dest = root / split / m.name.split("/")[1] / Path(m.name).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+            img.resize((size, size), Image.BICUBIC).save(dest, quality=95)
     return sorted(by_class)
 
 
