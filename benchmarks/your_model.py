@@ -77,8 +77,11 @@ def make_folder(root: Path, per_class: int, test_per_class: int, size: int, seed
 def train_outside(root: Path, classes: list[str], epochs: int, seed: int, out: Path) -> dict[str, Any]:
     """torchvision resnet18 trained with plain torch on train/ (what a user brings); test accuracy on test/."""
     import torch
-    import torchvision
     from torch import nn
+
+    from models.tvcompat import import_torchvision
+
+    torchvision = import_torchvision()  # this machine's torchvision wheel is a CUDA build (models/tvcompat.py)
     from torchvision.transforms import v2
 
     torch.manual_seed(seed)
