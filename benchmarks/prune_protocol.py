@@ -68,7 +68,7 @@ def make_holdout(upstream: Path, path: Path, per_class: int) -> Path:
     if path.is_file():
         return path
     cfg = parse_section(yaml.safe_load((upstream / "params.yaml").read_text()), "prepare", PrepareConfig)
-    raw = load_source(cfg)
+    raw = load_source(cfg, whole=True)  # the holdout draws from the images outside the pool
     _, meta = prepare_splits(raw, cfg)
     want = json.loads((upstream / "artifacts" / "prepare" / "meta.json").read_text())["split_hashes"]
     if meta["split_hashes"] != want:

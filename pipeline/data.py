@@ -63,15 +63,17 @@ class PreparedData:
 # Reading sources (pipeline.sources) and checking their shape
 
 
-def load_source(cfg: PrepareConfig) -> RawImages:
+def load_source(cfg: PrepareConfig, whole: bool = False) -> RawImages:
     """The configured source in memory. An image folder's shape (``check_listed``) is checked
-    from its listing, before any image is decoded."""
+    from its listing, before any image is decoded, and only its training pool is decoded
+    (``prepare.max_per_class``), unless ``whole`` (a benchmark's holdout draws from the rest)."""
     channels = cfg.channels or (1 if cfg.source == "digits" else 3)
     if cfg.source == "digits":
         return load_digits_source(cfg.image_size, channels)
     if cfg.source == "imagefolder":
         return load_imagefolder(cfg.root, cfg.image_size, channels, cfg.skip_corrupt, cfg.max_image_pixels,
-                                check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg))
+                                check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg),
+                                pool=None if whole or cfg.max_per_class is None else lambda y: _pool(y, cfg))
     return load_cifar(cfg.source, cfg.root, cfg.download, cfg.image_size, channels)
 
 
@@ -198,7 +200,7 @@ def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[
     is checked first (``check_listed``, ``check_splits``, ``check_images``): DataError, nothing split."""
     has_test = raw.test_x is not None
     check_listed(raw.train_y, raw.classes, has_test, cfg)  # again: skipped images may have emptied a class
-    keep = _pool(raw.train_y, cfg)
+    keep = np.arange(len(raw.train_y)) if raw.pooled else _pool(raw.train_y, cfg)
     pool_y = raw.train_y[keep]
     parts = split_indices(pool_y, cfg.val_fraction, None if has_test else cfg.test_fraction, cfg.seed)
     check_splits(parts, pool_y, raw.classes, cfg)
@@ -248,6 +250,9 @@ def holdout_split(raw: RawImages, cfg: PrepareConfig, per_class: int, seed: int 
     has no such image (``max_per_class`` null or at least the pool's class sizes)."""
     if per_class < 1:
         raise DataError(f"holdout: per_class must be at least 1, got {per_class}")
+    if raw.pooled:
+        raise DataError("holdout: the source was read with only its training pool; read it with load_source(cfg, "
+                        "whole=True)")
     used = _pool(raw.train_y, cfg)
     rest = np.setdiff1d(np.arange(len(raw.train_y)), used)
     if not len(rest):

@@ -44,6 +44,7 @@ class RawImages:
     test_x: np.ndarray | None = None
     test_y: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
+    pooled: bool = False  # train_* holds only the training pool (prepare.max_per_class applied before decoding)
 
 
 def load_digits_source(image_size: int | None, channels: int) -> RawImages:
@@ -175,13 +176,13 @@ class _Decoded:
 
 
 def _decode_all(entries: list[_Entry], image_size: int | None, channels: int, max_pixels: int,
-                hasher: Any) -> _Decoded:
+                hasher: Any, skip: set[int] = frozenset()) -> _Decoded:
     out = _Decoded()
-    for e in entries:
+    for i, e in enumerate(entries):
         data = e.read()
         if hasher is not None:  # every file, as listed: the same folder always gives the same hash
             hasher.update(e.name.encode() + b"\0" + hashlib.sha256(data).digest())
-        if not e.is_image:
+        if not e.is_image or i in skip:
             continue
         try:
             arr = decode_image(data, channels, image_size, max_pixels=max_pixels, name=e.name,
@@ -209,7 +210,8 @@ def _unreadable(root: Path, failed: list[ImageError]) -> DataError:
 
 
 def load_imagefolder(root: str | Path, image_size: int | None, channels: int, skip_corrupt: bool,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, check: ShapeCheck | None = None) -> RawImages:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, check: ShapeCheck | None = None,
+                     pool: Callable[[np.ndarray], np.ndarray] | None = None) -> RawImages:
     """``root/train/<class>/*`` and optionally ``root/test/<class>/*`` (extensions ``IMAGE_EXTENSIONS``).
 
     ``root`` may be a directory or a ``.tar``/``.tar.gz`` archive of that layout. Class names come
@@ -231,7 +233,12 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
         check(np.array([index[e.cls] for e in entries if e.split == "train" and e.is_image], dtype=np.int64),
               classes, "test" in folders)
     hasher = hashlib.sha256() if root.is_dir() else None
-    dec = _decode_all(entries, image_size, channels, max_pixels, hasher)
+    skip: set[int] = set()
+    if pool is not None:  # the training images outside the pool are read (hashed), not decoded
+        train = [i for i, e in enumerate(entries) if e.split == "train" and e.is_image]
+        kept = set(pool(np.array([index[entries[i].cls] for i in train], dtype=np.int64)).tolist())
+        skip = {i for j, i in enumerate(train) if j not in kept}
+    dec = _decode_all(entries, image_size, channels, max_pixels, hasher, skip)
     if dec.failed and not skip_corrupt:
         raise _unreadable(root, dec.failed)
     _check_not_empty(root, folders, entries, dec.counts, "readable image")
@@ -253,7 +260,8 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
     train_x, train_y = stack("train")
     test_x, test_y = stack("test") if "test" in folders else (None, None)
     digest = f"sha256:{hasher.hexdigest()}" if hasher is not None else _file_sha256(root)
-    return RawImages(train_x, train_y, classes, digest, test_x, test_y, skipped=[str(f) for f in dec.failed])
+    return RawImages(train_x, train_y, classes, digest, test_x, test_y, skipped=[str(f) for f in dec.failed],
+                     pooled=pool is not None)
 
 
 def _file_sha256(path: Path) -> str:

@@ -190,7 +190,7 @@ def test_holdout_is_the_source_images_the_prepare_stage_left_out(tmp_path: Path)
     root = make_imagefolder(tmp_path / "ds", per_class=10)
     cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None, max_per_class=6,
                       val_fraction=0.2, test_fraction=0.2)
-    raw = load_source(cfg)
+    raw = load_source(cfg, whole=True)  # every image decoded: the holdout draws from outside the pool
     splits, _ = prepare_splits(raw, cfg)
     used = {x.tobytes() for name in ("train", "val", "test") for x in splits[name][0]}
     assert len(used) == 3 * 6
@@ -322,3 +322,25 @@ def test_unreadable_images_are_listed_with_their_cause(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "3 unreadable image(s)" in msg and "(not an image: 2, truncated: 1)" in msg
     assert "train/dog/broken.jpg: truncated:" in msg and "train/eel/notes.png: not an image:" in msg
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_only_the_training_pool_is_decoded_and_the_splits_are_the_same(tmp_path: Path, archive: bool) -> None:
+    # prepare.max_per_class: the images outside the pool are hashed but not decoded (memory), and the
+    # splits are exactly those of decoding everything and then taking the pool
+    root = make_imagefolder(tmp_path / "ds", per_class=12)
+    if archive:
+        with tarfile.open(tmp_path / "ds.tar.gz", "w:gz") as tar:
+            tar.add(root / "train", arcname="train")
+        root = tmp_path / "ds.tar.gz"
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=None, max_per_class=5)
+    pooled, whole = load_source(cfg), load_source(cfg, whole=True)
+    assert pooled.pooled and len(pooled.train_y) == 15 and len(whole.train_y) == 36
+    assert pooled.source_hash == whole.source_hash
+    a, meta_a = prepare_splits(pooled, cfg)
+    b, meta_b = prepare_splits(whole, cfg)
+    assert meta_a == meta_b
+    for split in a:
+        assert np.array_equal(a[split][0], b[split][0]) and np.array_equal(a[split][1], b[split][1])
+    with pytest.raises(DataError, match="whole=True"):
+        holdout_split(pooled, cfg, per_class=1)
