@@ -10,6 +10,7 @@ from benchmarks.tables.fmt import RESULTS, Refs, mean_std, median_range, read_js
 
 FRESH_CLONES = RESULTS / "fresh_clone/runs.json"
 TINY_MARGIN = RESULTS / "tiny_margin/runs.json"
+YOUR_MODEL = RESULTS / "your_model/result.json"
 
 
 def _pct(x: Any) -> str:
@@ -76,3 +77,20 @@ def make_run_summary() -> tuple[str, str]:
     d = read_json(FRESH_CLONES)
     ok = [r for r in d["runs"] if r["exit"] == 0]
     return median_range([r["run_s"] for r in ok], 0, " s"), f"{len(ok)} of {len(d['runs'])} exit 0"
+
+
+def your_model() -> tuple[list[str], list[list[str]], Refs]:
+    """The README's own-model walk-through: the input network, ours and the baselines, one run."""
+    d = read_json(YOUR_MODEL)
+    refs = Refs()
+    k = refs.key(YOUR_MODEL, d["command"], d["machine"])
+    o, e, p = d["outside"], d["engine"], d["predict"]
+    rows = [[f"your model (torchvision resnet18, {o['epochs']} epochs outside the pipeline)",
+             _pct(d["input_model_test_acc"]), f"{d['student_ms']:.3f} ms (measured by prune)", "-", k],
+            [f"ours, budget {d['budget_ms']:.3f} ms (0.5 of it)", _pct(d["compressed_test_acc"]),
+             f"{e['ms']:.3f} ms (engine)", f"{e['over_budget']:.3f} ({e['status']})", k]]
+    for m, acc in d["baselines_test_acc"].items():
+        rows.append([f"{m} (compare's joint run)", _pct(acc), "-", _ratio(d["baselines_over_budget"].get(m)), k])
+    rows.append([f"bundle `pipeline.predict` against the slimmed PyTorch model, {p['images']} test images",
+                 f"{100 * p['agreement']:.2f}% agree", "-", "-", k])
+    return ["network", "test acc %", "latency", "measured / budget", "src"], rows, refs
