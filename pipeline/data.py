@@ -4,6 +4,11 @@ Arrays are ``(N, C, H, W)`` uint8 images and ``(N,)`` int64 labels throughout. P
 are stored as ``train.npz``, ``val.npz``, ``test.npz`` (keys ``x`` and ``y``) plus ``meta.json``.
 Normalisation and augmentation happen per batch at training time (see ``normalize`` and
 ``augment_batch``), so the same tensors serve CPU and GPU training without a DataLoader.
+
+``prepare.storage: files`` (an image folder larger than memory) stores file names instead of
+pixels (keys ``files`` and ``y``); its splits are ``pipeline.streaming.FileSplit``, read from disk
+in DataLoader workers. Readers use what both kinds of split offer: ``len``, ``y``, ``take(idx)``
+(uint8 rows) and ``batches(n)`` (in order).
 """
 
 from __future__ import annotations
@@ -11,18 +16,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import DataError
 from pipeline.images import DECODE_RULE
 from pipeline.io import atomic_dir, read_json, write_json
-from pipeline.sources import RawImages, load_cifar, load_digits_source, load_imagefolder
+from pipeline.sources import RawImages, list_imagefolder, load_cifar, load_digits_source, load_imagefolder
+from pipeline.streaming import FileSplit, View, default_workers, file_split
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +47,25 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.numel())
 
+    def take(self, idx: torch.Tensor | None = None, train: bool = False) -> torch.Tensor:
+        """uint8 rows ``idx`` (every row: None). ``train`` is for ``FileSplit``'s training view;
+        images in memory are augmented per batch (``augment_batch``)."""
+        return self.x if idx is None else self.x[idx]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) in order."""
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+AnySplit = Split | FileSplit
+
 
 @dataclass(frozen=True)
 class PreparedData:
-    train: Split
-    val: Split
-    test: Split
+    train: AnySplit
+    val: AnySplit
+    test: AnySplit
     meta: dict[str, Any]
 
     @property
@@ -234,11 +256,106 @@ def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[
     return splits, meta
 
 
+def prepare_files(cfg: PrepareConfig, workers: int | None = None, batch_size: int = 64
+                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """``prepare.storage: files``: list the image folder, split its file names as ``prepare_splits``
+    splits images, and read every image once in its evaluation view (DataLoader workers): unreadable
+    files are found now (DataError, or skipped with ``prepare.skip_corrupt``), and the training
+    split's mean and std are summed batch by batch. Memory stays that of a few batches, whatever the
+    dataset's size. Returns splits of (file names, labels) and the meta dict."""
+    listed = list_imagefolder(cfg.root, check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg))
+    has_test = "test" in listed.files
+    y = listed.labels["train"]
+    keep = _pool(y, cfg)
+    parts = split_indices(y[keep], cfg.val_fraction, None if has_test else cfg.test_fraction, cfg.seed)
+    check_splits(parts, y[keep], listed.classes, cfg)
+    rows = {k: keep[v] for k, v in parts.items()}
+    source = {k: "train" for k in rows}
+    if has_test:
+        rows["test"], source["test"] = np.arange(len(listed.labels["test"])), "test"
+    channels = cfg.channels or 3
+    shorter = int(cfg.eval_shorter_side or 0)
+    view = View(channels, int(cfg.image_size or 0), shorter, cfg.max_image_pixels)
+    workers = default_workers() if workers is None else workers
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    digests: dict[str, list[bytes]] = {}
+    failed: list[str] = []
+    total, squares, pixels = np.zeros(channels), np.zeros(channels), 0
+    for name in SPLITS:
+        src, idx = source[name], rows[name]
+        files = np.array([listed.files[src][i] for i in idx], dtype=np.str_)
+        labels = listed.labels[src][idx]
+        ok = np.ones(len(files), dtype=bool)
+        split = FileSplit(listed.root, tuple(files), torch.from_numpy(labels), view, workers)
+        done = 0
+        for xb, errors in tqdm(split.scan(batch_size), desc=f"prepare {name}", unit="batch",
+                               total=math.ceil(len(files) / batch_size), disable=not sys.stderr.isatty()):
+            bad = [i for i, e in enumerate(errors) if e]
+            failed += [errors[i] for i in bad]
+            ok[[done + i for i in bad]] = False
+            if name == "train":
+                good = xb[[i for i in range(len(errors)) if not errors[i]]].double() / 255.0
+                total += good.sum(dim=(0, 2, 3)).numpy()
+                squares += (good * good).sum(dim=(0, 2, 3)).numpy()
+                pixels += good.shape[0] * good.shape[2] * good.shape[3]
+            done += len(errors)
+        splits[name] = (files[ok], labels[ok])
+        digests[name] = [listed.digests[src][i] for i, keep_it in zip(idx, ok) if keep_it]
+    if failed and not cfg.skip_corrupt:
+        shown = "\n  ".join(failed[:20])
+        raise DataError(f"{len(failed)} unreadable image(s) under {listed.root}:\n  {shown}"
+                        f"{chr(10) + '  ...' if len(failed) > 20 else ''}\nFix or remove them, or set "
+                        "prepare.skip_corrupt: true to skip them (counted in metrics).")
+    if failed:  # skipped images may have emptied a class of a split
+        every = np.concatenate([v[1] for v in splits.values()])
+        ends = np.cumsum([len(v[1]) for v in splits.values()])
+        check_splits({k: np.arange(end - len(v[1]), end) for (k, v), end in zip(splits.items(), ends)}, every,
+                     listed.classes, cfg)
+    mean = total / max(pixels, 1)
+    std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean * mean, 0.0))
+    if (std == 0).any():
+        raise DataError(f"prepare: every train image has one value in channel(s) {np.flatnonzero(std == 0).tolist()} "
+                        "(std 0): nothing to learn there, and normalising would divide by zero")
+    n_cls = len(listed.classes)
+    meta = {
+        "source": cfg.source,
+        "storage": "files",
+        "root": str(cfg.root),
+        "classes": listed.classes,
+        "num_classes": n_cls,
+        "channels": channels,
+        "image_size": [view.size, view.size],
+        "shorter_side": shorter,
+        "layout": (f"file names under root; decode, resize the shorter side to {shorter} (bilinear, antialias), "
+                   f"centre crop {view.size}x{view.size}, normalise as (x / 255 - mean) / std"),
+        "decode": DECODE_RULE,
+        "max_image_pixels": cfg.max_image_pixels,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "split_sizes": {k: int(len(v[1])) for k, v in splits.items()},
+        "class_counts": {k: np.bincount(v[1], minlength=n_cls).tolist() for k, v in splits.items()},
+        "test_from": "source test split" if has_test else f"{cfg.test_fraction} of train, stratified",
+        "split_seed": cfg.seed,
+        "source_hash": listed.source_hash,
+        "split_hashes": {k: _files_sha(v[0], v[1], digests[k]) for k, v in splits.items()},
+        "skipped_corrupt": failed,
+    }
+    return splits, meta
+
+
+def _files_sha(files: np.ndarray, y: np.ndarray, digests: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for f, label, d in zip(files.tolist(), y.tolist(), digests):
+        h.update(f"{f}\0{label}\0".encode() + d)
+    return "sha256:" + h.hexdigest()
+
+
 def save_prepared(out_dir: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any]) -> None:
-    """Write ``<split>.npz`` and ``meta.json`` into ``out_dir`` atomically (all or nothing)."""
+    """Write ``<split>.npz`` and ``meta.json`` into ``out_dir`` atomically (all or nothing). Splits
+    of file names (``prepare_files``) are stored under the key ``files`` instead of ``x``."""
     with atomic_dir(out_dir) as tmp:
         for name, (x, y) in splits.items():
-            np.savez(tmp / f"{name}.npz", x=x, y=y)
+            np.savez(tmp / f"{name}.npz", **{"files" if x.dtype.kind == "U" else "x": x}, y=y)
         write_json(tmp / "meta.json", meta)
 
 
@@ -289,10 +406,15 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         raise DataError(f"prepared data in {data_dir} is missing {missing}; run the prepare stage first")
     try:
         meta = read_json(data_dir / "meta.json")
-        splits = {}
+        files = meta.get("storage") == "files"
+        if files and not Path(meta["root"]).is_dir():
+            raise DataError(f"prepared data in {data_dir} lists images under {meta['root']}, which is not a directory "
+                            "here: the image folder must stay where the prepare stage read it (prepare.root)")
+        splits: dict[str, AnySplit] = {}
         for s in SPLITS:
             with np.load(data_dir / f"{s}.npz", allow_pickle=False) as f:
-                splits[s] = Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]).long())
+                splits[s] = (file_split(meta["root"], f["files"], f["y"], meta) if files else
+                             Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]).long()))
     except (ValueError, OSError, KeyError) as err:  # bad JSON, truncated or foreign .npz
         raise DataError(f"prepared data in {data_dir} is unreadable ({err}); re-run the prepare stage") from err
     return PreparedData(splits["train"], splits["val"], splits["test"], meta)

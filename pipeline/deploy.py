@@ -35,9 +35,11 @@ def preprocessing_spec(data_meta: dict[str, Any]) -> dict[str, Any]:
     image ``pipeline.predict`` decodes unless told otherwise (``prepare.max_image_pixels``)."""
     h, w = data_meta["image_size"]
     c = data_meta["channels"]
+    crop = ({"shorter_side": int(data_meta["shorter_side"])}  # prepare.storage files: resize, then centre crop
+            if data_meta.get("shorter_side") else {})
     return {"decode": data_meta.get("decode", DECODE_RULE),
             "max_image_pixels": data_meta.get("max_image_pixels", DEFAULT_MAX_PIXELS),
-            "resize": [h, w], "resample": "bilinear", "channels": c,
+            **crop, "resize": [h, w], "resample": "bilinear", "channels": c,
             "channel_order": "L (grayscale)" if c == 1 else "RGB", "scale": 1 / 255,
             "mean": list(data_meta["mean"]), "std": list(data_meta["std"])}  # copies, never the caller's lists
 
@@ -144,6 +146,9 @@ class Preprocessing(_Part):
     model_config = ConfigDict(extra="forbid")
     decode: str | None = Field(None, description="pipeline.images.DECODE_RULE; absent in bundles made before it")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    shorter_side: int | None = Field(
+        None, ge=1, le=65536, description="when set: resize the shorter side to this (bilinear, antialiased), then "
+        "crop the centre resize[0] x resize[1] (pipeline.streaming.eval_view); absent: resize straight to resize")
     resize: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=2, max_length=2)
     resample: str
     channels: int

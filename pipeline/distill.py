@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import normalize
+from pipeline.data import AnySplit, Split, normalize
 
 Mode = Literal["oracle", "ensemble", "none"]
 
@@ -121,13 +121,15 @@ def memoize_split(ensemble: TeacherEnsemble, inputs: torch.Tensor, augment: str,
     return True
 
 
-def training_ensemble(teachers: Sequence[nn.Module], train_x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+def training_ensemble(teachers: Sequence[nn.Module], train: AnySplit, mean: torch.Tensor, std: torch.Tensor,
                       augment: str, device: torch.device, batch_size: int) -> TeacherEnsemble:
-    """The frozen teachers on ``device``, with their logits of the training split (``train_x``,
-    uint8 NCHW, normalised by ``mean``/``std`` as the training loop does) memoized where
-    ``memoize_split`` allows it. ``batch_size``: the per-rank training batch."""
+    """The frozen teachers on ``device``, with their logits of the training split (``train``'s
+    uint8 images, normalised by ``mean``/``std`` as the training loop does) memoized where
+    ``memoize_split`` allows it; never for images read from disk (the dataset may not fit in
+    memory). ``batch_size``: the per-rank training batch."""
     ensemble = TeacherEnsemble(teachers).to(device)
-    memoize_split(ensemble, normalize(train_x, mean, std), augment, device, batch_size)
+    if isinstance(train, Split):
+        memoize_split(ensemble, normalize(train.x, mean, std), augment, device, batch_size)
     return ensemble
 
 

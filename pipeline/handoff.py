@@ -26,7 +26,7 @@ Image classifier built by slimdeploy (git {git}). Everything here is listed with
 ## Input
 
 - tensor `{input_name}`, float32, layout NCHW, shape (batch, {c}, {h}, {w}); batch is dynamic in the ONNX model{trt_batch}
-- preprocessing: decode, convert to {order}, resize to {h}x{w} (bilinear), scale to [0, 1] (x / 255),
+- preprocessing: decode, convert to {order}, {resize}, scale to [0, 1] (x / 255),
   subtract mean {mean} and divide by std {std} per channel
 - output `{output_name}`: (batch, {k}) unnormalised class scores; softmax gives probabilities
 - classes (index order): {classes}
@@ -141,7 +141,9 @@ def bundle_readme(name: str, git: str, eng: dict[str, Any], card: dict[str, Any]
         name=name, git=git, input_name=INPUT, output_name=OUTPUT, c=meta["channels"], h=h, w=w,
         trt_batch={"tensorrt": " (the TensorRT engine: 1 to its profile's maximum)",
                    "torch": f" (the torch engine: exactly {eng['batch_size']})"}.get(eng["backend"], ""),
-        order=pre["channel_order"], mean=pre["mean"], std=pre["std"], k=meta["num_classes"],
+        order=pre["channel_order"], resize=(
+            f"resize the shorter side to {pre['shorter_side']} (bilinear, antialiased), crop the centre {h}x{w}"
+            if pre.get("shorter_side") else f"resize to {h}x{w} (bilinear)"), mean=pre["mean"], std=pre["std"], k=meta["num_classes"],
         classes=", ".join(meta["classes"]), acc=eng["test_acc"], acc_onnx=eng["test_acc_onnx"], n_test=n_test,
         backend=eng["backend"], precision=eng["precision"], batch=eng["batch_size"],
         device=eng["device"].get("name", "?"), ms=lat["ms"], windows=lat["windows"], span=lat["span_s"],

@@ -33,19 +33,29 @@ if TYPE_CHECKING:  # pipeline.deploy imports torch: imported where it is used
 
 def preprocess(paths: list[Path], pre: Preprocessing, max_pixels: int | None = None) -> np.ndarray:
     """Images -> float32 NCHW exactly as the training data was prepared: decoded by
-    ``pipeline.images`` (``pre.decode``), resized, scaled and normalised by ``pre``.
+    ``pipeline.images`` (``pre.decode``), resized (with ``pre.shorter_side``: shorter side resized,
+    then centre-cropped, as ``pipeline.streaming.eval_view``), scaled and normalised by ``pre``.
     ``max_pixels``: the decoding limit (default: the bundle's ``pre.max_image_pixels``)."""
     h, w = pre.resize
     if h != w:
         raise DataError(f"manifest preprocessing.resize {pre.resize} is not square; this predictor resizes to squares")
     limit = pre.max_image_pixels if max_pixels is None else max_pixels
+    crop = None
+    if pre.shorter_side is not None:  # the training data's evaluation view, the same function
+        import torch
+
+        from pipeline.streaming import eval_view
+
+        def crop(a: np.ndarray) -> np.ndarray:
+            return eval_view(torch.tensor(a), pre.shorter_side, h).numpy()
     out = []
     for p in paths:
         try:
-            out.append(decode_image(p, pre.channels, h, max_pixels=limit, name=str(p),
-                                    limit_hint="--max-image-pixels"))
+            img = decode_image(p, pre.channels, None if crop else h, max_pixels=limit, name=str(p),
+                               limit_hint="--max-image-pixels")
         except ImageError as err:
             raise DataError(f"cannot read image {err}") from None
+        out.append(crop(img) if crop else img)
     x = np.stack(out).astype(np.float32) * np.float32(pre.scale)
     mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)

@@ -92,6 +92,7 @@ def run_search(
     average: str,
     augment: str,
     crop_padding: int,
+    crop_scale: tuple[float, float] = (0.25, 1.0),
     seed: int,
     device: torch.device,
     progress: bool = True,
@@ -109,7 +110,7 @@ def run_search(
 
     from tqdm.auto import tqdm
 
-    from pipeline.data import augment_batch, normalize
+    from pipeline.data import Split, augment_batch, normalize
     from pipeline.distill import TeacherEnsemble, memoize_split, oracle_kd_loss
 
     gen = torch.Generator().manual_seed(seed)
@@ -118,10 +119,13 @@ def run_search(
     n = len(data.train)
     perm = torch.randperm(n, generator=gen)
     halves = perm[: n // 2], perm[n // 2 :]
-    x_all, y_all = data.train.x.to(device), data.train.y.to(device)
+    in_memory = isinstance(data.train, Split)  # else images on disk (prepare.storage files), decoded per batch
+    x_all = data.train.x.to(device) if in_memory else None
+    files = None if in_memory else data.train.with_training_view(crop_scale)
+    y_all = data.train.y.to(device)
     mean = torch.tensor(data.meta["mean"], device=device)
     std = torch.tensor(data.meta["std"], device=device)
-    if isinstance(teachers, TeacherEnsemble):  # the teachers' logits of the unaugmented split, once
+    if isinstance(teachers, TeacherEnsemble) and x_all is not None:  # the unaugmented split's logits, once
         memoize_split(teachers, normalize(x_all, mean, std), augment, device, batch_size)
     steps = max(1, min(len(h) for h in halves) // batch_size)
     w_opt = torch.optim.SGD(supernet.weight_parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
@@ -143,7 +147,7 @@ def run_search(
         supernet.to(memory_format=torch.channels_last)
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xb = x_all[idx]
+        xb = x_all[idx] if files is None else files.take(idx.cpu(), augment == "random_resized_crop").to(device)
         if augment == "padcrop_flip":
             xb = augment_batch(xb, crop_padding, aug_gen)
         xb = normalize(xb, mean, std)
@@ -189,13 +193,12 @@ def run_search(
         supernet.set_mode("argmax", tau)
         with torch.no_grad():
             correct = torch.zeros((), dtype=torch.long, device=device)
-            x_val, y_val = data.val.x.to(device), data.val.y.to(device)
-            for j in range(0, len(data.val), 512):
-                xv = normalize(x_val[j : j + 512], mean, std)
+            for xv, yv in data.val.batches(512):
+                xv, yv = normalize(xv.to(device), mean, std), yv.to(device)
                 if channels_last and cuda:
                     xv = xv.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    correct += (supernet(xv).argmax(1) == y_val[j : j + 512]).sum()
+                    correct += (supernet(xv).argmax(1) == yv).sum()
             expected = float(supernet.expected_params())
         w_mean, a_mean, c_mean = (sums / steps).tolist()
         history.append({

@@ -264,6 +264,53 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
                      pooled=pool is not None)
 
 
+@dataclass
+class ListedFiles:
+    """An image folder listed, not decoded (``prepare.storage: files``): per split, file names
+    relative to ``root``, labels and each file's sha256; ``source_hash`` as ``load_imagefolder``'s."""
+
+    root: Path
+    classes: list[str]
+    files: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    digests: dict[str, list[bytes]]
+    source_hash: str
+
+
+def list_imagefolder(root: str | Path, check: ShapeCheck | None = None) -> ListedFiles:
+    """``root/train/<class>/*`` (and optionally ``test/``) as file names: every file is read once to
+    hash it (the dataset's version), none is decoded. Same listing rules and errors as
+    ``load_imagefolder``; ``root`` must be a directory (images are read from it while training)."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"prepare.root: {root} is an archive; prepare.storage: files reads images from a directory "
+                        "while training: extract it (or use prepare.storage: memory)")
+    entries, folders = _list_folder(root)
+    listed: dict[tuple[str, str], int] = {}
+    for e in entries:
+        listed[(e.split, e.cls)] = listed.get((e.split, e.cls), 0) + e.is_image
+    _check_not_empty(root, folders, entries, listed, "image file")
+    classes = sorted(folders["train"])
+    index = {c: i for i, c in enumerate(classes)}
+    images = [e for e in entries if e.is_image]
+    if check is not None:
+        check(np.array([index[e.cls] for e in images if e.split == "train"], dtype=np.int64), classes,
+              "test" in folders)
+    hasher = hashlib.sha256()
+    out = ListedFiles(root, classes, {s: [] for s in folders}, {}, {s: [] for s in folders}, "")
+    labels: dict[str, list[int]] = {s: [] for s in folders}
+    for e in entries:
+        digest = hashlib.sha256(e.read()).digest()
+        hasher.update(e.name.encode() + b"\0" + digest)
+        if e.is_image:
+            out.files[e.split].append(e.name)
+            labels[e.split].append(index[e.cls])
+            out.digests[e.split].append(digest)
+    out.labels = {s: np.array(v, dtype=np.int64) for s, v in labels.items()}
+    out.source_hash = f"sha256:{hasher.hexdigest()}"
+    return out
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

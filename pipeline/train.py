@@ -1,7 +1,9 @@
 """Supervised training loop shared by every training stage.
 
-Data stays in memory as uint8 tensors on the training device; each step indexes a batch,
+Images in memory stay as uint8 tensors on the training device; each step indexes a batch,
 augments and normalises it there (no DataLoader workers, no per-batch host round trips on GPU).
+Images on disk (``prepare.storage: files``) are decoded and augmented in DataLoader workers
+(``pipeline.streaming``) and normalised on the device.
 Under torchrun the model is wrapped in DistributedDataParallel and each rank takes its share of
 every epoch's permutation (torch's DistributedSampler). A resume file written after every epoch
 lets an interrupted run continue exactly where it stopped.
@@ -27,10 +29,11 @@ from tqdm.auto import tqdm
 
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.cuda_graph import GRAPH_WARMUP_STEPS, CaptureFailed, Criterion, GraphedStep, autocast
-from pipeline.data import PreparedData, Split, augment_batch, normalize
+from pipeline.data import AnySplit, PreparedData, augment_batch, normalize
 from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.io import torch_save
 from pipeline.runtime import DistContext
+from pipeline.streaming import FileSplit
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ def _stats(x: list[float], device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
-    split: Split,
+    split: AnySplit,
     mean: torch.Tensor,
     std: torch.Tensor,
     device: torch.device,
@@ -114,10 +117,9 @@ def predict_logits(
     """Eval-mode logits (N, K) as float32 on the CPU. ``model`` is put in eval mode."""
     model.eval()
     mean, std = mean.to(device), std.to(device)
-    x = split.x.to(device)  # one transfer; logits stay on the device until the end
-    out = []
-    for i in range(0, len(split), batch_size):
-        xb = normalize(x[i : i + batch_size], mean, std)
+    out = []  # logits stay on the device until the end
+    for xb, _ in split.batches(batch_size):
+        xb = normalize(xb.to(device, non_blocking=True), mean, std)
         if channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
@@ -126,7 +128,7 @@ def predict_logits(
 
 
 def test_accuracy(model: nn.Module, data: PreparedData, device: torch.device, batch_size: int = 512,
-                  amp: bool = False, split: Split | None = None) -> float:
+                  amp: bool = False, split: AnySplit | None = None) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on the test split (or ``split``, normalised with the
     training statistics of ``data``), in [0, 1]."""
     mean, std = data.norm()
@@ -276,7 +278,12 @@ def train_classifier(
         model.to(memory_format=torch.channels_last)
     mean = _stats(data.meta["mean"], device).float()
     std = _stats(data.meta["std"], device).float()
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    streamed = isinstance(data.train, FileSplit)  # prepare.storage files: decoded in DataLoader workers
+    if streamed:
+        train_files = data.train.with_training_view(cfg.crop_scale, cfg.workers)
+        train_y = data.train.y.to(device)
+    else:
+        train_x, train_y = data.train.x.to(device), data.train.y.to(device)
 
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} DDP ranks")
@@ -320,16 +327,23 @@ def train_classifier(
         # a resumed run draws what the uninterrupted one drew
         torch.manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
         batches = _epoch_batches(sampler, epoch, per_rank, device)
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + ctx.rank)
+        epoch_seed = seed * 1_000_003 + epoch * 1009 + ctx.rank
+        gen = torch.Generator(device=device).manual_seed(epoch_seed)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
-            xb, yb = train_x[idx], train_y[idx]
+        if streamed:
+            source = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in
+                      train_files.loader([b.tolist() for b in batches], cfg.augment == "random_resized_crop",
+                                         epoch_seed))
+        else:
+            source = ((train_x[idx], train_y[idx]) for idx in batches)
+        for step, (xb, yb) in enumerate(tqdm(source, desc=f"epoch {epoch + 1}", leave=False, disable=not show,
+                                             total=len(batches))):
             if cfg.augment == "padcrop_flip":
                 xb = augment_batch(xb, cfg.crop_padding, gen)
             xb = normalize(xb, mean, std)
             if use_cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            logits, loss = stepper(xb, yb, full=len(idx) == per_rank)
+            logits, loss = stepper(xb, yb, full=len(yb) == per_rank)
             sched.step()
             with torch.no_grad():  # device-side sums: no host synchronisation inside the epoch
                 n = yb.numel()

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.methods:
             device = resolve_device(train_cfg.device)
             teachers = load_teachers(args.teachers, list(parse_teachers(params)), data.meta)
-            ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment,
+            ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment,
                                          device, train_cfg.batch_size)
             criterion = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
             space = baseline_space(student, example, prune_cfg.multiple or table.step,

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol = timing_protocol(target, passes=cfg.timing_passes, min_span_s=cfg.timing_span_s)
         backend, reason = select_backend(cfg.backend, target.device)
         mean, std = data.norm()
-        x = normalize(data.test.x, mean, std)
+        x = normalize(data.test.take(), mean, std)
         reference = ort_logits(ort_session(args.onnx, "cpu", optimize=False), x)
         bs = target.batch_size
         xb = x[torch.arange(bs) % len(x)].contiguous()  # one deployment batch of real test images

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import PrepareConfig, parse_section
-from pipeline.data import load_source, prepare_splits, save_prepared
+from pipeline.data import load_source, prepare_files, prepare_splits, save_prepared
 from pipeline.io import write_json
 from stages._common import load_params, log, parser, run
 
@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = parse_section(load_params(args.params), "prepare", PrepareConfig)
-        raw = load_source(cfg)
-        splits, meta = prepare_splits(raw, cfg)
+        if cfg.storage == "files":
+            splits, meta = prepare_files(cfg)
+        else:
+            splits, meta = prepare_splits(load_source(cfg), cfg)
         save_prepared(args.out, splits, meta)
         write_json(
             args.metrics,
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_classes": meta["num_classes"],
                 "image_size": meta["image_size"],
                 "channels": meta["channels"],
+                "storage": cfg.storage,
                 **{f"{k}_images": v for k, v in meta["split_sizes"].items()},
                 "skipped_corrupt": len(meta["skipped_corrupt"]),
             },

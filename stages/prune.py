@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
         ref = share_reference(ref, ctx, device, state, ref_key)
         budget = ref.budget(cfg)  # the one Budget: written into masks.json, read back by compare and engine
-        ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment, device,
+        ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment, device,
                                      train_cfg.batch_size // ctx.world_size)
         distil = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
         fingerprint = digest(cfg.model_dump(exclude={"progress"}), "calibrated", kd.model_dump(),

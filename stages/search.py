@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             arch_lr=cfg.arch_lr, arch_weight_decay=cfg.arch_weight_decay, tau_max=cfg.tau_max, tau_min=cfg.tau_min,
             cost_weight=cfg.cost_weight, tolerance=cfg.tolerance, temperature=kd.temperature, alpha=kd.alpha,
             mode=kd.mode, average=kd.average, augment=train_cfg.augment, crop_padding=train_cfg.crop_padding,
+            crop_scale=train_cfg.crop_scale,
             seed=cfg.seed, device=device, progress=cfg.progress, amp=train_cfg.amp,
             channels_last=train_cfg.channels_last,
         )

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.zeros(1, *shape)
         masks = masks_from_kept(channel_groups(model, example), kept)
         mean, std = data.norm()
-        check = normalize(data.test.x[: cfg.check_samples], mean, std)
+        check = normalize(data.test.take(torch.arange(min(cfg.check_samples, len(data.test)))), mean, std)
         result = slim(model, example, masks, check_inputs=check, atol=cfg.atol)  # raises when not equal
 
         cpu = torch.device("cpu")

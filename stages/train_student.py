@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(searched["arch"], **arch_config)
         teachers = load_teachers(args.teachers, names, data.meta)
         device, ctx = start_training(train_cfg.device, train_cfg.num_threads)
-        ensemble = training_ensemble(list(teachers.values()), data.train.x, *data.norm(), train_cfg.augment, device,
+        ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment, device,
                                      train_cfg.batch_size // ctx.world_size)
         teacher_files = [file_sha256(Path(args.teachers) / f"{n}.pt") for n in names]  # retrained -> no resume
         fingerprint = digest(cfg.model_dump(), kd.model_dump(), train_cfg.model_dump(exclude={"progress"}),

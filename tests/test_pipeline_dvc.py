@@ -153,3 +153,52 @@ def test_compress_a_trained_model_given_as_a_weights_file(tmp_path: Path) -> Non
     torch.save({k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}, repo / "weights" / "own.pt")
     rerun = _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo))
     assert {"train_teacher@own", "prune", "handoff"} <= rerun and not {"prepare", "profile", "search"} & rerun
+
+
+def test_images_streamed_from_a_folder_end_to_end(tmp_path: Path) -> None:
+    """prepare.storage files (README, "Your own model and images"): an image folder of varied sizes
+    read from disk in DataLoader workers, trained with random resized crops; every stage runs, the
+    bundle's pipeline.predict applied to the raw test files gives the ONNX model's logits of the
+    evaluation view the pipeline measured, and a changed image re-runs prepare."""
+    import numpy as np
+
+    from pipeline.data import load_prepared, normalize
+    from pipeline.predict import predict
+    from pipeline.runtimes import ort_logits, ort_session
+    from tests.test_streaming import colour_folder
+
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    _sh(["git", "init", "-q"], repo)
+    colour_folder(repo / "imgs", per_class=40, test=10)
+    params = resolve("tiny")
+    for t in params["teachers"].values():
+        t["epochs"] = 6  # a few batches an epoch: 84 training images
+    params["prepare"] = {"source": "imagefolder", "root": "imgs", "storage": "files", "image_size": 16}
+    params["train"] = {**params["train"], "batch_size": 16, "augment": "random_resized_crop",
+                       "crop_scale": [0.5, 1.0], "workers": 2}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh(["dvc", "repro", "handoff", "ensemble"], repo)
+    assert {"prepare", "search", "train_student", "prune", "export", "engine", "handoff"} <= _ran(out)
+    meta = json.loads((repo / "artifacts" / "prepare" / "meta.json").read_text())
+    assert meta["storage"] == "files" and meta["split_sizes"]["test"] == 30
+    manifest = json.loads((repo / "artifacts" / "handoff" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["shorter_side"] == 18 and manifest["preprocessing"]["resize"] == [16, 16]
+
+    cwd = os.getcwd()
+    os.chdir(repo)  # the prepared data names its image folder relative to the repository
+    try:
+        data = load_prepared("artifacts/prepare")
+        files = [repo / "imgs" / f for f in np.load("artifacts/prepare/test.npz")["files"]]
+        got = predict("artifacts/handoff", files)
+        sess = ort_session(Path("artifacts/handoff") / manifest["model"]["onnx"], "cpu", threads=1)
+        want = ort_logits(sess, normalize(data.test.take(), *data.norm())).argmax(1)
+    finally:
+        os.chdir(cwd)
+    assert [r["index"] for r in got] == want.tolist()
+    engine = json.loads((repo / "metrics" / "engine.json").read_text())
+    assert engine["test_acc"] > 0.6  # colours: far above chance (1/3) through every stage
+
+    assert _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo)) == set()
+    colour_folder(repo / "imgs", per_class=40, test=10, seed=1)  # new pixels, same names
+    assert "prepare" in _ran(_sh(["dvc", "repro", "prepare"], repo))

@@ -59,6 +59,7 @@ def validate_params(params: dict[str, Any]) -> None:
         except ConfigError as err:
             problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  teachers: {err}"]
     problems += _compressed_teacher(params, teachers)
+    problems += _augment_needs_files(params)
     if "run" in params:
         launcher = (params.get("run") or {}).get("launcher") if isinstance(params.get("run"), dict) else None
         if not isinstance(launcher, str) or not launcher.strip():
@@ -78,3 +79,16 @@ def _compressed_teacher(params: dict[str, Any], teachers: dict[str, Any] | None)
         return []
     return [f"  compress.model: names teacher {name!r}, which is not an entry of `teachers` "
             f"(entries: {', '.join(teachers)}); add it there (your model: arch, weights, epochs: 0)"]
+
+
+def _augment_needs_files(params: dict[str, Any]) -> list[str]:
+    """train.augment random_resized_crop with images held in memory (already resized: nothing to crop from)."""
+    try:
+        augment = parse_section(params, "train", TrainConfig).augment if "train" in params else "none"
+        storage = parse_section(params, "prepare", PrepareConfig).storage if "prepare" in params else "memory"
+    except ConfigError:
+        return []  # listed with the sections' own problems
+    if augment == "random_resized_crop" and storage != "files":
+        return ["  train.augment: random_resized_crop crops the full-size images on disk; it needs prepare.storage: "
+                "files (an image folder), or use padcrop_flip / none with images in memory"]
+    return []

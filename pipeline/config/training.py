@@ -37,6 +37,33 @@ class PrepareConfig(Section):
         "refused before decoding (default: Pillow's own limit); raise it for genuine large images"
     )
     download: bool = Field(False, description="cifar10/cifar100: download into root when missing")
+    storage: Literal["memory", "files"] = Field(
+        "memory", description="memory: decode every image once into uint8 arrays (fastest; digits, CIFAR-sized "
+        "data); files (imagefolder directory): keep the file list, decode images from disk as they are used, in "
+        "DataLoader workers, so the dataset may be larger than memory")
+    shorter_side: int | None = Field(
+        None, ge=4, le=4096, description="files: evaluation view = resize the shorter side to this, then the centre "
+        "image_size x image_size crop; null: image_size / 0.875 (224 -> 256)")
+
+    @model_validator(mode="after")
+    def _files_need_a_folder(self) -> PrepareConfig:
+        if self.storage == "files":
+            if self.source != "imagefolder":
+                raise ValueError(f"storage: files reads an image folder from disk; source is {self.source!r} "
+                                 "(use storage: memory)")
+            if self.image_size is None:
+                raise ValueError("storage: files needs image_size (the network's input size, e.g. 224)")
+            if self.shorter_side is not None and self.shorter_side < self.image_size:
+                raise ValueError(f"shorter_side {self.shorter_side} is below image_size {self.image_size}: the centre "
+                                 "crop would not fit")
+        return self
+
+    @property
+    def eval_shorter_side(self) -> int | None:
+        """files: the evaluation view's shorter side (``shorter_side`` or image_size / 0.875)."""
+        if self.storage != "files" or self.image_size is None:
+            return None
+        return self.shorter_side or round(self.image_size / 0.875)
 
 
 class OptimizerConfig(Section):
@@ -65,8 +92,15 @@ class TrainConfig(Section):
     device: Device = "auto"
     batch_size: int = Field(64, ge=1, le=65536, description="global batch (split across DDP ranks)")
     eval_batch_size: int = Field(512, ge=1, le=65536)
-    augment: Literal["none", "padcrop_flip"] = Field("none", description="padcrop_flip for natural 32x32 images")
+    augment: Literal["none", "padcrop_flip", "random_resized_crop"] = Field(
+        "none", description="padcrop_flip for natural 32x32 images; random_resized_crop (prepare.storage: files): "
+        "ImageNet-style random resized crop to image_size and horizontal flip, torchvision's transforms")
     crop_padding: int = Field(4, ge=0, le=64)
+    crop_scale: tuple[float, float] = Field(
+        (0.25, 1.0), description="random_resized_crop: the crop's area as a fraction of the image, (min, max)")
+    workers: int | None = Field(
+        None, ge=0, le=64, description="prepare.storage files: DataLoader worker processes decoding images; null: one "
+        "per CPU core, at most 8; 0: decode in the training process")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
@@ -74,6 +108,13 @@ class TrainConfig(Section):
     cuda_graph: bool = Field(True, description="on one CUDA device: capture the training step (forward, backward, "
                              "optimiser) in a CUDA graph and replay it; eager on CPU, under DDP, or when capture fails")
     progress: bool = Field(True, description="show progress bars")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"must be (min, max) with 0 < min <= max <= 1, got {list(v)}")
+        return v
 
 
 class TeacherConfig(ModelEntry):

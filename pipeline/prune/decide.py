@@ -46,7 +46,7 @@ def val_cost(plain: nn.Module, space: PruneSpace, data: PreparedData, samples: i
     """masks -> cross-entropy of ``plain`` hard-masked to them on the first ``samples`` validation
     images (the closed loop's price of a step)."""
     mean, std = data.norm()
-    vx = normalize(data.val.x[:samples], mean, std)
+    vx = normalize(data.val.take(torch.arange(min(samples, len(data.val)))), mean, std)
     vy = data.val.y[:samples]
     example = space.example
 

@@ -111,7 +111,7 @@ def taylor_batches(data: PreparedData, batch_size: int, count: int, seed: int,
         idx = order[i * batch_size: (i + 1) * batch_size]
         if len(idx) < 2:
             return
-        yield normalize(data.train.x[idx], mean, std).to(device), data.train.y[idx].to(device)
+        yield normalize(data.train.take(idx), mean, std).to(device), data.train.y[idx].to(device)
 
 
 def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
