@@ -6,9 +6,11 @@
    pixels (so each file decodes as a real-size photo would), ``factor x n`` training images; the
    folder of ``n`` images holds the first ``n`` of them (hard links).
 2. For each folder, the real stage entry points as ``dvc repro`` runs them: ``stages.prepare``
-   (``storage: files``, ``image_size: 224``) and ``stages.train_teacher`` for one epoch of a small
-   model (``--arch``) with ``train.augment: random_resized_crop`` and DataLoader workers (one per
-   core). Memory: the peak, sampled every 0.1 s, of the proportional set size (PSS: pages shared by
+   (``storage: files``, ``image_size: 224``), then one epoch of a small model (``--arch``, random
+   initialisation) through ``pipeline.train.train_classifier``, the loop every training stage runs
+   (``--epoch DIR``, in a process of its own; not the teacher stage itself, whose chance guard
+   refuses a network after one epoch from scratch), with ``train.augment: random_resized_crop``
+   and DataLoader workers (one per core). Memory: the peak, sampled every 0.2 s, of the proportional set size (PSS: pages shared by
    the DataLoader workers after fork counted once) summed over the stage's process and its workers,
    and the peak resident set of the stage's own process.
 3. The in-memory path on the ``n`` folder (``storage: memory``, images decoded at 224 px into one
@@ -63,7 +65,7 @@ def sampled_run(cmd: list[str], cwd: Path) -> dict[str, float]:
                 peak["main_rss_mb"] = max(peak["main_rss_mb"], root.memory_info().rss / 2**20)
             except psutil.NoSuchProcess:
                 return
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -94,16 +96,32 @@ def measure(root: Path, storage: str, images: int, arch: str, batch: int, work: 
     py = sys.executable
     prep = sampled_run([py, "-m", "stages.prepare", "--params", str(params), "--out", str(work / "data"),
                         "--metrics", str(work / "prepare.json")], REPO)
-    train = sampled_run([py, "-m", "stages.train_teacher", "--params", str(params), "--name", "m",
-                         "--data", str(work / "data"), "--out", str(work / "m.pt"), "--metrics", str(work / "m.json"),
-                         "--plots", str(work / "m.csv"), "--weights-dir", str(work / "weights"),
-                         "--resume-dir", str(work / "resume")], REPO)
+    train = sampled_run([py, "-m", "benchmarks.streaming", "--epoch", str(work)], REPO)
     sizes = json.loads((work / "prepare.json").read_text())
-    metrics = json.loads((work / "m.json").read_text())
-    epoch_s = metrics["epoch_seconds_median"]
+    epoch_s = json.loads((work / "epoch.json").read_text())["epoch_seconds"]
     return {"storage": storage, "images": images, "train_images": sizes["train_images"],
             "prepare": prep, "epoch": train, "epoch_seconds": epoch_s,
             "train_images_per_s": sizes["train_images"] / epoch_s, "arch": arch, "batch": batch}
+
+
+def one_epoch(work: Path) -> None:
+    """One epoch of the params' teacher ``m`` on the prepared data in ``work`` (the training split
+    and the validation pass), as the training stages run it; writes ``epoch.json``."""
+    import torch
+
+    from models import build_model
+    from pipeline.config import TeacherConfig, TrainConfig
+    from pipeline.data import load_prepared
+    from pipeline.train import train_classifier
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    data = load_prepared(work / "data")
+    cfg = TeacherConfig(**params["teachers"]["m"])
+    torch.manual_seed(0)
+    model = build_model(cfg.arch, num_classes=data.num_classes, in_channels=data.channels, **cfg.arch_config)
+    res = train_classifier(model, data, TrainConfig(**params["train"]), cfg.optimizer, epochs=1, seed=0,
+                           device=torch.device("cpu"))
+    (work / "epoch.json").write_text(json.dumps({"epoch_seconds": res.history[0]["epoch_seconds"]}))
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -138,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-size", type=int, default=256, help="pixels of the JPEG files on disk")
     p.add_argument("--arch", default="torchvision:mobilenet_v3_small")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--epoch", type=Path, help=argparse.SUPPRESS)  # internal: one epoch in WORKDIR
     args = p.parse_args(argv)
+    if args.epoch is not None:
+        one_epoch(args.epoch)
+        return 0
     if not ARCHIVE.is_file():
         print(f"error: needs the CIFAR-10 archive at {ARCHIVE}", file=sys.stderr)
         return 2

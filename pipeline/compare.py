@@ -1,4 +1,5 @@
-"""Baselines under the same protocol as ours: uniform width scaling and Torch-Pruning L1 magnitude.
+"""Baselines under the same protocol as ours: uniform width scaling and Torch-Pruning (L1 magnitude,
+group L2 norm, group Taylor).
 
 The protocol, fixed here and used by the `compare` stage and the benchmarks:
 
@@ -7,7 +8,7 @@ The protocol, fixed here and used by the `compare` stage and the benchmarks:
   prune stage's, read back from its masks.json): ``Budget.bounds_ms``, the band the prune stage's
   closed loop aims at, measured on the target paired with the student (interleaved windows; the
   ratio to the student times the student's latency). A baseline's one knob is continuous
-  (uniform: the width ratio; L1: the global pruning ratio) and is swept finely; the largest
+  (uniform: the width ratio; Torch-Pruning: the global pruning ratio) and is swept finely; the largest
   resulting network that measures at most the band's top is taken (``match_budget``). Each of
   these verdicts, and the final joint run, is timed with compare's own protocol
   (``compare.timing_passes`` windows over ``compare.timing_span_s``): the fastest of 10 windows
@@ -28,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,21 +88,55 @@ def uniform_candidate(model: nn.Module, example: torch.Tensor, allowed: dict[str
     return Candidate(f"ratio {ratio:.3f}", prune_structure(model, example, masks), widths)
 
 
-def l1_candidate(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int, max_ratio: float) -> Candidate:
-    """Torch-Pruning ``MagnitudePruner`` (L1, global ranking across groups, classifier ignored) at
-    pruning ratio ``ratio``."""
+TP_IMPORTANCE = {  # compare.methods -> Torch-Pruning importance, each ranked globally across groups
+    "l1": "MagnitudeImportance(p=1): each layer's filter L1 norm",
+    "tp_norm": "GroupMagnitudeImportance(p=2): the L2 norm over every coupled parameter of a group",
+    "tp_taylor": "GroupTaylorImportance: |weight x gradient| over every coupled parameter of a group",
+}
+
+
+def tp_candidate(model: nn.Module, example: torch.Tensor, ratio: float, round_to: int, max_ratio: float,
+                 method: str = "l1", grads: dict[str, torch.Tensor] | None = None) -> Candidate:
+    """Torch-Pruning's ``MetaPruner`` with ``method``'s importance (``TP_IMPORTANCE``), global
+    ranking across groups, classifier ignored, ``round_to`` the latency table's channel step, at
+    pruning ratio ``ratio``. ``tp_taylor`` needs ``grads`` (parameter name -> gradient of the
+    training loss, ``taylor_grads``)."""
     import torch_pruning as tp
 
     net = copy.deepcopy(model).eval()
+    if method == "tp_taylor":
+        if grads is None:
+            raise ValueError("tp_taylor needs the training loss's gradients")
+        for name, p in net.named_parameters():
+            p.grad = grads[name].clone() if name in grads else None
+    importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
+                  "tp_norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+                  "tp_taylor": lambda: tp.importance.GroupTaylorImportance()}[method]()
     classifier = ChannelGraph(net, example).classifier  # the last layer executed: never pruned
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.MagnitudePruner(
-            net, example, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
-            pruning_ratio=ratio, max_pruning_ratio=max_ratio, ignored_layers=[classifier], round_to=round_to)
+        pruner = tp.pruner.MetaPruner(
+            net, example, importance=importance, global_pruning=True, pruning_ratio=ratio,
+            max_pruning_ratio=max_ratio, ignored_layers=[classifier], round_to=round_to)
         pruner.step()
+    for p in net.parameters():
+        p.grad = None
     widths = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     return Candidate(f"ratio {ratio:.3f}", net, widths)
+
+
+def taylor_grads(model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+                 ) -> dict[str, torch.Tensor]:
+    """Gradients of the cross-entropy summed over ``batches`` (the training batches ours ranks its
+    channels with, ``prune.taylor_batches``), on a copy of ``model`` in eval mode (BatchNorm as it
+    will run): what Torch-Pruning's Taylor criterion multiplies with the weights."""
+    net = copy.deepcopy(model).eval()
+    net.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for x, y in batches():
+            x, y = x.to("cpu"), y.to("cpu")
+            nn.functional.cross_entropy(net(x), y).backward()
+    return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
 @dataclass
@@ -192,12 +227,15 @@ class BaselineSpace:
     sizes: dict[str, int]
     multiple: int
     low: float
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None  # tp_taylor's gradients
 
 
-def baseline_space(student: nn.Module, example: torch.Tensor, multiple: int, low: float) -> BaselineSpace:
+def baseline_space(student: nn.Module, example: torch.Tensor, multiple: int, low: float,
+                   batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> BaselineSpace:
     graph = ChannelGraph(student, example)
     allowed = {g.name: allowed_widths(g.size, multiple, low) for g in graph.groups}
-    return BaselineSpace(student, example, graph, allowed, {g.name: g.size for g in graph.groups}, multiple, low)
+    return BaselineSpace(student, example, graph, allowed, {g.name: g.size for g in graph.groups}, multiple, low,
+                         batches)
 
 
 def sweep(method: str, space: BaselineSpace) -> list[Candidate]:
@@ -208,9 +246,11 @@ def sweep(method: str, space: BaselineSpace) -> list[Candidate]:
         knobs = [low + (1 - low) * i / 1000 for i in range(1001)]
         return candidates(lambda k: uniform_candidate(s.student, s.example, s.allowed, k, s.graph), knobs,
                           key=lambda k: tuple(sorted(uniform_widths(s.sizes, s.allowed, k).items())))
-    if method == "l1":
+    if method in TP_IMPORTANCE:
+        grads = taylor_grads(s.student, s.batches) if method == "tp_taylor" and s.batches is not None else None
         knobs = [(1 - low) * i / 60 for i in range(61)]
-        return candidates(lambda k: l1_candidate(s.student, s.example, k, s.multiple, 1.0 - low), knobs)
+        return candidates(lambda k: tp_candidate(s.student, s.example, k, s.multiple, 1.0 - low, method, grads),
+                          knobs)
     raise ValueError(f"no knob to sweep for method {method!r}")
 
 

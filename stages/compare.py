@@ -39,10 +39,10 @@ from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.flops import count_params
 from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend, timing_protocol
-from pipeline.prune import Budget
+from pipeline.prune import Budget, taylor_batches
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
-from pipeline.train import test_accuracy
+from pipeline.train import epoch_steps, test_accuracy
 from stages._common import load_params, log, parser, read_pruned, run
 
 SECTIONS = (("compare", CompareConfig), ("prune", PruneConfig), ("target", TargetConfig), ("distill", DistillConfig),
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment,
                                          device, train_cfg.batch_size)
             criterion = kd_criterion(ensemble, kd.temperature, kd.alpha, kd.mode, kd.average)
-            space = baseline_space(student, example, prune_cfg.multiple or table.step,
-                                   float(table.meta["min_fraction"]))
+            used = min(prune_cfg.taylor_batches, epoch_steps(len(data.train), train_cfg.batch_size))
+            space = baseline_space(student, example, prune_cfg.multiple or table.step, float(table.meta["min_fraction"]),
+                                   lambda: taylor_batches(data, train_cfg.batch_size, used, cfg.seed, cpu))
             fine_tune = FineTune(data, train_cfg, prune_cfg.optimizer, prune_cfg.epochs, cfg.seed, device, criterion)
             records, models = run_methods(cfg.methods, space, budget, table_predict(table.predictor(), table.groups),
                                           paired_measure(measure_many, student, budget.student_ms), fine_tune)

@@ -280,6 +280,27 @@ def c_data_classes_differ(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return _prepare(_folder_params(tmp, root), tmp)
 
 
+def c_data_files_archive(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=4)
+    with tarfile.open(tmp / "ds.tar", "w") as tar:
+        tar.add(root / "train", arcname="train")
+    return _prepare(_folder_params(tmp, tmp / "ds.tar", storage="files"), tmp)
+
+
+def c_data_files_changed(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    root = make_imagefolder(tmp / "ds", per_class=8, size=12)
+    params = _folder_params(tmp, root, storage="files")
+    code, _ = _prepare(params, tmp)
+    assert code == 0
+    for f in (root / "train" / "dog").iterdir():  # the folder changes after prepare listed it
+        f.unlink()
+    return _teacher(params, tmp / "prep_out", tmp)
+
+
+def c_params_rrc_in_memory(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _teacher(_params(tmp, train={"augment": "random_resized_crop"}), world["dir"] / "prep", tmp)
+
+
 def c_data_one_class(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     root = make_imagefolder(tmp / "ds", classes=("cat",), per_class=8)
     return _prepare(_folder_params(tmp, root), tmp)
@@ -639,6 +660,12 @@ CASES = [
     Case("data-archive-corrupt", "a .tar.gz that is not gzip", "cannot read archive", c_data_archive_corrupt),
     Case("data-classes-differ", "an image folder whose test/ classes differ from train/ (`eel` against `eels`)",
          "only in train: ['eel']; only in test: ['eels']", c_data_classes_differ),
+    Case("data-files-archive", "`prepare.storage: files` with a .tar as `prepare.root`",
+         "prepare.storage: files reads images from a directory", c_data_files_archive),
+    Case("data-files-changed", "`prepare.storage: files`, then a class's images deleted before training",
+         "changed since the prepare stage", c_data_files_changed),
+    Case("params-rrc-in-memory", "`train.augment: random_resized_crop` with images in memory",
+         "random_resized_crop crops the full-size images on disk", c_params_rrc_in_memory),
     Case("data-one-class", "an image folder with one class", "a classifier needs at least two", c_data_one_class),
     Case("data-class-too-small", "a class with 2 images (train, val and test need one each)",
          "have fewer than 3 images: each class needs at least 3", c_data_class_too_small),

@@ -18,6 +18,7 @@ from pipeline.data import PreparedData
 from pipeline.latency import Timing
 from pipeline.prune import Budget, allowed_widths
 from pipeline.train import epoch_steps
+from tests.conftest import randomise_bn
 
 
 def _cands(measured: list[float], predicted: list[float]) -> tuple[list[Candidate], dict[str, float]]:
@@ -255,3 +256,33 @@ def test_holdout_table_pairs_each_rival_with_ours_per_seed() -> None:
     assert points[("ours", 0.7)]["accuracy"] == pytest.approx(0.57)
     assert points[("student", None)]["accuracy"] == pytest.approx(0.54)
     assert points[("student trained as long", 0.7)]["accuracy"] == pytest.approx(0.575)
+
+
+def test_torch_pruning_group_criteria_cut_on_the_channel_step() -> None:
+    """tp_norm and tp_taylor (Torch-Pruning's group L2 norm and group Taylor, global, round_to the
+    channel step) give smaller networks that run, every pruned width a multiple of the step; the
+    Taylor ranking uses the gradients of real batches (so it keeps other channels than the norm)
+    and refuses to run without them."""
+    import pipeline.compare as pc
+
+    torch.manual_seed(0)
+    student = randomise_bn(build_model("resnet20", num_classes=10, in_channels=3))  # no zero-initialised BN
+    example = torch.zeros(1, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+               for _ in range(2)]
+    grads = pc.taylor_grads(student, lambda: batches)
+    assert grads and all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("conv1.weight"))
+    full = {n: m.out_channels for n, m in student.named_modules() if isinstance(m, nn.Conv2d)}
+    cut = {}
+    for method in ("tp_norm", "tp_taylor"):
+        c = pc.tp_candidate(student, example, 0.5, 4, 0.75, method, grads)
+        assert c.model(example).shape == (1, 10)
+        assert sum(c.widths.values()) < sum(full.values())
+        assert all(w % 4 == 0 for n, w in c.widths.items() if w != full[n])
+        cut[method] = c
+    kept = {m: [p.detach() for p in c.model.parameters()] for m, c in cut.items()}
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(kept["tp_norm"], kept["tp_taylor"]))
+    with pytest.raises(ValueError, match="gradients"):
+        pc.tp_candidate(student, example, 0.5, 4, 0.75, "tp_taylor")
+    assert student.training is False and all(p.grad is None for p in student.parameters())

@@ -190,9 +190,11 @@ class CompareConfig(Section):
     """`compare`: baselines pruned to the pruned model's measured latency and fine-tuned for as
     many epochs as the prune stage trained."""
 
-    methods: tuple[Literal["uniform", "l1", "unpruned"], ...] = Field(
+    methods: tuple[Literal["uniform", "l1", "tp_norm", "tp_taylor", "unpruned"], ...] = Field(
         ("uniform", "l1", "unpruned"), description="uniform: every group scaled by one factor; l1: Torch-Pruning global "
-        "L1; unpruned: the student trained as long, the equal-training reference (not cut to the budget)")
+        "L1 per filter; tp_norm: Torch-Pruning group L2 norm; tp_taylor: Torch-Pruning group Taylor (gradients of "
+        "prune.taylor_batches training batches); all Torch-Pruning ones global, round_to the channel step; unpruned: "
+        "the student trained as long, the equal-training reference (not cut to the budget)")
     seed: int = Field(0, ge=0)
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms in every "
                                "verdict of compare (matching a baseline, the final joint run)")

@@ -1,0 +1,199 @@
+"""Pruning a trained model: ours against the peers a user would pick, at equal measured latency.
+
+    python -m benchmarks.trained_model --out benchmarks/results/trained_model \\
+        [--size 32 --per-class 200 --test-per-class 300 --budgets 0.5 0.3 --seeds 0 1 2]
+
+1. The README's setting (benchmarks/your_model.py): CIFAR-10 JPEGs (../shared/data/cifar10-jpeg) as
+   ``train/<class>/`` and ``test/<class>/`` folders at ``--size`` px, and torchvision's ``resnet18``
+   trained *outside the pipeline* on ``train/`` (plain torch), given as a plain ``state_dict``.
+2. The upstream, through the stage entry points: ``prepare`` (the folder; val carved from
+   ``train/``, test = ``test/``), ``train_teacher`` taking the weights as they are (``epochs: 0``),
+   ``profile`` of that network. ``test/`` is the held-out set: no stage trains on it or selects
+   by it (best epochs, the closed loop's costs and the baselines' choices use val).
+3. For every budget (a fraction of the trained model's measured latency) and seed, the real
+   ``prune`` and ``compare`` stages (benchmarks/prune_protocol.py's ``run_pair``): ours
+   (``prune.method: taylor``, the default), and under compare's protocol from the same trained
+   model, with the same distillation from it and the same ``prune.epochs`` of training:
+   uniform width scaling, Torch-Pruning group L2 norm (``tp_norm``) and group Taylor
+   (``tp_taylor``), both global with ``round_to`` the latency table's channel step. Every network
+   is judged on compare's final joint measurement with the unpruned model. The seed's soft-mask
+   method (``prune.method: scp``) runs as ours with that one key changed (its latency: the prune
+   stage's own reading).
+
+Writes ``rows.json`` and ``table.md`` (mean ± std over seeds of test accuracy; measured latency /
+budget; ours minus the best peer at the budget, per seed, mean ± std) into ``--out``; the stage
+runs stay in ``--work`` (re-running skips the finished pairs). Needs the CIFAR-10 archive.
+TensorRT Model Optimizer's FastNAS is not in the table: see the closing lines of ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks._runner import REPO, machine, run_stage, write_params, write_results
+from benchmarks.prune_protocol import judged, run_pair
+from benchmarks.your_model import ARCHIVE, make_folder, train_outside
+
+PEERS = ("uniform", "tp_norm", "tp_taylor")
+LABELS = {"ours": "ours (taylor)", "scp": "ours with prune.method scp", "uniform": "uniform width scaling",
+          "tp_norm": "Torch-Pruning group L2 norm", "tp_taylor": "Torch-Pruning group Taylor"}
+
+
+def upstream(work: Path, size: int, per_class: int, test_per_class: int, epochs: int, prune_epochs: int) -> Path:
+    """The folder, the outside-trained model and the upstream stages (prepare, import, profile)."""
+    up = work / "upstream"
+    if (up / "artifacts" / "profile" / "latency_table.json").is_file():
+        return up
+    data = work / "data"
+    if not (data / "train").is_dir():
+        classes = make_folder(data, per_class, test_per_class, size, seed=0)
+    else:
+        classes = sorted(p.name for p in (data / "train").iterdir())
+    weights = work / "weights" / "mine.pt"
+    if not weights.is_file():
+        outside = train_outside(data, classes, epochs, 0, weights)
+        (work / "outside.json").write_text(json.dumps(outside, indent=1))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(source="imagefolder", root=str(data), image_size=size)
+    params["teachers"] = {"mine": {"arch": "torchvision:resnet18", "weights": str(weights), "epochs": 0}}
+    params["compress"] = {"model": "artifacts/teachers/mine"}
+    params["distill"]["mode"] = "ensemble"  # from the unpruned model itself, the usual recipe
+    params["train"]["progress"] = False
+    params["prune"].update(epochs=prune_epochs, progress=False)
+    params["compare"]["methods"] = list(PEERS)
+    pfile = write_params(up, params)
+    a = up / "artifacts"
+    run_stage("prepare", "--out", str(a / "prepare"), "--metrics", str(up / "metrics" / "prepare.json"), params=pfile)
+    run_stage("train_teacher", "--name", "mine", "--data", str(a / "prepare"), "--out", str(a / "teachers" / "mine.pt"),
+              "--metrics", str(up / "metrics" / "mine.json"), "--plots", str(up / "plots" / "mine.csv"),
+              "--weights-dir", str(weights.parent), "--resume-dir", str(up / ".resume"), params=pfile)
+    (a / "student").mkdir(parents=True, exist_ok=True)  # prune_protocol's runs read the model to prune here
+    for suffix in (".pt", ".arch.json"):
+        link = a / "student" / f"model{suffix}"
+        if not link.exists():
+            os.symlink(a / "teachers" / f"mine{suffix}", link)
+    run_stage("profile", "--data", str(a / "prepare"), "--arch", str(a / "teachers" / "mine.arch.json"),
+              "--out", str(a / "profile" / "latency_table.json"), "--metrics", str(up / "metrics" / "profile.json"),
+              "--plots-dir", str(up / "plots" / "profile"), params=pfile)
+    return up
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.2f}"
+    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+
+
+def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per budget: each method's test accuracies and measured / budget per seed, and ours minus the
+    best peer that met the budget (compare's joint run: not over it), per seed."""
+    out: dict[str, Any] = {}
+    for b in sorted({r["budget"] for r in rows}, reverse=True):
+        rs = [r for r in rows if r["budget"] == b and "failed" not in r]
+        cell: dict[str, Any] = {"seeds": [r["seed"] for r in rs],
+                                "failed": [r for r in rows if r["budget"] == b and "failed" in r]}
+        for m in ("ours", *PEERS):
+            acc, land, status = [], [], []
+            for r in rs:
+                j = judged(r, m)
+                if j is None:
+                    continue
+                acc.append(r["compare"][m]["test_acc"] if m != "ours" else r["prune"]["test_acc"])
+                land.append(j[1])
+                status.append(j[2])
+            cell[m] = {"test_acc": acc, "over_budget": land, "status": status}
+        s = [r for r in scp if r["budget"] == b and "failed" not in r]
+        cell["scp"] = {"test_acc": [r["prune"]["test_acc"] for r in s],
+                       "over_budget": [r["prune"]["measured_over_budget"] for r in s],
+                       "status": [r["prune"].get("budget_status", "prune stage") for r in s]}
+        diffs = []
+        for r in rs:
+            ours = judged(r, "ours")
+            peers = [r["compare"][m]["test_acc"] for m in PEERS if (j := judged(r, m)) and j[2] != "over"]
+            if ours is not None and ours[2] != "over" and peers:
+                diffs.append(r["prune"]["test_acc"] - max(peers))
+        cell["ours_minus_best_peer"] = diffs
+        cell["unpruned_test_acc"] = rs[0]["compare"]["student"]["test_acc"] if rs else None
+        out[f"{b:g}"] = cell
+    return out
+
+
+def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    o = meta["outside"]
+    lines = [f"Pruning a trained model ({o['arch']} trained outside the pipeline, {o['epochs']} epochs on "
+             f"{o['train_images']} CIFAR-10 JPEGs at {meta['size']} px; held-out test/: {o['test_images']} images no "
+             f"stage trains or selects on), {meta['machine']}, {meta['date']}, commit {meta['commit']}",
+             f"`{meta['command']}`", "",
+             "| budget (of the model's measured latency) | method | test accuracy, mean ± std over seeds (%) | "
+             "measured / budget per seed | at the budget |",
+             "|---|---|---|---|---|"]
+    for b, cell in summary.items():
+        unp = cell["unpruned_test_acc"]
+        lines.append(f"| {b} | the trained model, unpruned | {_ms([unp] if unp is not None else [])} | - | - |")
+        for m in ("ours", "scp", *PEERS):
+            c = cell[m]
+            land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
+            bad = [s for s in c["status"] if s == "over"]
+            lines.append(f"| {b} | {LABELS[m]} | {_ms(c['test_acc'])} | {land or '-'} | "
+                         f"{'over in ' + str(len(bad)) + ' seed(s)' if bad else 'yes'} |")
+        lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
+                     f"{_ms(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
+    lines += ["", "Measured / budget: compare's final joint run (every network with the unpruned model, interleaved); "
+              "scp: the prune stage's own reading.",
+              "TensorRT Model Optimizer's FastNAS: " + meta["fastnas"]]
+    return "\n".join(lines)
+
+
+FASTNAS_NOTE = ("not run. nvidia-modelopt 0.47.0 installs on this CPU machine (ENV.md: its torch modules also need "
+                "huggingface_hub and torchprofile==0.0.4), but it was not integrated in this benchmark: not measured.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "trained_model")
+    p.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--test-per-class", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the outside training")
+    p.add_argument("--prune-epochs", type=int, default=6, help="prune.epochs: every method's training")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args(argv)
+    if not ARCHIVE.is_file():
+        print(f"error: needs {ARCHIVE} (CIFAR-10 JPEGs)", file=sys.stderr)
+        return 2
+    up = upstream(args.work, args.size, args.per_class, args.test_per_class, args.epochs, args.prune_epochs)
+    params = yaml.safe_load((up / "params.yaml").read_text())
+    scp_params = json.loads(json.dumps(params))
+    scp_params["prune"]["method"] = "scp"
+    rows, scp = [], []
+    for b in args.budgets:
+        for s in args.seeds:
+            rows.append(run_pair(up, args.work / "runs", params, b, s, baselines=True))
+            scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
+            "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE,
+            "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
+    summary = summarise(rows, scp)
+    write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp},
+                  table(summary, meta))
+    print(table(summary, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
