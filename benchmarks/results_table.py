@@ -41,6 +41,7 @@ from benchmarks.tables.house import (
     fresh_clone_runs,
     fresh_clone_stages,
     make_run_summary,
+    streaming,
     tiny_margin,
     your_model,
 )
@@ -102,6 +103,11 @@ SECTIONS = (
      "64 px), a torchvision resnet18 trained outside the pipeline and given as a weights file, the README's params "
      "and `make run` in a fresh clone (search and student do not run). One run, one seed: differences of a few "
      "images (0.2 points each) are noise.", your_model),
+    ("Images streamed from disk (`prepare.storage: files`)",
+     "`benchmarks/streaming.py`: CIFAR-10 JPEGs upscaled to 256 px files, `prepare` and one training epoch at 224 px "
+     "(random resized crop, DataLoader workers) for a folder of N and of 4N images, and the in-memory path on N. "
+     "PSS: proportional set size summed over the process and its DataLoader workers (shared pages counted once). "
+     "One run each: images/s is one epoch on a shared 2-core machine.", streaming),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

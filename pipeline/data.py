@@ -94,14 +94,14 @@ def load_source(cfg: PrepareConfig, whole: bool = False) -> RawImages:
         return load_digits_source(cfg.image_size, channels)
     if cfg.source == "imagefolder":
         return load_imagefolder(cfg.root, cfg.image_size, channels, cfg.skip_corrupt, cfg.max_image_pixels,
-                                check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg),
+                                check=lambda y, classes, own: check_listed(y, classes, own, cfg),
                                 pool=None if whole or cfg.max_per_class is None else lambda y: _pool(y, cfg))
     return load_cifar(cfg.source, cfg.root, cfg.download, cfg.image_size, channels)
 
 
-def _carved(has_test: bool) -> tuple[str, ...]:
-    """The splits carved from the training pool."""
-    return ("train", "val") if has_test else SPLITS
+def _carved(own: tuple[str, ...]) -> tuple[str, ...]:
+    """The splits carved from the training pool: those the source has no folder of (``own``)."""
+    return tuple(s for s in SPLITS if s not in own)
 
 
 def _pool(y: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
@@ -109,22 +109,23 @@ def _pool(y: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
     return _cap_per_class(y, cfg.max_per_class, cfg.seed) if cfg.max_per_class is not None else np.arange(len(y))
 
 
-def check_listed(y: np.ndarray, classes: list[str], has_test: bool, cfg: PrepareConfig) -> None:
+def check_listed(y: np.ndarray, classes: list[str], own: tuple[str, ...], cfg: PrepareConfig) -> None:
     """What makes training meaningless whatever the images hold, refused before they are decoded:
     fewer than two classes, or a class with fewer images than the splits carved from it.
-    ``y``: (N,) labels of the training pool's files. Raises DataError naming the classes."""
+    ``y``: (N,) labels of the training pool's files; ``own``: the splits the source has of its own
+    ("val", "test"), not carved. Raises DataError naming the classes."""
     if len(classes) < 2:
         raise DataError(
             f"prepare: the dataset has {len(classes)} class ({', '.join(map(repr, classes)) or 'none'}); a "
             "classifier needs at least two: put each class's images in its own train/<class>/ folder"
         )
     counts = np.bincount(y[_pool(y, cfg)], minlength=len(classes))
-    needed = len(_carved(has_test))
+    needed = len(_carved(own))
     short = [f"{classes[i]!r} ({n})" for i, n in enumerate(counts) if n < needed]
     if short:
         raise DataError(
             f"prepare: class(es) {', '.join(short[:10])} have fewer than {needed} images: each class needs at least "
-            f"{needed}, one in each of {', '.join(_carved(has_test))}; add images or remove the class"
+            f"{needed}, one in each of {', '.join(_carved(own))}; add images or remove the class"
         )
 
 
@@ -134,12 +135,12 @@ def check_splits(parts: dict[str, np.ndarray], y: np.ndarray, classes: list[str]
     missing = [f"{classes[c]!r} has none in {s}" for s, idx in parts.items()
                for c in sorted(set(range(len(classes))) - set(y[idx].tolist()))]
     if missing:
-        fractions = [f for f in (cfg.val_fraction, cfg.test_fraction if "test" in parts else None) if f]
-        want = math.ceil(1 / min(fractions))
+        used = {k: f for k, f in (("val_fraction", cfg.val_fraction), ("test_fraction", cfg.test_fraction))
+                if k.split("_")[0] in parts}
+        want = math.ceil(1 / min(used.values())) if used else 1
         raise DataError(
             f"prepare: the stratified split leaves a class out of a split: {'; '.join(missing[:10])}; at "
-            f"prepare.val_fraction {cfg.val_fraction}" + (f" and test_fraction {cfg.test_fraction}" if "test" in parts
-                                                          else "") +
+            + " and ".join(f"prepare.{k} {f}" for k, f in used.items()) +
             f" every class needs about {want} images (1 / the smallest fraction): add images, raise the "
             "fraction, or remove the class"
         )
@@ -171,13 +172,13 @@ def _cap_per_class(y: np.ndarray, cap: int, seed: int) -> np.ndarray:
 
 
 def split_indices(
-    y: np.ndarray, val_fraction: float, test_fraction: float | None, seed: int
+    y: np.ndarray, val_fraction: float | None, test_fraction: float | None, seed: int
 ) -> dict[str, np.ndarray]:
     """Deterministic stratified split of ``range(len(y))``; fractions are of the whole pool.
-    ``test_fraction=None``: no test split is carved (the source has its own)."""
+    ``test_fraction=None`` (``val_fraction=None``): no test (val) split is carved (the source has its own)."""
     idx = np.arange(len(y))
     _, per_class = np.unique(y, return_counts=True)
-    needed = 2 if test_fraction is None else 3
+    needed = 1 + (val_fraction is not None) + (test_fraction is not None)
     if per_class.min() < needed:
         raise DataError(
             f"a class has only {per_class.min()} image(s); each needs at least {needed} to be "
@@ -189,8 +190,11 @@ def split_indices(
     try:
         if test_fraction is not None:
             idx, out["test"] = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
-        rel_val = val_fraction / (1.0 - (test_fraction or 0.0))
-        out["train"], out["val"] = train_test_split(idx, test_size=rel_val, stratify=y[idx], random_state=seed)
+        if val_fraction is None:
+            out["train"] = idx
+        else:
+            rel_val = val_fraction / (1.0 - (test_fraction or 0.0))
+            out["train"], out["val"] = train_test_split(idx, test_size=rel_val, stratify=y[idx], random_state=seed)
     except ValueError as err:  # too few samples for a stratified split at these fractions
         raise DataError(f"cannot split {len(y)} images stratified by class: {err}") from err
     return {k: np.sort(v) for k, v in out.items()}
@@ -220,16 +224,18 @@ def _sha(x: np.ndarray, y: np.ndarray) -> str:
 def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     """Split ``raw`` into train/val/test and describe the result in a meta dict. The dataset's shape
     is checked first (``check_listed``, ``check_splits``, ``check_images``): DataError, nothing split."""
-    has_test = raw.test_x is not None
-    check_listed(raw.train_y, raw.classes, has_test, cfg)  # again: skipped images may have emptied a class
+    own_xy = {k: (x, y) for k, x, y in (("val", raw.val_x, raw.val_y), ("test", raw.test_x, raw.test_y))
+              if x is not None}
+    own = tuple(own_xy)
+    check_listed(raw.train_y, raw.classes, own, cfg)  # again: skipped images may have emptied a class
     keep = np.arange(len(raw.train_y)) if raw.pooled else _pool(raw.train_y, cfg)
     pool_y = raw.train_y[keep]
-    parts = split_indices(pool_y, cfg.val_fraction, None if has_test else cfg.test_fraction, cfg.seed)
+    parts = split_indices(pool_y, None if "val" in own else cfg.val_fraction,
+                          None if "test" in own else cfg.test_fraction, cfg.seed)
     check_splits(parts, pool_y, raw.classes, cfg)
     # one copy of the images per split, indexed from the source (not a copy of the pool first)
     splits = {k: (raw.train_x[keep[v]], pool_y[v]) for k, v in parts.items()}
-    if has_test:
-        splits["test"] = (raw.test_x, raw.test_y)
+    splits.update(own_xy)
     splits = {k: splits[k] for k in SPLITS}
     check_images(splits["train"][0], "train")
     mean, std = channel_stats(splits["train"][0])
@@ -247,7 +253,7 @@ def prepare_splits(raw: RawImages, cfg: PrepareConfig) -> tuple[dict[str, tuple[
         "std": std,
         "split_sizes": {k: int(len(v[1])) for k, v in splits.items()},
         "class_counts": {k: np.bincount(v[1], minlength=n_cls).tolist() for k, v in splits.items()},
-        "test_from": "source test split" if has_test else f"{cfg.test_fraction} of train, stratified",
+        **_split_origins(own, cfg),
         "split_seed": cfg.seed,
         "source_hash": raw.source_hash,
         "split_hashes": {k: _sha(*v) for k, v in splits.items()},
@@ -263,16 +269,17 @@ def prepare_files(cfg: PrepareConfig, workers: int | None = None, batch_size: in
     files are found now (DataError, or skipped with ``prepare.skip_corrupt``), and the training
     split's mean and std are summed batch by batch. Memory stays that of a few batches, whatever the
     dataset's size. Returns splits of (file names, labels) and the meta dict."""
-    listed = list_imagefolder(cfg.root, check=lambda y, classes, has_test: check_listed(y, classes, has_test, cfg))
-    has_test = "test" in listed.files
+    listed = list_imagefolder(cfg.root, check=lambda y, classes, own: check_listed(y, classes, own, cfg))
+    own = tuple(s for s in ("val", "test") if s in listed.files)
     y = listed.labels["train"]
     keep = _pool(y, cfg)
-    parts = split_indices(y[keep], cfg.val_fraction, None if has_test else cfg.test_fraction, cfg.seed)
+    parts = split_indices(y[keep], None if "val" in own else cfg.val_fraction,
+                          None if "test" in own else cfg.test_fraction, cfg.seed)
     check_splits(parts, y[keep], listed.classes, cfg)
     rows = {k: keep[v] for k, v in parts.items()}
     source = {k: "train" for k in rows}
-    if has_test:
-        rows["test"], source["test"] = np.arange(len(listed.labels["test"])), "test"
+    for k in own:
+        rows[k], source[k] = np.arange(len(listed.labels[k])), k
     channels = cfg.channels or 3
     shorter = int(cfg.eval_shorter_side or 0)
     view = View(channels, int(cfg.image_size or 0), shorter, cfg.max_image_pixels)
@@ -336,13 +343,19 @@ def prepare_files(cfg: PrepareConfig, workers: int | None = None, batch_size: in
         "std": std.tolist(),
         "split_sizes": {k: int(len(v[1])) for k, v in splits.items()},
         "class_counts": {k: np.bincount(v[1], minlength=n_cls).tolist() for k, v in splits.items()},
-        "test_from": "source test split" if has_test else f"{cfg.test_fraction} of train, stratified",
+        **_split_origins(own, cfg),
         "split_seed": cfg.seed,
         "source_hash": listed.source_hash,
         "split_hashes": {k: _files_sha(v[0], v[1], digests[k]) for k, v in splits.items()},
         "skipped_corrupt": failed,
     }
     return splits, meta
+
+
+def _split_origins(own: tuple[str, ...], cfg: PrepareConfig) -> dict[str, str]:
+    """meta's ``val_from`` and ``test_from``: the source's own folder, or the fraction carved from train."""
+    return {f"{k}_from": f"source {k} split" if k in own else f"{f} of train, stratified"
+            for k, f in (("val", cfg.val_fraction), ("test", cfg.test_fraction))}
 
 
 def _files_sha(files: np.ndarray, y: np.ndarray, digests: list[bytes]) -> str:

@@ -1,5 +1,6 @@
 """Data sources read into memory as uint8 ``(N, C, H, W)`` arrays: scikit-learn's digits, an image
-folder (a directory or a .tar/.tar.gz of ``train/<class>/*`` and optionally ``test/<class>/*``) and
+folder (a directory or a .tar/.tar.gz of ``train/<class>/*`` and optionally ``val/<class>/*`` and
+``test/<class>/*``, used as they are instead of being carved from train/) and
 CIFAR through torchvision. Every image goes through ``pipeline.images`` (one decoding rule).
 
 What the image-folder reader skips, and why: files without an image extension (counted, logged) and
@@ -28,14 +29,17 @@ log = logging.getLogger(__name__)
 _MAX_LISTED = 20
 _EXTS = "/".join(sorted(IMAGE_EXTENSIONS))
 
-# (train labels of the images about to be decoded, class names, whether the source has a test split):
-# raises DataError when such a dataset cannot be trained on, before any image is decoded
-ShapeCheck = Callable[[np.ndarray, list[str], bool], None]
+# (train labels of the images about to be decoded, class names, the splits the source has of its own
+# besides train: "val", "test" or both): raises DataError when such a dataset cannot be trained on,
+# before any image is decoded
+ShapeCheck = Callable[[np.ndarray, list[str], tuple[str, ...]], None]
+OWN_SPLITS = ("val", "test")  # folders beside train/ that are used as they are, not carved from train/
 
 
 @dataclass
 class RawImages:
-    """A source read into memory. ``test_*`` is None when the source has no test split."""
+    """A source read into memory. ``test_*`` (``val_*``) is None when the source has no test (val)
+    split of its own."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -44,7 +48,9 @@ class RawImages:
     test_x: np.ndarray | None = None
     test_y: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
-    pooled: bool = False  # train_* holds only the training pool (prepare.max_per_class applied before decoding)
+    pooled: bool = False
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None  # train_* holds only the training pool (prepare.max_per_class applied before decoding)
 
 
 def load_digits_source(image_size: int | None, channels: int) -> RawImages:
@@ -81,7 +87,7 @@ class _Entry:
 
 def _walk_directory(root: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
     folders: dict[str, set[str]] = {}
-    for split in ("train", "test"):
+    for split in ("train", *OWN_SPLITS):
         d = root / split
         if d.is_dir():
             folders[split] = {p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
@@ -99,7 +105,7 @@ def _walk_directory(root: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
 def _split_parts(name: str) -> tuple[int, str, str] | None:
     parts = [p for p in Path(name).parts if p not in (".", "")]
     for i, p in enumerate(parts[:-1]):
-        if p in ("train", "test"):
+        if p in ("train", *OWN_SPLITS):
             return i, p, parts[i + 1]
     return None
 
@@ -115,7 +121,7 @@ def _walk_tar(path: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
                     # (and could smuggle a class in from outside train/ and test/): refuse it
                     raise DataError(f"prepare.root: archive {path} has an entry that leaves its folder or links "
                                     f"elsewhere: {m.name!r} ({'link' if m.issym() or m.islnk() else 'path'}); "
-                                    "only plain files under train/<class>/ and test/<class>/ are allowed")
+                                    "only plain files under train/<class>/, val/<class>/ and test/<class>/ are allowed")
                 loc = _split_parts(m.name)
                 if loc is None or loc[2].startswith("."):
                     continue
@@ -137,18 +143,19 @@ def _list_folder(root: Path) -> tuple[list[_Entry], dict[str, set[str]]]:
     if not root.exists():
         raise DataError(
             f"prepare.root: {root} does not exist; expected a directory or .tar/.tar.gz with "
-            "train/<class>/<image> (and optionally test/<class>/<image>)"
+            "train/<class>/<image> (and optionally val/<class>/<image>, test/<class>/<image>)"
         )
     entries, folders = _walk_directory(root) if root.is_dir() else _walk_tar(root)
     if "train" not in folders or not folders["train"]:
         raise DataError(f"prepare.root: {root} has no train/<class>/ folders")
-    if "test" in folders and folders["test"] != folders["train"]:
-        only_train = sorted(folders["train"] - folders["test"])
-        only_test = sorted(folders["test"] - folders["train"])
-        raise DataError(
-            f"class folders differ between train and test under {root}: "
-            f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}"
-        )
+    for own in OWN_SPLITS:
+        if own in folders and folders[own] != folders["train"]:
+            only_train = sorted(folders["train"] - folders[own])
+            only_own = sorted(folders[own] - folders["train"])
+            raise DataError(
+                f"class folders differ between train and {own} under {root}: "
+                f"only in train: {only_train or 'none'}; only in {own}: {only_own or 'none'}"
+            )
     return entries, folders
 
 
@@ -169,8 +176,8 @@ def _check_not_empty(root: Path, folders: dict[str, set[str]], entries: list[_En
 
 @dataclass
 class _Decoded:
-    images: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"train": [], "test": []})
-    labels: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "test": []})
+    images: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"train": [], "val": [], "test": []})
+    labels: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": [], "test": []})
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     failed: list[ImageError] = field(default_factory=list)
 
@@ -212,7 +219,8 @@ def _unreadable(root: Path, failed: list[ImageError]) -> DataError:
 def load_imagefolder(root: str | Path, image_size: int | None, channels: int, skip_corrupt: bool,
                      max_pixels: int = DEFAULT_MAX_PIXELS, check: ShapeCheck | None = None,
                      pool: Callable[[np.ndarray], np.ndarray] | None = None) -> RawImages:
-    """``root/train/<class>/*`` and optionally ``root/test/<class>/*`` (extensions ``IMAGE_EXTENSIONS``).
+    """``root/train/<class>/*`` and optionally ``root/val/<class>/*`` and ``root/test/<class>/*``
+    (extensions ``IMAGE_EXTENSIONS``).
 
     ``root`` may be a directory or a ``.tar``/``.tar.gz`` archive of that layout. Class names come
     from the train folders. ``check`` sees the labels of the listed images before any is decoded.
@@ -231,7 +239,7 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
     index = {c: i for i, c in enumerate(classes)}
     if check is not None:
         check(np.array([index[e.cls] for e in entries if e.split == "train" and e.is_image], dtype=np.int64),
-              classes, "test" in folders)
+              classes, tuple(o for o in OWN_SPLITS if o in folders))
     hasher = hashlib.sha256() if root.is_dir() else None
     skip: set[int] = set()
     if pool is not None:  # the training images outside the pool are read (hashed), not decoded
@@ -259,9 +267,10 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
 
     train_x, train_y = stack("train")
     test_x, test_y = stack("test") if "test" in folders else (None, None)
+    val_x, val_y = stack("val") if "val" in folders else (None, None)
     digest = f"sha256:{hasher.hexdigest()}" if hasher is not None else _file_sha256(root)
     return RawImages(train_x, train_y, classes, digest, test_x, test_y, skipped=[str(f) for f in dec.failed],
-                     pooled=pool is not None)
+                     pooled=pool is not None, val_x=val_x, val_y=val_y)
 
 
 @dataclass
@@ -278,7 +287,7 @@ class ListedFiles:
 
 
 def list_imagefolder(root: str | Path, check: ShapeCheck | None = None) -> ListedFiles:
-    """``root/train/<class>/*`` (and optionally ``test/``) as file names: every file is read once to
+    """``root/train/<class>/*`` (and optionally ``val/``, ``test/``) as file names: every file is read once to
     hash it (the dataset's version), none is decoded. Same listing rules and errors as
     ``load_imagefolder``; ``root`` must be a directory (images are read from it while training)."""
     root = Path(root).expanduser()
@@ -295,7 +304,7 @@ def list_imagefolder(root: str | Path, check: ShapeCheck | None = None) -> Liste
     images = [e for e in entries if e.is_image]
     if check is not None:
         check(np.array([index[e.cls] for e in images if e.split == "train"], dtype=np.int64), classes,
-              "test" in folders)
+              tuple(o for o in OWN_SPLITS if o in folders))
     hasher = hashlib.sha256()
     out = ListedFiles(root, classes, {s: [] for s in folders}, {}, {s: [] for s in folders}, "")
     labels: dict[str, list[int]] = {s: [] for s in folders}

@@ -77,6 +77,27 @@ def test_imagefolder_with_test_folder_and_resize(tmp_path: Path) -> None:
     assert splits["train"][0].shape[1:] == (1, 10, 10)
 
 
+def test_imagefolder_with_its_own_val_folder_in_memory_and_on_disk(tmp_path: Path) -> None:
+    """A val/ folder is the validation split as it is (a trained model has seen its train/ folder:
+    a val carved from it would measure memorised images); train/ is not carved at all."""
+    from pipeline.data import prepare_files
+
+    root = make_imagefolder(tmp_path / "ds", per_class=6, splits=("train", "val", "test"), size=12)
+    (root / "val" / "cat" / "000.jpg").unlink()  # val's own size, not a fraction of train
+    cfg = prepare_cfg(source="imagefolder", root=str(root), image_size=8)
+    splits, meta = prepare_splits(load_source(cfg), cfg)
+    assert meta["split_sizes"] == {"train": 18, "val": 17, "test": 18}
+    assert meta["val_from"] == "source val split" and meta["test_from"] == "source test split"
+    files, fmeta = prepare_files(prepare_cfg(source="imagefolder", root=str(root), image_size=8, storage="files"),
+                                 workers=0)
+    assert fmeta["split_sizes"] == meta["split_sizes"]
+    assert all(f.startswith("val/") for f in files["val"][0]) and not any(f.startswith("val/") for f in files["train"][0])
+    (root / "val" / "cow").mkdir()
+    (root / "val" / "cat").rename(root / "val" / "cow" / "x")
+    with pytest.raises(DataError, match="class folders differ between train and val"):
+        load_source(cfg)
+
+
 def test_imagefolder_tar_archive_matches_directory(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "ds", per_class=5)
     archive = tmp_path / "ds.tar.gz"

@@ -1,5 +1,6 @@
 """Tables of the house checks' result files: `make run` in fresh clones (time per stage, the
-headline figures of each run) and the tiny preset's margin over the chance guard."""
+headline figures of each run), the tiny preset's margin over the chance guard, the own-model
+walk-through, streaming from disk and pruning a trained model."""
 
 from __future__ import annotations
 
@@ -94,3 +95,40 @@ def your_model() -> tuple[list[str], list[list[str]], Refs]:
     rows.append([f"bundle `pipeline.predict` against the slimmed PyTorch model, {p['images']} test images",
                  f"{100 * p['agreement']:.2f}% agree", "-", "-", k])
     return ["network", "test acc %", "latency", "measured / budget", "src"], rows, refs
+
+
+STREAMING = RESULTS / "streaming/rows.json"
+TRAINED_MODEL = RESULTS / "trained_model/rows.json"
+
+
+def streaming() -> tuple[list[str], list[list[str]], Refs]:
+    """prepare.storage files against memory at 224 px: peak memory of prepare and of one epoch, images/s."""
+    d = read_json(STREAMING)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(STREAMING, m["command"], m["machine"])
+    rows = [[r["storage"], str(r["images"]), f"{r['prepare']['tree_pss_mb']:.0f}", f"{r['epoch']['tree_pss_mb']:.0f}",
+             f"{r['epoch']['main_rss_mb']:.0f}", f"{r['train_images_per_s']:.1f}", k] for r in d["rows"]]
+    return (["storage", "images", "prepare peak PSS MB", "epoch peak PSS MB (all processes)", "epoch peak RSS MB (main)",
+             f"train images/s ({m['arch']})", "src"], rows, refs)
+
+
+def trained_model() -> tuple[list[str], list[list[str]], Refs]:
+    """Pruning a trained model: every method's held-out accuracy per budget, ours minus the best peer."""
+    d = read_json(TRAINED_MODEL)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(TRAINED_MODEL, m["command"], m["machine"])
+    rows = []
+    for b, cell in d["summary"].items():
+        if cell["unpruned_test_acc"] is not None:
+            rows.append([b, "the trained model, unpruned", _pct(cell["unpruned_test_acc"]), "-", k])
+        for name, label in (("ours", "ours (taylor)"), ("scp", "ours, prune.method scp"),
+                            ("uniform", "uniform width scaling"), ("tp_norm", "Torch-Pruning group L2 norm"),
+                            ("tp_taylor", "Torch-Pruning group Taylor")):
+            c = cell.get(name, {})
+            rows.append([b, label, mean_std(c.get("test_acc", []), 100, 2),
+                         ", ".join(f"{x:.3f}" for x in c.get("over_budget", [])) or "-", k])
+        rows.append([b, "ours - best peer at the budget (points)",
+                     mean_std(cell["ours_minus_best_peer"], 100, 2, signed=True), "-", k])
+    return ["budget", "method", "held-out acc % (mean ± std, seeds)", "measured / budget per seed", "src"], rows, refs
