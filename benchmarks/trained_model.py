@@ -4,12 +4,13 @@
         [--size 32 --per-class 200 --test-per-class 300 --budgets 0.5 0.3 --seeds 0 1 2]
 
 1. The README's setting (benchmarks/your_model.py): CIFAR-10 JPEGs (../shared/data/cifar10-jpeg) as
-   ``train/<class>/`` and ``test/<class>/`` folders at ``--size`` px, and torchvision's ``resnet18``
-   trained *outside the pipeline* on ``train/`` (plain torch), given as a plain ``state_dict``.
-2. The upstream, through the stage entry points: ``prepare`` (the folder; val carved from
-   ``train/``, test = ``test/``), ``train_teacher`` taking the weights as they are (``epochs: 0``),
-   ``profile`` of that network. ``test/`` is the held-out set: no stage trains on it or selects
-   by it (best epochs, the closed loop's costs and the baselines' choices use val).
+   disjoint ``train/<class>/``, ``val/<class>/`` and ``test/<class>/`` folders at ``--size`` px, and
+   torchvision's ``resnet18`` trained *outside the pipeline* on ``train/`` only (plain torch),
+   given as a plain ``state_dict``.
+2. The upstream, through the stage entry points: ``prepare`` (the folder's own val/ and test/),
+   ``train_teacher`` taking the weights as they are (``epochs: 0``), ``profile`` of that network.
+   ``test/`` is the held-out set: no stage trains on it or selects by it (best epochs, the closed
+   loop's costs and the baselines' choices use val/, which the outside training did not see).
 3. For every budget (a fraction of the trained model's measured latency) and seed, the real
    ``prune`` and ``compare`` stages (benchmarks/prune_protocol.py's ``run_pair``): ours
    (``prune.method: taylor``, the default), and under compare's protocol from the same trained
@@ -49,16 +50,20 @@ LABELS = {"ours": "ours (taylor)", "scp": "ours with prune.method scp", "uniform
           "tp_norm": "Torch-Pruning group L2 norm", "tp_taylor": "Torch-Pruning group Taylor"}
 
 
-def upstream(work: Path, size: int, per_class: int, test_per_class: int, epochs: int, prune_epochs: int) -> Path:
+def upstream(work: Path, size: int, per_class: int, val_per_class: int, test_per_class: int, epochs: int,
+             prune_epochs: int) -> Path:
     """The folder, the outside-trained model and the upstream stages (prepare, import, profile)."""
     up = work / "upstream"
     if (up / "artifacts" / "profile" / "latency_table.json").is_file():
         return up
     data = work / "data"
-    if not (data / "train").is_dir():
-        classes = make_folder(data, per_class, test_per_class, size, seed=0)
-    else:
-        classes = sorted(p.name for p in (data / "train").iterdir())
+    if not (data / "val").is_dir():
+        classes = make_folder(data, per_class, test_per_class + val_per_class, size, seed=0)
+        for cls in classes:  # the first val_per_class of each test/ class become val/: a split of its own
+            (data / "val" / cls).mkdir(parents=True)
+            for f in sorted((data / "test" / cls).iterdir())[:val_per_class]:
+                f.rename(data / "val" / cls / f.name)
+    classes = sorted(p.name for p in (data / "train").iterdir())
     weights = work / "weights" / "mine.pt"
     if not weights.is_file():
         outside = train_outside(data, classes, epochs, 0, weights)
@@ -166,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--test-per-class", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=20, help="epochs of the outside training")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of the outside training")
     p.add_argument("--prune-epochs", type=int, default=6, help="prune.epochs: every method's training")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ARCHIVE.is_file():
         print(f"error: needs {ARCHIVE} (CIFAR-10 JPEGs)", file=sys.stderr)
         return 2
-    up = upstream(args.work, args.size, args.per_class, args.test_per_class, args.epochs, args.prune_epochs)
+    up = upstream(args.work, args.size, args.per_class, args.val_per_class, args.test_per_class, args.epochs,
+                  args.prune_epochs)
     params = yaml.safe_load((up / "params.yaml").read_text())
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
