@@ -99,10 +99,10 @@ SECTIONS = (
      "From each stage's `Running stage` line to the next (DVC's bookkeeping included), median (range) over the "
      "clones above.", fresh_clone_stages),
     ("Your own model (the README's walk-through)",
-     "`benchmarks/your_model.py`: CIFAR-10 JPEGs laid out as train/ and test/ class folders (1,500 + 500 images at "
-     "64 px), a torchvision resnet18 trained outside the pipeline and given as a weights file, the README's params "
-     "and `make run` in a fresh clone (search and student do not run). One run, one seed: differences of a few "
-     "images (0.2 points each) are noise.", your_model),
+     "`benchmarks/your_model.py`: CIFAR-10 JPEGs laid out as train/ and test/ class folders (sizes in the source's "
+     "title line), a torchvision resnet18 trained outside the pipeline and given as a weights file, the README's "
+     "params and `make run` in a fresh clone (search and student do not run). One run, one seed: differences of a "
+     "few images (0.2 points each) are noise.", your_model),
     ("Images streamed from disk (`prepare.storage: files`)",
      "`benchmarks/streaming.py`: CIFAR-10 JPEGs upscaled to 256 px files, `prepare` and one training epoch at 224 px "
      "(random resized crop, DataLoader workers) for a folder of N and of 4N images, and the in-memory path on N. "
@@ -173,7 +173,7 @@ def readme_table() -> str:
     ym = read_json(YOUR_MODEL)
     k = refs.key(YOUR_MODEL, "", "")
     base = ym["baselines_test_acc"]
-    rows.append(["your own model (resnet18 trained outside, CIFAR-10 JPEGs at 64 px), budget 0.5, one run: test "
+    rows.append([f"your own model (resnet18 trained outside, CIFAR-10 JPEGs at {ym['data']['size']} px), budget 0.5, one run: test "
                  f"accuracy %; input model {100 * ym['input_model_test_acc']:.1f}",
                  f"**{100 * ym['compressed_test_acc']:.1f}**", f"{100 * base.get('uniform', float('nan')):.1f}",
                  f"{100 * base.get('l1', float('nan')):.1f}", "-",

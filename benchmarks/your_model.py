@@ -1,6 +1,6 @@
 """The README's "Your own model and images", followed as written on data the tests do not use.
 
-    python -m benchmarks.your_model --out benchmarks/results/your_model [--per-class 150 --test-per-class 50 --size 64]
+    python -m benchmarks.your_model --out benchmarks/results/your_model [--per-class 150 --test-per-class 50 --size 96]
 
 1. An image folder the way a user has one: CIFAR-10 JPEGs (../shared/data/cifar10-jpeg) laid out
    as ``data/mine/train/<class>/*.jpg`` and ``data/mine/test/<class>/*.jpg``, resized to ``--size``
@@ -9,7 +9,8 @@
    initialisation), trained here with plain torch on ``train/`` only (SGD, cosine, flip
    augmentation, inputs normalised with the train images' own mean and std, as the pipeline
    normalises), saved as a plain ``state_dict`` in ``weights/mine.pt``.
-3. A fresh clone of the committed HEAD with the README's params (prepare an imagefolder,
+3. A fresh clone of the committed HEAD with the README's params (prepare an imagefolder read from
+   disk, ``storage: files``, fine-tuned with ``random_resized_crop``,
    ``teachers: {mine: {arch: torchvision:resnet18, weights: weights/mine.pt, epochs: 0}}``,
    ``compress.model: artifacts/teachers/mine``, ``distill.mode: ensemble``, budget 0.5) and
    ``make run``, logged per stage.
@@ -122,7 +123,8 @@ def train_outside(root: Path, classes: list[str], epochs: int, seed: int, out: P
 def readme_params(repo: Path, size: int, budget: float) -> dict[str, Any]:
     """params.yaml with the README's keys, as a user would edit it."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prepare"].update(source="imagefolder", root="data/mine", image_size=size)
+    params["prepare"].update(source="imagefolder", root="data/mine", image_size=size, storage="files")
+    params["train"]["augment"] = "random_resized_crop"
     params["teachers"] = {"mine": {"arch": "torchvision:resnet18", "weights": "weights/mine.pt", "epochs": 0}}
     params["compress"] = {"model": "artifacts/teachers/mine"}
     params["distill"]["mode"] = "ensemble"
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "your_model")
     p.add_argument("--per-class", type=int, default=150, help="train images per class")
     p.add_argument("--test-per-class", type=int, default=50)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--epochs", type=int, default=15, help="epochs of the outside training")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)

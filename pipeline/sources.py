@@ -216,6 +216,22 @@ def _unreadable(root: Path, failed: list[ImageError]) -> DataError:
     )
 
 
+def _listed_and_checked(root: Path, check: ShapeCheck | None) -> tuple[list[_Entry], dict[str, set[str]], list[str]]:
+    """The folder's entries, its split -> class folders, and the class names (train's, sorted),
+    after the listing's checks: no empty class folder, and ``check`` on the training labels."""
+    entries, folders = _list_folder(root)
+    listed: dict[tuple[str, str], int] = {}
+    for e in entries:
+        listed[(e.split, e.cls)] = listed.get((e.split, e.cls), 0) + e.is_image
+    _check_not_empty(root, folders, entries, listed, "image file")
+    classes = sorted(folders["train"])
+    if check is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        check(np.array([index[e.cls] for e in entries if e.split == "train" and e.is_image], dtype=np.int64),
+              classes, tuple(o for o in OWN_SPLITS if o in folders))
+    return entries, folders, classes
+
+
 def load_imagefolder(root: str | Path, image_size: int | None, channels: int, skip_corrupt: bool,
                      max_pixels: int = DEFAULT_MAX_PIXELS, check: ShapeCheck | None = None,
                      pool: Callable[[np.ndarray], np.ndarray] | None = None) -> RawImages:
@@ -230,16 +246,8 @@ def load_imagefolder(root: str | Path, image_size: int | None, channels: int, sk
     listed in ``skipped``). Images over ``max_pixels`` are refused before they are decoded.
     """
     root = Path(root).expanduser()
-    entries, folders = _list_folder(root)
-    listed: dict[tuple[str, str], int] = {}
-    for e in entries:
-        listed[(e.split, e.cls)] = listed.get((e.split, e.cls), 0) + e.is_image
-    _check_not_empty(root, folders, entries, listed, "image file")
-    classes = sorted(folders["train"])
+    entries, folders, classes = _listed_and_checked(root, check)
     index = {c: i for i, c in enumerate(classes)}
-    if check is not None:
-        check(np.array([index[e.cls] for e in entries if e.split == "train" and e.is_image], dtype=np.int64),
-              classes, tuple(o for o in OWN_SPLITS if o in folders))
     hasher = hashlib.sha256() if root.is_dir() else None
     skip: set[int] = set()
     if pool is not None:  # the training images outside the pool are read (hashed), not decoded
@@ -294,17 +302,8 @@ def list_imagefolder(root: str | Path, check: ShapeCheck | None = None) -> Liste
     if root.exists() and not root.is_dir():
         raise DataError(f"prepare.root: {root} is an archive; prepare.storage: files reads images from a directory "
                         "while training: extract it (or use prepare.storage: memory)")
-    entries, folders = _list_folder(root)
-    listed: dict[tuple[str, str], int] = {}
-    for e in entries:
-        listed[(e.split, e.cls)] = listed.get((e.split, e.cls), 0) + e.is_image
-    _check_not_empty(root, folders, entries, listed, "image file")
-    classes = sorted(folders["train"])
+    entries, folders, classes = _listed_and_checked(root, check)
     index = {c: i for i, c in enumerate(classes)}
-    images = [e for e in entries if e.is_image]
-    if check is not None:
-        check(np.array([index[e.cls] for e in images if e.split == "train"], dtype=np.int64), classes,
-              tuple(o for o in OWN_SPLITS if o in folders))
     hasher = hashlib.sha256()
     out = ListedFiles(root, classes, {s: [] for s in folders}, {}, {s: [] for s in folders}, "")
     labels: dict[str, list[int]] = {s: [] for s in folders}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.resnet_cifar import STEM_STRIDES
 from pipeline.errors import ConfigError
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -153,8 +154,8 @@ class SuperNet(nn.Module):
         super().__init__()
         if align not in ALIGN:
             raise ConfigError(f"align must be one of {sorted(ALIGN)}, got {align!r}")
-        if stem_stride not in (1, 2, 4):
-            raise ConfigError(f"stem_stride must be 1, 2 or 4, got {stem_stride!r}")
+        if stem_stride not in STEM_STRIDES:
+            raise ConfigError(f"stem_stride must be one of {STEM_STRIDES}, got {stem_stride!r}")
         self.stem_stride = stem_stride  # as models.resnet_cifar: 4 = stride-2 conv, then a stride-2 max-pool
         self.num_classes, self.in_channels = num_classes, in_channels
         self.stage_choice = nn.ModuleList(WidthChoice(w, ratios) for w in stage_widths)

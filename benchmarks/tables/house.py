@@ -86,7 +86,10 @@ def your_model() -> tuple[list[str], list[list[str]], Refs]:
     refs = Refs()
     k = refs.key(YOUR_MODEL, d["command"], d["machine"])
     o, e, p = d["outside"], d["engine"], d["predict"]
-    rows = [[f"your model (torchvision resnet18, {o['epochs']} epochs outside the pipeline)",
+    dd = d["data"]
+    rows = [[f"your model (torchvision resnet18, {o['epochs']} epochs outside the pipeline; "
+             f"{dd['classes'] * dd['train_per_class']} train + {dd['classes'] * dd['test_per_class']} test images at "
+             f"{dd['size']} px)",
              _pct(d["input_model_test_acc"]), f"{d['student_ms']:.3f} ms (measured by prune)", "-", k],
             [f"ours, budget {d['budget_ms']:.3f} ms (0.5 of it)", _pct(d["compressed_test_acc"]),
              f"{e['ms']:.3f} ms (engine)", f"{e['over_budget']:.3f} ({e['status']})", k]]
