@@ -43,6 +43,7 @@ from benchmarks.tables.house import (
     make_run_summary,
     streaming,
     tiny_margin,
+    trained_model,
     your_model,
 )
 from benchmarks.tables.others import (
@@ -108,6 +109,13 @@ SECTIONS = (
      "(random resized crop, DataLoader workers) for a folder of N and of 4N images, and the in-memory path on N. "
      "PSS: proportional set size summed over the process and its DataLoader workers (shared pages counted once). "
      "One run each: images/s is one epoch on a shared 2-core machine.", streaming),
+    ("Pruning a trained model",
+     "`benchmarks/trained_model.py`: torchvision resnet18 trained outside the pipeline (plain torch, train/ only) on "
+     "CIFAR-10 JPEGs, pruned to a fraction of its own measured latency by the real prune and compare stages; every "
+     "method from the same weights, distilled from the unpruned model, the same `prune.epochs`. Held-out accuracy: "
+     "the folder's test/ (3,000 images, which no stage trains or selects on; val/ is a folder of its own). "
+     "Measured / budget: compare's final joint run (scp: the prune stage's reading); a peer over the budget there "
+     "does not count as the best peer.", trained_model),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

@@ -142,7 +142,7 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"stage trains or selects on), {meta['machine']}, {meta['date']}, commit {meta['commit']}",
              f"`{meta['command']}`", "",
              "| budget (of the model's measured latency) | method | test accuracy, mean ± std over seeds (%) | "
-             "measured / budget per seed | at the budget |",
+             "measured / budget per seed | over the budget |",
              "|---|---|---|---|---|"]
     for b, cell in summary.items():
         unp = cell["unpruned_test_acc"]
@@ -152,7 +152,7 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
             bad = [s for s in c["status"] if s == "over"]
             lines.append(f"| {b} | {LABELS[m]} | {_ms(c['test_acc'])} | {land or '-'} | "
-                         f"{'over in ' + str(len(bad)) + ' seed(s)' if bad else 'yes'} |")
+                         f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
                      f"{_ms(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
     lines += ["", "Measured / budget: compare's final joint run (every network with the unpruned model, interleaved); "
