@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from benchmarks.tables.fmt import (
 )
 from benchmarks.tables.house import (
     FRESH_CLONES,
+    TRAINED_MODEL,
     YOUR_MODEL,
     fresh_clone_runs,
     fresh_clone_stages,
@@ -186,6 +188,17 @@ def readme_table() -> str:
                  f"**{100 * ym['compressed_test_acc']:.1f}**", f"{100 * base.get('uniform', float('nan')):.1f}",
                  f"{100 * base.get('l1', float('nan')):.1f}", "-",
                  f"{100 * (ym['compressed_test_acc'] - max(base.values())):+.1f} (one run: noise)", k])
+    tm = read_json(TRAINED_MODEL)["summary"]
+    k = refs.key(TRAINED_MODEL, "", "")
+    cells = [tm[b] for b in ("0.5", "0.3")]
+    best_tp = [max(("tp_norm", "tp_taylor"), key=lambda m: statistics.mean(c[m]["test_acc"])) for c in cells]
+    rows.append(["a trained resnet18 (outside the pipeline, 32 px), pruned to 0.5 / 0.3 of its latency, 3 seeds, "
+                 "held-out acc %",
+                 " / ".join(f"**{mean_std(c['ours']['test_acc'], 100, 1)}**" for c in cells),
+                 " / ".join(mean_std(c["uniform"]["test_acc"], 100, 1) for c in cells),
+                 " / ".join(f"{mean_std(c[m]['test_acc'], 100, 1)} (group {'L2' if m == 'tp_norm' else 'Taylor'})"
+                            for c, m in zip(cells, best_tp)),
+                 "-", " / ".join(mean_std(c["ours_minus_best_peer"], 100, 2, signed=True) for c in cells), k])
     run_s, exits = make_run_summary()
     k = refs.key(FRESH_CLONES, "", "")
     rows.append([f"`make run` (digits default), fresh clones: wall time, install excluded ({exits})", run_s,

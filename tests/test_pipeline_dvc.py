@@ -198,6 +198,9 @@ def test_images_streamed_from_a_folder_end_to_end(tmp_path: Path) -> None:
     assert [r["index"] for r in got] == want.tolist()
     engine = json.loads((repo / "metrics" / "engine.json").read_text())
     assert engine["test_acc"] > 0.6  # colours: far above chance (1/3) through every stage
+    # the verdict read on the budget's scale: the network measured with the one it was pruned from
+    assert engine["verdict_on"] == "paired with the student" and engine["paired_ms"] > 0
+    assert engine["within_budget"] == (engine["budget_status"] != "over")
 
     assert _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo)) == set()
     colour_folder(repo / "imgs", per_class=40, test=10, seed=1)  # new pixels, same names
