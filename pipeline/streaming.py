@@ -32,17 +32,19 @@ from pipeline.errors import DataError
 from pipeline.images import ImageError, decode_image
 
 _tv_functional = None
+_tv_v2 = None
 
 
 def _tvf():  # noqa: ANN202  (torchvision.transforms.v2.functional, imported once, lazily)
-    global _tv_functional
+    global _tv_functional, _tv_v2
     if _tv_functional is None:
         from models.tvcompat import import_torchvision
 
         import_torchvision()
+        from torchvision.transforms import v2
         from torchvision.transforms.v2 import functional
 
-        _tv_functional = functional
+        _tv_functional, _tv_v2 = functional, v2
     return _tv_functional
 
 
@@ -66,13 +68,8 @@ def eval_view(img: torch.Tensor, shorter: int, size: int) -> torch.Tensor:
 def train_view(img: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
     """uint8 (C, H, W) -> (C, size, size): torchvision's RandomResizedCrop (area ``scale``, aspect
     3/4..4/3) and RandomHorizontalFlip, drawing from torch's global generator (seeded per worker)."""
-    from models.tvcompat import import_torchvision
-
-    import_torchvision()
-    from torchvision.transforms import v2
-
-    top, left, h, w = v2.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])  # type: ignore[arg-type]
-    f = _tvf()
+    f = _tvf()  # once per process, not per image
+    top, left, h, w = _tv_v2.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])  # type: ignore[union-attr]
     img = f.resized_crop(img, top, left, h, w, [size, size], interpolation=f.InterpolationMode.BILINEAR,
                          antialias=True)
     return f.horizontal_flip(img) if torch.rand(()) < 0.5 else img
@@ -157,17 +154,12 @@ class FileSplit:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images, labels) in order, evaluation view, decoded in DataLoader workers."""
-        order = [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
-        yield from self.loader(order, train=False, seed=0)
+        yield from self.loader(self._in_order(batch_size), train=False, seed=0)
 
     def scan(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """(uint8 images, per-row error or "") in order, evaluation view: what ``prepare`` reads once
         to find unreadable files and measure the statistics. An unreadable row is blank."""
-        order = [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
-        dl = DataLoader(self._dataset(False), batch_sampler=order, num_workers=self.workers,
-                        worker_init_fn=_one_thread if self.workers else None,
-                        prefetch_factor=2 if self.workers else None)
-        for x, _, errors in dl:
+        for x, _, errors in self._decoded(self._in_order(batch_size), False, 0, self.workers):
             yield x, list(errors)
 
     def loader(self, batches: Sequence[Sequence[int]], train: bool, seed: int,
@@ -175,13 +167,18 @@ class FileSplit:
         """(uint8 images, labels) for each list of rows in ``batches``, decoded in ``workers``
         DataLoader processes (default: the split's); ``train``: the training view, its random draws
         seeded by ``seed``."""
-        workers = self.workers if workers is None else workers
-        dl = DataLoader(self._dataset(train), batch_sampler=batches, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_one_thread if workers else None,
-                        prefetch_factor=2 if workers else None)
-        for x, y, errors in dl:
+        for x, y, errors in self._decoded(batches, train, seed, self.workers if workers is None else workers):
             _raise_unreadable(errors, self.root)
             yield x, y
+
+    def _in_order(self, batch_size: int) -> list[list[int]]:
+        return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+    def _decoded(self, batches: Sequence[Sequence[int]], train: bool, seed: int, workers: int) -> DataLoader:
+        """(images, labels, errors) per batch of rows, decoded in ``workers`` DataLoader processes."""
+        return DataLoader(self._dataset(train), batch_sampler=batches, num_workers=workers,
+                          generator=torch.Generator().manual_seed(seed), worker_init_fn=_one_thread if workers else None,
+                          prefetch_factor=2 if workers else None)
 
     def _dataset(self, train: bool) -> _Files:
         view = self.view if train else View(self.view.channels, self.view.size, self.view.shorter,
