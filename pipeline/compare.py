@@ -7,7 +7,8 @@ The protocol, fixed here and used by the `compare` stage and the benchmarks:
 * **Same measured latency.** Every method is cut to the same band of the same ``Budget`` (the
   prune stage's, read back from its masks.json): ``Budget.bounds_ms``, the band the prune stage's
   closed loop aims at, measured on the target paired with the student (interleaved windows; the
-  ratio to the student times the student's latency). A baseline's one knob is continuous
+  ratio to the student times the student's latency, the median over ``compare.timing_readings``
+  readings). A baseline's one knob is continuous
   (uniform: the width ratio; Torch-Pruning: the global pruning ratio) and is swept finely; the largest
   resulting network that measures at most the band's top is taken (``match_budget``). Each of
   these verdicts, and the final joint run, is timed with compare's own protocol
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from torch import nn
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.flops import count_params
-from pipeline.latency import LatencyPredictor, Timing, paired_ms
+from pipeline.latency import LatencyPredictor, Timing, median_paired, paired_ms
 from pipeline.prune import Budget, allowed_widths, filter_l1, top_mask
 from pipeline.slim import ChannelGraph, prune_structure
 from pipeline.train import Criterion, check_above_chance, test_accuracy, train_classifier
@@ -260,13 +262,13 @@ def table_predict(predictor: LatencyPredictor, groups: Sequence[str]) -> Callabl
     return lambda c: predictor({g: float(c.widths[g]) for g in groups}).item()
 
 
-def paired_measure(measure_many: Callable[[list[nn.Module]], list[Timing]], student: nn.Module,
+def paired_measure(measure_readings: Callable[[list[nn.Module]], list[list[Timing]]], student: nn.Module,
                    student_ms: float) -> Callable[[list[nn.Module]], list[float]]:
-    """models -> ms each, measured in one run together with ``student`` and rescaled by its reading
-    (as the prune stage's closed loop measures ours)."""
+    """models -> ms each, measured in one run together with ``student`` and rescaled by its reading,
+    the median over the run's readings (as the prune stage's closed loop measures ours)."""
     def measure(models: list[nn.Module]) -> list[float]:
-        *t_models, t_student = measure_many([*models, student])
-        return [paired_ms(student_ms, t, t_student) for t in t_models]
+        reads = measure_readings([*models, student])
+        return [median_paired(student_ms, reads, i, len(models)) for i in range(len(models))]
 
     return measure
 
@@ -323,15 +325,18 @@ def run_methods(methods: Sequence[str], space: BaselineSpace, budget: Budget, pr
 
 
 def judge(finals: dict[str, nn.Module], student: nn.Module, budget: Budget,
-          measure_many: Callable[[list[nn.Module]], list[Timing]]) -> dict[str, dict[str, Any]]:
-    """Every final network measured together with the student in one interleaved run, each judged
-    by ``budget.verdict`` on its reading (the protocol's *same verdict*)."""
-    timings = measure_many([student, *finals.values()])
+          measure_readings: Callable[[list[nn.Module]], list[list[Timing]]]) -> dict[str, dict[str, Any]]:
+    """Every final network measured together with the student in one interleaved run (the median
+    over its readings), each judged by ``budget.verdict`` on its reading (the protocol's *same
+    verdict*)."""
+    reads = measure_readings([student, *finals.values()])
     out = {}
-    for name, t in zip(finals, timings[1:]):
-        ms = paired_ms(budget.student_ms, t, timings[0])
+    for i, name in enumerate(finals, start=1):
+        ms = median_paired(budget.student_ms, reads, i, 0)
         status, verdict = budget.verdict(ms)
-        out[name] = {"measured_ms": ms, "measured_spread": t.spread, "measured_over_budget": ms / budget.target_ms,
+        spread = statistics.median(r[i].spread for r in reads)
+        out[name] = {"measured_ms": ms, "measured_spread": spread, "measured_over_budget": ms / budget.target_ms,
+                     "readings_over_budget": [paired_ms(budget.student_ms, r[i], r[0]) / budget.target_ms for r in reads],
                      "in_band": status == "in_band", "budget_status": status, "budget_verdict": verdict}
     return out
 
@@ -347,10 +352,11 @@ def versus_ours(result: dict[str, Any], methods: Sequence[str]) -> dict[str, Any
     return out
 
 
-def protocol_record(budget: Budget, epochs: int, loss: str, seed: int, passes: int, span_s: float) -> dict[str, Any]:
+def protocol_record(budget: Budget, epochs: int, loss: str, seed: int, passes: int, span_s: float,
+                    readings: int = 1) -> dict[str, Any]:
     """compare.json's ``protocol``: what every method was held to."""
     return {"budget_ms": budget.target_ms, "band": list(budget.band_effective), "budget": budget.to_dict(),
             "epochs": epochs, "loss": loss, "seed": seed,
             "measured": f"paired with the student, interleaved windows: the fastest of {passes} over at least "
-                        f"{span_s:g} s",
+                        f"{span_s:g} s; the median ratio to the student over {readings} such reading(s)",
             "verdict": "Budget.verdict on the final joint run, every method alike (pipeline/prune/budget.py)"}

@@ -83,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         # and a baseline's match and its final reading once disagreed by 26% (docs/history.md, section 37)
         verdict = timing_protocol(target, passes=cfg.timing_passes, min_span_s=cfg.timing_span_s)
 
-        def measure_many(models: list[torch.nn.Module]) -> list:
-            return backend.measure_many(models, shape, verdict)
+        def measure_readings(models: list[torch.nn.Module]) -> list:
+            return backend.measure_readings(models, shape, verdict, cfg.timing_readings)
 
         result: dict = {
             "protocol": protocol_record(budget, prune_cfg.epochs, f"distill ({kd.mode}, T={kd.temperature}, "
-                                        f"alpha={kd.alpha})", cfg.seed, verdict.passes, verdict.min_span_s),
+                                        f"alpha={kd.alpha})", cfg.seed, verdict.passes, verdict.min_span_s,
+                                        cfg.timing_readings),
             "ours": {"test_acc": test_accuracy(ours, data, cpu), "params": count_params(ours),
                      "widths": pruned.get("widths"), "measured_ms_prune_stage": pruned.get("measured_ms")},
             "student": {"test_acc": test_accuracy(student, data, cpu), "measured_ms": budget.student_ms},
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda: taylor_batches(data, train_cfg.batch_size, used, cfg.seed, cpu))
             fine_tune = FineTune(data, train_cfg, prune_cfg.optimizer, prune_cfg.epochs, cfg.seed, device, criterion)
             records, models = run_methods(cfg.methods, space, budget, table_predict(table.predictor(), table.groups),
-                                          paired_measure(measure_many, student, budget.student_ms), fine_tune)
+                                          paired_measure(measure_readings, student, budget.student_ms), fine_tune)
             result.update(records)
             finals.update(models)
             result["train_device"] = describe_device(device)
-        for name, verdict_of in judge(finals, student, budget, measure_many).items():  # one joint run, one rule
+        for name, verdict_of in judge(finals, student, budget, measure_readings).items():  # one joint run, one rule
             result[name].update(verdict_of)
         if holdout is not None:
             result["holdout"] = {"path": str(args.holdout), "images": len(holdout), "sha256": file_sha256(args.holdout)}

@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)  # at the expected masks
         importance, taylor_used = importance_for(cfg, space, data, train_cfg.batch_size, distil, device)
         plain = rebuild(arch, net.net.state_dict())
-        loop = decide_widths(net, space, budget, cfg, importance, measure_paired(backend, plain, student,
-                             ref.student_ms, space), val_cost(plain, space, data, cfg.loop_val_samples), state,
-                             fingerprint)
+        measure = measure_paired(backend, plain, student, ref.student_ms, space, cfg.loop_readings)
+        loop = decide_widths(net, space, budget, cfg, importance, measure,
+                             val_cost(plain, space, data, cfg.loop_val_samples), state, fingerprint)
         plots = Path(args.plots_dir)
         write_csv(plots / "loop.csv", loop_rows(loop))
         if loop.status == "unreachable":

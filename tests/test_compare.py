@@ -162,9 +162,11 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     budget = Budget.derive(0.6, "fraction", (0.8, 1.0), _ms(student), 0.02)
     calls: list[list[nn.Module]] = []
 
-    def measure_many(models: list[nn.Module]) -> list[Timing]:
+    def measure_readings(models: list[nn.Module]) -> list[list[Timing]]:  # three readings, one of them off by 2x
         calls.append(list(models))
-        return [Timing(_ms(m), (_ms(m),), _ms(m), _ms(m), _ms(m), 5) for m in models]
+        one = [Timing(_ms(m), (_ms(m),), _ms(m), _ms(m), _ms(m), 5) for m in models]
+        off = [Timing(2 * t.ms, (2 * t.ms,), t.ms, t.ms, t.ms, 5) if i == 0 else t for i, t in enumerate(one)]
+        return [one, off, one]
 
     trained: list[dict] = []
     monkeypatch.setattr(pc, "train_classifier", lambda model, data, cfg, optim, **kw: trained.append(
@@ -178,7 +180,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     space = pc.baseline_space(student, torch.zeros(1, 1, 8, 8), 2, 0.25)
     methods = ("uniform", "l1", "unpruned")
     records, finals = pc.run_methods(methods, space, budget, lambda c: _ms(c.model),
-                                     pc.paired_measure(measure_many, student, budget.student_ms), fine_tune)
+                                     pc.paired_measure(measure_readings, student, budget.student_ms), fine_tune)
     # same training: one call per method, on its final network, with one loss, optimizer, epochs, seed
     assert [t["model"] for t in trained] == [finals[m] for m in methods]
     assert all(t["criterion"] is loss and t["optim"] is fine_tune.optimizer and t["data"] is digits
@@ -192,7 +194,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     # same verdict: one joint run, every network (ours too) judged by the budget's rule on it
     ours = copy.deepcopy(finals["uniform"])  # at the budget, as the baseline it copies
     result = {"ours": {"test_acc": 0.5}, **{m: {"test_acc": 0.4} for m in methods}}
-    for name, verdict in pc.judge({"ours": ours, **finals}, student, budget, measure_many).items():
+    for name, verdict in pc.judge({"ours": ours, **finals}, student, budget, measure_readings).items():
         result[name].update(verdict)
     final = calls[-1]
     assert final[0] is student and final[1] is ours and all(a is b for a, b in zip(final[2:], finals.values()))
@@ -205,7 +207,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     assert versus["ours_minus_uniform"] == pytest.approx(0.1)
     assert versus["at_equal_latency"]["uniform"] and not versus["at_equal_latency"]["unpruned"]
     # ours over the budget: reported as such, and compared at equal latency with nothing
-    result["ours"].update(pc.judge({"ours": student}, student, budget, measure_many)["ours"])
+    result["ours"].update(pc.judge({"ours": student}, student, budget, measure_readings)["ours"])
     assert result["ours"]["budget_status"] == "over"
     assert not any(pc.versus_ours(result, methods)["at_equal_latency"].values())
 

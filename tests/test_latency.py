@@ -339,3 +339,47 @@ def test_calibration_is_fitted_and_checked_on_disjoint_subnetworks(tiny) -> None
             assert best <= rel_sse(cal["scale"] * ds, cal["offset_ms"] + do) + 1e-12
     for s in cal["heldout_set"]:  # what is recorded is what the predictor says
         assert pred(s["widths"]).item() == pytest.approx(s["predicted_ms"])
+
+
+class _Readings(Backend):
+    """A backend whose every call of the ``k``-th prepared model takes ``ms[k]``, except during the
+    readings listed in ``off`` (reading index -> factor on the first model): a slow spell in one
+    reading. Counts the models it prepares."""
+
+    name = "fake"
+
+    def __init__(self, ms: list[float], off: dict[int, float]) -> None:
+        super().__init__(batch_size=1, precision="fp32", threads=1, protocol=FAST)
+        self.ms, self.off, self.prepared, self.reading = ms, off, 0, 0
+
+    def device(self) -> dict:
+        return {"type": "cpu", "name": "fake"}
+
+    def versions(self) -> dict:
+        return {}
+
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN201
+        k = self.prepared
+        self.prepared += 1
+        return lambda: self.ms[k] * (self.off.get(self.reading, 1.0) if k == 0 else 1.0)
+
+
+def test_readings_prepare_once_and_the_median_ignores_one_slow_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.latency.backends as lb
+    from pipeline.latency import median_paired
+
+    backend = _Readings([2.0, 4.0], off={1: 3.0})
+    measure_calls = lb.measure_calls
+
+    def counting(calls, protocol, on_pass=None):  # noqa: ANN001, ANN202
+        out = measure_calls(calls, protocol, on_pass)
+        backend.reading += 1
+        return out
+
+    monkeypatch.setattr(lb, "measure_calls", counting)
+    reads = backend.measure_readings([nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1)], (1, 4, 4), readings=3)
+    assert backend.prepared == 2 and [len(r) for r in reads] == [2, 2, 2]
+    assert [round(r[0].ms / r[1].ms, 6) for r in reads] == [0.5, 1.5, 0.5]  # the second reading is off
+    assert median_paired(10.0, reads, 0, 1) == pytest.approx(5.0)  # 10 ms x 0.5: the slow reading left out
+    with pytest.raises(ValueError, match="readings must be >= 1"):
+        backend.measure_readings([nn.Conv2d(1, 2, 1)], (1, 4, 4), readings=0)

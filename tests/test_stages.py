@@ -224,7 +224,7 @@ def test_prune_slim_compare_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # tests/test_prune.py (a tight budget on a 20-microsecond network is measurement noise)
     params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms")
     cfg = yaml.safe_load(params.read_text())
-    cfg.setdefault("compare", {}).update(timing_passes=7, timing_span_s=0.01)
+    cfg.setdefault("compare", {}).update(timing_passes=7, timing_span_s=0.01, timing_readings=2)
     params.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert run_prune(tmp_path, params) == 0
     m = json.loads((tmp_path / "m" / "prune.json").read_text())
@@ -250,20 +250,20 @@ def test_prune_slim_compare_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from pipeline.latency.backends import Backend
 
     protocols: list = []  # every measurement compare makes decides a match or a verdict: compare's own protocol
-    measure_many = Backend.measure_many
+    measure_readings = Backend.measure_readings
 
-    def recording(self, models, shapes, protocol=None, on_pass=None):  # type: ignore[no-untyped-def]
-        protocols.append(protocol)
-        return measure_many(self, models, shapes, protocol, on_pass)
+    def recording(self, models, shapes, protocol=None, readings=1, on_pass=None):  # type: ignore[no-untyped-def]
+        protocols.append((protocol, readings))
+        return measure_readings(self, models, shapes, protocol, readings, on_pass)
 
-    monkeypatch.setattr(Backend, "measure_many", recording)
+    monkeypatch.setattr(Backend, "measure_readings", recording)
     code = compare.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
                          "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
                          "--pruned", str(tmp_path / "pr" / "masks.json"), "--model", str(tmp_path / "pr" / "model.pt"),
                          "--metrics", str(tmp_path / "m" / "compare.json"), "--holdout", str(tmp_path / "holdout.npz")])
     assert code == 0
     monkeypatch.undo()
-    assert len(protocols) >= 3 and all(p is not None and (p.passes, p.min_span_s) == (7, 0.01) for p in protocols)
+    assert len(protocols) >= 3 and all(p is not None and (p.passes, p.min_span_s, n) == (7, 0.01, 2) for p, n in protocols)
     c = json.loads((tmp_path / "m" / "compare.json").read_text())
     assert "fastest of 7 over at least 0.01 s" in c["protocol"]["measured"]
     # one budget: the prune stage's, read back from masks.json, every method judged by its rule

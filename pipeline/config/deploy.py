@@ -159,6 +159,9 @@ class PruneConfig(Section):
                        "0 its bottom, 0.5 its middle, 1 its top (lowered by the measured noise)")
     max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")
     loop_val_samples: int = Field(1000, ge=1, le=1000000, description="validation images scoring loop steps")
+    loop_readings: int = Field(3, ge=1, le=100, description="closed loop: independent paired readings of each "
+                               "network, the median taken (one reading of a small network on a shared machine can "
+                               "be 20% off, and stopping on the first reading in the band keeps the lucky ones)")
     finetune_epochs: int = Field(0, ge=0, le=100000, description="optional recovery fine-tune after hardening")
     progress: bool = True
 
@@ -199,6 +202,8 @@ class CompareConfig(Section):
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms in every "
                                "verdict of compare (matching a baseline, the final joint run)")
     timing_span_s: float = Field(2.0, ge=0.0, le=600.0, description="least wall time those windows spread over")
+    timing_readings: int = Field(3, ge=1, le=100, description="independent readings of every compare verdict, the "
+                                 "median of their ratios to the student taken (as prune.loop_readings)")
 
     @field_validator("methods")
     @classmethod

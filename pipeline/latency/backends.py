@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -96,15 +97,26 @@ class Backend(ABC):
                      on_pass: Callable[[int], None] | None = None) -> list[Timing]:
         """Latency of every model, their windows interleaved (``pipeline.latency.timing``).
         ``input_shapes``: one (C, H, W) for all, or one per model."""
+        return self.measure_readings(models, input_shapes, protocol, 1, on_pass)[0]
+
+    def measure_readings(self, models: Sequence[nn.Module],
+                         input_shapes: Sequence[tuple[int, ...]] | tuple[int, ...],
+                         protocol: TimingProtocol | None = None, readings: int = 1,
+                         on_pass: Callable[[int], None] | None = None) -> list[list[Timing]]:
+        """``readings`` independent measurements of every model, each one ``measure_many``'s (its
+        windows interleaved), one after the other with the models prepared once: ``[reading][model]``."""
         protocol = protocol or self.protocol
+        if readings < 1:
+            raise ValueError(f"readings must be >= 1, got {readings}")
         shapes = [input_shapes] * len(models) if input_shapes and isinstance(input_shapes[0], int) else list(input_shapes)
         if len(shapes) != len(models):
             raise ValueError(f"{len(models)} models but {len(shapes)} input shapes")
-        out: list[Timing] = []
+        out: list[list[Timing]] = [[] for _ in range(readings)]
         with self._threads():
             for lo in range(0, len(models), protocol.chunk):
                 calls = [self.prepare(m, tuple(s)) for m, s in zip(models[lo:lo + protocol.chunk], shapes[lo:lo + protocol.chunk])]
-                out += measure_calls(calls, protocol, on_pass)
+                for r in range(readings):
+                    out[r] += measure_calls(calls, protocol, on_pass)
                 del calls
         return out
 
@@ -152,6 +164,14 @@ def paired_ms(reference_ms: float, timed: Timing | float, reference_timed: Timin
     ms = timed.ms if isinstance(timed, Timing) else timed
     ref = reference_timed.ms if isinstance(reference_timed, Timing) else reference_timed
     return reference_ms * ms / ref
+
+
+def median_paired(reference_ms: float, readings: Sequence[Sequence[Timing]], index: int, reference_index: int) -> float:
+    """The median over ``readings`` (``Backend.measure_readings``) of model ``index``'s ``paired_ms``
+    against model ``reference_index`` of the same reading: one reading of a sub-millisecond network
+    on a shared machine can be 20% off, and a loop that stops on the first reading inside a band
+    keeps the readings that were off in its favour."""
+    return statistics.median(paired_ms(reference_ms, r[index], r[reference_index]) for r in readings)
 
 
 def device_record(device: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch.distributed
 from torch import nn
 
 from pipeline.config import PruneConfig
-from pipeline.latency import Backend, measure_reference, paired_ms
+from pipeline.latency import Backend, measure_reference, median_paired
 from pipeline.prune.budget import Budget, BudgetError
 from pipeline.prune.groups import smallest_masks, widths_of
 from pipeline.prune.space import PruneSpace
@@ -107,11 +107,13 @@ def measure_alone(backend: Backend, model: nn.Module, space: PruneSpace) -> Call
 
 
 def measure_paired(backend: Backend, model: nn.Module, student: nn.Module, student_ms: float,
-                   space: PruneSpace) -> Callable[[Masks], float]:
+                   space: PruneSpace, readings: int = 1) -> Callable[[Masks], float]:
     """masks -> ms of ``model`` slimmed to them, measured paired with ``student`` in interleaved
-    windows (a slow spell of the machine moves both): the ratio to the student times ``student_ms``."""
+    windows (a slow spell of the machine moves both): the ratio to the student times ``student_ms``,
+    the median over ``readings`` independent readings (``prune.loop_readings``)."""
     def measure(masks: Masks) -> float:
-        sub_t, ref_t = backend.measure_many([prune_structure(model, space.example, masks), student], space.shape)
-        return paired_ms(student_ms, sub_t, ref_t)
+        reads = backend.measure_readings([prune_structure(model, space.example, masks), student], space.shape,
+                                         readings=readings)
+        return median_paired(student_ms, reads, 0, 1)
 
     return measure
