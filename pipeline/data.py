@@ -444,6 +444,24 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+class Normalized:
+    """A split's images normalised (``normalize``) only when rows are asked for: ``len`` and
+    indexing by a slice or an index tensor, like the tensor ``normalize(split.take(), mean, std)``
+    would give, without holding every image at once (a test split of 224 px files read from disk
+    can be gigabytes as float32). Readers that go through it batch by batch (ONNX Runtime, the
+    engines) hold one batch."""
+
+    def __init__(self, split: Any, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.split, self.mean, self.std = split, mean, std
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        return normalize(self.split.take(idx), self.mean, self.std)
+
+
 def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Random crop after zero padding by ``padding`` and random horizontal flip, per sample.
 

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.checkpoint import load_student
 from pipeline.config import EngineConfig, TargetConfig, parse_section
-from pipeline.data import PreparedData, load_prepared, normalize
+from pipeline.data import Normalized, PreparedData, load_prepared
 from pipeline.deploy import DeployError, engine_latency, parity, select_backend
 from pipeline.io import atomic_dir, write_json
 from pipeline.latency import TimingProtocol, device_record, paired_ms, target_backend, timing_protocol
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol = timing_protocol(target, passes=cfg.timing_passes, min_span_s=cfg.timing_span_s)
         backend, reason = select_backend(cfg.backend, target.device)
         mean, std = data.norm()
-        x = normalize(data.test.take(), mean, std)
+        x = Normalized(data.test, mean, std)  # rows normalised as read: a split of files is never held whole
         reference = ort_logits(ort_session(args.onnx, "cpu", optimize=False), x)
         bs = target.batch_size
         xb = x[torch.arange(bs) % len(x)].contiguous()  # one deployment batch of real test images
@@ -147,7 +147,7 @@ def _paired_reading(args: Namespace, target: TargetConfig, data: PreparedData, b
 
 
 def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
-                 x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+                 x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
     import onnxruntime
 
     engine_file = "model.opt.onnx"
@@ -160,7 +160,7 @@ def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data:
 
 
 def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
-           x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+           x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
     from pipeline.runtimes import TorchEngineRunner, build_torch_engine
     from pipeline.slim import load_slimmed_model
 
@@ -184,7 +184,7 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
 
 
 def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
-              x: torch.Tensor, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+              x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
     import tensorrt
 
     engine_file, precision = "model.plan", cfg.precision

@@ -11,7 +11,15 @@ from PIL import Image
 
 from models.registry import build_model
 from pipeline.config import OptimizerConfig, PrepareConfig, TrainConfig, validate_params
-from pipeline.data import load_prepared, load_source, prepare_files, prepare_splits, save_prepared
+from pipeline.data import (
+    Normalized,
+    load_prepared,
+    load_source,
+    normalize,
+    prepare_files,
+    prepare_splits,
+    save_prepared,
+)
 from pipeline.deploy import Preprocessing, preprocessing_spec
 from pipeline.errors import ConfigError, DataError
 from pipeline.predict import preprocess
@@ -70,6 +78,11 @@ def test_load_prepared_gives_file_splits_read_in_workers(tmp_path: Path) -> None
     streamed = torch.cat([x for x, _ in data.test.batches(5)])
     assert torch.equal(streamed, rows)  # DataLoader workers and threads decode alike
     assert torch.equal(data.test.take(torch.tensor([3, 1])), rows[[3, 1]])
+    # export and engine read the test split through Normalized: rows as the whole normalised tensor's
+    mean, std = data.norm()
+    whole, lazy = normalize(rows, mean, std), Normalized(data.test, mean, std)
+    assert len(lazy) == 12 and torch.equal(lazy[5:9], whole[5:9]) and torch.equal(lazy[10:99], whole[10:])
+    assert torch.equal(lazy[torch.arange(3) % 2], whole[[0, 1, 0]])
 
 
 def test_predict_preprocesses_exactly_as_the_training_data(tmp_path: Path) -> None:

@@ -135,3 +135,26 @@ def trained_model() -> tuple[list[str], list[list[str]], Refs]:
         rows.append([b, "ours - best peer at the budget (points)",
                      mean_std(cell["ours_minus_best_peer"], 100, 2, signed=True), "-", k])
     return ["budget", "method", "held-out acc % (mean ± std, seeds)", "measured / budget per seed", "src"], rows, refs
+
+
+FASTNAS = RESULTS / "fastnas/rows.json"
+
+
+def fastnas() -> tuple[list[str], list[list[str]], Refs]:
+    """TensorRT Model Optimizer's FastNAS from the trained model, matched by measured latency, against ours."""
+    d = read_json(FASTNAS)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(FASTNAS, m["command"], m["machine"])
+    rows = []
+    for b in sorted({r["budget"] for r in d["rows"]}, reverse=True):
+        rs = [r for r in d["rows"] if r["budget"] == b]
+        rows.append([f"{b:g}", mean_std([r["test_acc"] for r in rs], 100, 2),
+                     mean_std([r["ours_test_acc"] for r in rs], 100, 2),
+                     mean_std([r["ours_test_acc"] - r["test_acc"] for r in rs], 100, 2, signed=True),
+                     ", ".join(f"{r['verdicts']['fastnas']['measured_over_budget']:.3f}" for r in rs),
+                     ", ".join(f"{r['verdicts']['ours']['measured_over_budget']:.3f}" for r in rs),
+                     ", ".join(f"{100 * r['flops']:g}%" for r in rs), k])
+    return (["budget", "FastNAS held-out acc %", "ours held-out acc %", "ours - FastNAS (points)",
+             "FastNAS measured / budget per seed", "ours measured / budget (same run)", "FLOPs constraint taken",
+             "src"], rows, refs)

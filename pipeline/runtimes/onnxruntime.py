@@ -58,9 +58,10 @@ def ort_session(model: str | Path | bytes, device: str = "cpu", threads: int = 1
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
 
 
-def ort_logits(sess: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits (N, K) float32 of an ONNX Runtime session on normalised inputs ``x`` (N, C, H, W),
-    ``batch_size`` images per call."""
+def ort_logits(sess: Any, x: Any, batch_size: int = 256) -> torch.Tensor:
+    """Logits (N, K) float32 of an ONNX Runtime session on normalised inputs ``x`` (N, C, H, W):
+    a tensor, or anything that slices like one (``pipeline.data.Normalized``: rows read as asked
+    for), ``batch_size`` images per call."""
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
            for i in range(0, len(x), batch_size)]
