@@ -51,6 +51,8 @@ The engine file was measured on the device named above; the ONNX model is the po
 TensorRT engine must be rebuilt for another GPU or TensorRT version.
 """
 
+INT8_FILE = ("INT8 model, explicitly quantized (Q/DQ nodes, int8 per-channel weights): runs on ONNX Runtime anywhere "
+             "and builds in TensorRT; what `pipeline.predict` runs (model.onnx is the fp32 network)")
 ENGINE_FILES = {
     ("tensorrt", None): "TensorRT engine (this GPU and TensorRT version only)",
     ("onnxruntime", None): "ONNX Runtime graph optimised for the measured device (use model.onnx elsewhere)",
@@ -135,8 +137,8 @@ def bundle_readme(name: str, git: str, eng: dict[str, Any], card: dict[str, Any]
                 "the verdict's reading; " if paired is not None else "") +
                f"the engine alone measures {lat['ms'] / eng['budget_ms']:.3f} of it: {eng['verdict']})")
     files = (("model.onnx", "ONNX (opset 17+), dynamic batch; runs anywhere ONNX Runtime runs"),
-             (eng["engine_file"], ENGINE_FILES.get((eng["backend"], eng.get("torch_engine", {}).get("kind")),
-                                                   "the engine")),
+             (eng["engine_file"], INT8_FILE if eng["precision"] == "int8" and eng["engine_file"].endswith(".onnx")
+              else ENGINE_FILES.get((eng["backend"], eng.get("torch_engine", {}).get("kind")), "the engine")),
              ("manifest.json", "everything below, machine-readable, with sha256 of every file"),
              ("pareto.png", "test accuracy against measured latency: teachers, student, pruned, baselines"),
              ("widths.png", "channels kept per group by pruning"))
@@ -168,7 +170,9 @@ def bundle_manifest(name: str, git: str, eng: dict[str, Any], card: dict[str, An
         "model": {"onnx": "model.onnx", "arch": slim_ckpt["arch"], "arch_config": slim_ckpt["arch_config"],
                   "channel_manifest": slim_ckpt.get("channel_manifest"), "params": params},
         "engine": {"file": eng["engine_file"], "backend": eng["backend"], "reason": eng["backend_reason"],
-                   "precision": eng["precision"]},
+                   "precision": eng["precision"],
+                   **({"quantization": eng["quantization"], "accuracy_drop": eng["accuracy_drop"]}
+                      if eng.get("quantization") else {})},
         "input": card["input"], "output": card["output"], "preprocessing": card["preprocessing"],
         "classes": card["classes"],
         "accuracy": {"test_acc_engine": eng["test_acc"], "test_acc_onnx": eng["test_acc_onnx"],

@@ -62,6 +62,15 @@ def preprocess(paths: list[Path], pre: Preprocessing, max_pixels: int | None = N
     return (x - mean) / std
 
 
+def _onnx_to_run(spec: Any) -> str:
+    """The bundle's INT8 engine when it is an ONNX model (what was measured and verified), else the
+    fp32 ``model.onnx``."""
+    engine = spec.engine
+    if engine.get("precision") == "int8" and str(engine.get("file", "")).endswith(".onnx"):
+        return str(engine["file"])
+    return spec.model.onnx
+
+
 def predict(bundle: str | Path, images: list[str | Path], max_pixels: int | None = None) -> list[dict[str, Any]]:
     """[{image, class, index, probability}] for each image; the bundle is verified first.
     ``max_pixels``: overrides the bundle's image size limit."""
@@ -71,7 +80,7 @@ def predict(bundle: str | Path, images: list[str | Path], max_pixels: int | None
     bundle = Path(bundle)
     spec = check_manifest(verify_bundle(bundle))
     x = preprocess([Path(i) for i in images], spec.preprocessing, max_pixels)
-    sess = ort_session(bundle / spec.model.onnx, "cpu", threads=1)
+    sess = ort_session(bundle / _onnx_to_run(spec), "cpu", threads=1)
     logits = sess.run(None, {spec.input.name: x})[0].astype(np.float64)
     prob = np.exp(logits - logits.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)

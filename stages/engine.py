@@ -32,6 +32,7 @@ from pipeline.deploy import DeployError, engine_latency, parity, select_backend
 from pipeline.io import atomic_dir, write_json
 from pipeline.latency import TimingProtocol, device_record, paired_ms, target_backend, timing_protocol
 from pipeline.latency.backends import wall_timed
+from pipeline.latency.timing import TimedCall, measure_calls
 from pipeline.prune import Budget
 from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
 from stages._common import load_params, log, parser, read_pruned, run
@@ -53,6 +54,8 @@ class Built:
     device: dict[str, Any]
     versions: dict[str, str]
     torch_engine: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None  # int8: the quantization record (pipeline/quantize.py)
+    timed: TimedCall | None = None  # int8: one batch of the engine itself, for the paired verdict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_dir(args.out_dir) as tmp:
             built = BUILDERS[backend](args, cfg, target, data, tmp, x, xb, protocol)
             check, latency = parity(reference, built.logits), built.latency
-            paired = _paired_reading(args, target, data, budget, protocol)
+            paired = _paired_reading(args, target, data, budget, protocol, built.timed)
             judged_ms = latency["ms"] if paired is None else paired
             status, how = budget.verdict(judged_ms)
             acc = (built.logits.argmax(1) == data.test.y).double().mean().item()
@@ -107,8 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             }
             if built.torch_engine is not None:
                 metrics["torch_engine"] = built.torch_engine
+            if built.quantization is not None:
+                metrics.update(quantization=built.quantization, max_accuracy_drop=cfg.max_accuracy_drop,
+                               accuracy_drop=metrics["test_acc_onnx"] - acc)
             write_json(tmp / "engine.json", metrics)
-            if check["top1_agreement"] < cfg.min_agreement:
+            if built.quantization is not None and metrics["accuracy_drop"] > cfg.max_accuracy_drop:
+                write_json(args.metrics, metrics)
+                raise DeployError(
+                    f"the int8 engine's test accuracy is {acc:.2%} against {metrics['test_acc_onnx']:.2%} for the fp32 "
+                    f"ONNX model: a drop of {100 * metrics['accuracy_drop']:.2f} points, over engine.max_accuracy_drop "
+                    f"{100 * cfg.max_accuracy_drop:.2f} (top-1 agreement {check['top1_agreement']:.2%}). Raise the bound, "
+                    f"try engine.int8_activations uint8 or int8, more engine.calibration_images, or precision fp32")
+            if built.quantization is None and check["top1_agreement"] < cfg.min_agreement:
                 write_json(args.metrics, metrics)
                 raise DeployError(f"{backend} engine agrees with ONNX on {check['top1_agreement']:.2%} of test images, "
                                   f"below engine.min_agreement {cfg.min_agreement:.2%}")
@@ -131,18 +144,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _paired_reading(args: Namespace, target: TargetConfig, data: PreparedData, budget: Budget,
-                    protocol: TimingProtocol) -> float | None:
+                    protocol: TimingProtocol, engine: TimedCall | None = None) -> float | None:
     """The slimmed network's latency on the budget's scale: measured interleaved with the student
-    by the target's backend, the ratio times the prune stage's student latency. None without
-    ``--model`` and ``--student``."""
+    by the target's backend, the ratio times the prune stage's student latency. ``engine`` (int8):
+    the engine's own call is measured with the student instead of the slimmed fp32 network. None
+    without ``--model`` and ``--student``."""
     if not (args.model and args.student):
         return None
     from pipeline.slim import load_slimmed_model
 
-    net, _ = load_slimmed_model(args.model)
     student, _ = load_student(args.student, data.meta)
     shape = (data.channels, *data.meta["image_size"])
-    t_net, t_student = target_backend(target).measure_many([net.eval(), student], shape, protocol)
+    backend = target_backend(target)
+    if engine is not None:
+        t_student, t_net = backend.measure_readings([student], shape, protocol, extra=[engine])[0]
+        return paired_ms(budget.student_ms, t_net, t_student)
+    net, _ = load_slimmed_model(args.model)
+    t_net, t_student = backend.measure_many([net.eval(), student], shape, protocol)
     return paired_ms(budget.student_ms, t_net, t_student)
 
 
@@ -150,6 +168,8 @@ def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data:
                  x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
     import onnxruntime
 
+    if cfg.precision == "int8":
+        return _onnxruntime_int8(args, cfg, target, data, tmp, x, xb, protocol)
     engine_file = "model.opt.onnx"
     sess = ort_session(args.onnx, target.device, target.threads, optimized_path=tmp / engine_file)
     logits = ort_logits(sess, x)
@@ -157,6 +177,46 @@ def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data:
     latency = engine_latency(wall_timed(lambda: sess.run(None, feed)), protocol)
     return Built(engine_file, "fp32", logits, latency, device_record(target.device),
                  {"onnxruntime": onnxruntime.__version__})
+
+
+def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
+                      x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+    """Post-training static INT8 of the ONNX model (pipeline/quantize.py) on ONNX Runtime's CPU
+    provider: ``engine.int8_activations`` uint8 or int8, or (auto) both quantized and measured
+    together on the target, the faster kept (which one wins depends on the CPU)."""
+    import onnxruntime
+
+    from pipeline.quantize import calibration_rows, quantize_int8
+
+    if target.device != "cpu":
+        raise DeployError("engine.precision int8 on ONNX Runtime runs on its CPU provider (target.device: cpu); on a "
+                          "GPU, TensorRT builds the int8 engine (engine.backend: tensorrt)")
+    rows = calibration_rows(len(data.train), cfg.calibration_images, seed=0)
+    calib = Normalized(data.train, *data.norm())[rows]
+    kinds = ("uint8", "int8") if cfg.int8_activations == "auto" else (cfg.int8_activations,)
+    cands = {}
+    for kind in kinds:
+        path = tmp / f"model.int8.{kind}.onnx"
+        record = quantize_int8(args.onnx, path, calib, kind)
+        sess = ort_session(path, "cpu", target.threads)
+        feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
+        cands[kind] = (path, record, sess, wall_timed(lambda s=sess, f=feed: s.run(None, f)))
+    timings = measure_calls([c[3] for c in cands.values()], protocol)  # interleaved: the same machine state
+    kind = min(zip(cands, timings), key=lambda kt: kt[1].ms)[0]
+    path, record, sess, call = cands[kind]
+    engine_file = "model.int8.onnx"
+    path.rename(tmp / engine_file)
+    for other, c in cands.items():
+        if other != kind:
+            c[0].unlink()
+    record.update(chosen_by="engine.int8_activations" if len(kinds) == 1 else "the faster measured on the target",
+                  measured_ms={k: t.ms for k, t in zip(cands, timings)})
+    log.info("int8 (%s activations, %s): %s", kind, record["chosen_by"],
+             ", ".join(f"{k} {t.ms:.4f} ms" for k, t in zip(cands, timings)))
+    logits = ort_logits(sess, x)
+    latency = engine_latency(call, protocol)
+    return Built(engine_file, "int8", logits, latency, device_record("cpu"), {"onnxruntime": onnxruntime.__version__},
+                 quantization=record, timed=call)
 
 
 def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -167,7 +227,8 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
     if not args.model:
         raise DeployError("the torch engine is built from the slimmed model: pass --model (dvc.yaml does)")
     if cfg.precision == "int8":
-        raise DeployError("engine.precision int8 is TensorRT only; the torch engine runs fp16 or fp32")
+        raise DeployError("engine.precision int8 runs on TensorRT (a GPU) or ONNX Runtime (a CPU); the torch engine "
+                          "runs fp16 or fp32: set engine.backend tensorrt or onnxruntime, or precision fp16 or fp32")
     precision = cfg.precision if target.device == "cuda" else "fp32"
     shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
     model, _ = load_slimmed_model(args.model)

@@ -454,6 +454,43 @@ def c_engine_torch_int8(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return code, [tmp / "e", tmp / "em.json"]
 
 
+def _engine_int8(world: dict, tmp: Path, **engine_cfg: object) -> tuple[int, list[Path]]:
+    from stages import engine
+
+    w = world["dir"]
+    params = _params(tmp, engine={"backend": "onnxruntime", "precision": "int8", "timing_passes": 2,
+                                  "timing_span_s": 0.0, **engine_cfg})
+    code = engine.main(["--params", str(params), "--data", str(w / "prep"), "--onnx", str(w / "x" / "model.onnx"),
+                        "--pruned", str(w / "pr" / "masks.json"), "--out-dir", str(tmp / "e"),
+                        "--metrics", str(tmp / "em.json")])
+    return code, [tmp / "e", tmp / "em.json"]
+
+
+def c_engine_int8_no_calibration(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _engine_int8(world, tmp, calibration_images=0)
+
+
+def c_engine_int8_calibration_too_many(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _engine_int8(world, tmp, calibration_images=99999)
+
+
+def c_engine_int8_over_accuracy_bound(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # a quantized model that lost its accuracy: the int8 session's logits rolled by one class
+    from unittest import mock
+
+    import stages.engine as se
+
+    real = se.ort_logits
+
+    def rolled(sess, x):  # noqa: ANN001, ANN202
+        out = real(sess, x)
+        return out.roll(1, dims=1) if "int8" in str(getattr(sess, "_model_path", "")) else out
+
+    with mock.patch.object(se, "ort_logits", rolled):
+        code, paths = _engine_int8(world, tmp, calibration_images=64)
+    return code, paths[:1]  # engine.json beside the failure says what was measured; the engine dir is not left
+
+
 def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "masks.json").write_text("{not json")
     return _slim(world, tmp, tmp / "masks.json")
@@ -700,8 +737,14 @@ CASES = [
          c_masks_bad_block),
     Case("table-without-blocks", "`prune.depth: true` with a latency table from before depth pruning",
          "prices no removal of the blocks", c_table_without_blocks),
-    Case("engine-torch-int8", "`engine.backend: torch` with `engine.precision: int8`", "int8 is TensorRT only",
-         c_engine_torch_int8),
+    Case("engine-torch-int8", "`engine.backend: torch` with `engine.precision: int8`",
+         "the torch engine runs fp16 or fp32", c_engine_torch_int8),
+    Case("engine-int8-no-calibration", "`engine.calibration_images: 0` with `engine.precision: int8`",
+         "engine.calibration_images", c_engine_int8_no_calibration),
+    Case("engine-int8-calibration-too-many", "`engine.calibration_images` above the training split's count",
+         "calibration needs between 1 and the training split's", c_engine_int8_calibration_too_many),
+    Case("engine-int8-over-accuracy-bound", "an int8 engine whose accuracy drops more than `engine.max_accuracy_drop`",
+         "over engine.max_accuracy_drop", c_engine_int8_over_accuracy_bound),
     Case("masks-not-json", "masks.json that is not JSON", "is not valid JSON", c_masks_not_json),
     Case("bundle-missing-file", "a bundle without model.onnx", "listed in manifest.json is missing",
          c_bundle_missing_file),

@@ -229,14 +229,20 @@ class EngineConfig(Section):
         "CUDA provider, else the PyTorch-native engine (torch); ONNX Runtime on a CPU target")
     precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision (strongly typed: fp16 "
                                                        "builds an fp16 conversion of the ONNX model, int8 needs a Q/DQ "
-                                                       "model); torch on CUDA: fp16 or fp32 (ONNX Runtime and torch on "
-                                                       "a CPU: fp32)")
+                                                       "model); torch on CUDA: fp16 or fp32; ONNX Runtime on a CPU: "
+                                                       "fp32, or int8 (post-training static quantization to a Q/DQ "
+                                                       "model, pipeline/quantize.py); fp16 on a CPU runs fp32")
     aoti: bool = Field(True, description="torch engine: compile the torch.export program with AOTInductor (loaded "
                        "and checked in a separate process; the exported program is the fallback)")
     cuda_graph: bool = Field(True, description="torch engine on CUDA: replay the engine as a CUDA graph")
-    calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images for calibration; "
-                                    "unused by the engine today: TensorRT int8 needs a Q/DQ (explicitly quantized) "
-                                    "ONNX model, which a later stage will produce")
+    calibration_images: int = Field(512, ge=1, le=100000, description="int8: training images (evaluation view) "
+                                    "the activation ranges are calibrated on; at most the training split's count")
+    int8_activations: Literal["auto", "uint8", "int8"] = Field(
+        "auto", description="int8 on ONNX Runtime: activation type (uint8: asymmetric, U8S8 kernels; int8: symmetric, "
+        "S8S8); auto: both quantized and measured on the target, the faster kept")
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="int8: largest test accuracy drop of the "
+                                     "quantized engine below the fp32 ONNX model (0.01: one point); above it the "
+                                     "stage fails")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")

@@ -102,21 +102,27 @@ class Backend(ABC):
     def measure_readings(self, models: Sequence[nn.Module],
                          input_shapes: Sequence[tuple[int, ...]] | tuple[int, ...],
                          protocol: TimingProtocol | None = None, readings: int = 1,
-                         on_pass: Callable[[int], None] | None = None) -> list[list[Timing]]:
+                         on_pass: Callable[[int], None] | None = None,
+                         extra: Sequence[TimedCall] = ()) -> list[list[Timing]]:
         """``readings`` independent measurements of every model, each one ``measure_many``'s (its
-        windows interleaved), one after the other with the models prepared once: ``[reading][model]``."""
+        windows interleaved), one after the other with the models prepared once: ``[reading][model]``.
+        ``extra``: calls prepared elsewhere (an engine) interleaved with the models, their timings
+        after the models' in each reading (at most ``protocol.chunk`` models then)."""
         protocol = protocol or self.protocol
         if readings < 1:
             raise ValueError(f"readings must be >= 1, got {readings}")
         shapes = [input_shapes] * len(models) if input_shapes and isinstance(input_shapes[0], int) else list(input_shapes)
         if len(shapes) != len(models):
             raise ValueError(f"{len(models)} models but {len(shapes)} input shapes")
+        if extra and len(models) > protocol.chunk:
+            raise ValueError(f"extra calls are interleaved with at most {protocol.chunk} models, got {len(models)}")
         out: list[list[Timing]] = [[] for _ in range(readings)]
         with self._threads():
-            for lo in range(0, len(models), protocol.chunk):
+            for lo in range(0, max(len(models), 1), protocol.chunk):
                 calls = [self.prepare(m, tuple(s)) for m, s in zip(models[lo:lo + protocol.chunk], shapes[lo:lo + protocol.chunk])]
+                calls += list(extra) if lo == 0 else []
                 for r in range(readings):
-                    out[r] += measure_calls(calls, protocol, on_pass)
+                    out[r] += measure_calls(calls, protocol, on_pass) if calls else []
                 del calls
         return out
 
