@@ -193,7 +193,12 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
                           "GPU, TensorRT builds the int8 engine (engine.backend: tensorrt)")
     rows = calibration_rows(len(data.train), cfg.calibration_images, seed=0)
     calib = Normalized(data.train, *data.norm())[rows]
-    kinds = ("uint8", "int8") if cfg.int8_activations == "auto" else (cfg.int8_activations,)
+    if cfg.int8_activations != "auto":
+        kinds, how = (cfg.int8_activations,), "engine.int8_activations"
+    elif target.precision == "int8":  # pruning measured every network with this type: deploy what was measured
+        kinds, how = (target.int8_activations,), "target.int8_activations (every latency was measured with it)"
+    else:
+        kinds, how = ("uint8", "int8"), "the faster measured on the target"
     cands = {}
     for kind in kinds:
         path = tmp / f"model.int8.{kind}.onnx"
@@ -209,8 +214,7 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     for other, c in cands.items():
         if other != kind:
             c[0].unlink()
-    record.update(chosen_by="engine.int8_activations" if len(kinds) == 1 else "the faster measured on the target",
-                  measured_ms={k: t.ms for k, t in zip(cands, timings)})
+    record.update(chosen_by=how, measured_ms={k: t.ms for k, t in zip(cands, timings)})
     log.info("int8 (%s activations, %s): %s", kind, record["chosen_by"],
              ", ".join(f"{k} {t.ms:.4f} ms" for k, t in zip(cands, timings)))
     logits = ort_logits(sess, x)

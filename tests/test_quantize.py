@@ -103,3 +103,80 @@ def test_int8_engine_on_onnxruntime_is_measured_checked_and_handed_over(world: d
     (k8, p8), (_, p32) = top("model.int8.onnx"), top("model.onnx")
     assert [r["index"] for r in got] == k8
     assert np.allclose([r["probability"] for r in got], p8, atol=1e-6) and not np.allclose(p8, p32, atol=1e-6)
+
+
+def test_an_int8_target_measures_every_network_as_its_qdq_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.quantize as pq
+    from pipeline.latency import BackendUnavailable, TimingProtocol, make_backend
+
+    calls: list[str] = []
+    real = pq.quantize_int8
+
+    def counting(src, dst, images, activation="uint8", batch_size=32):  # noqa: ANN001, ANN202
+        calls.append(activation)
+        return real(src, dst, images, activation, batch_size)
+
+    monkeypatch.setattr(pq, "quantize_int8", counting)
+    fast = TimingProtocol(passes=2, window_s=0.0005, min_calls=2, warmup=1, min_span_s=0.0)
+    be = make_backend("onnxruntime", precision="int8", int8_activations="int8", protocol=fast)
+    t = be.measure_many([build_model("resnet_tiny", num_classes=10, in_channels=1).eval()] * 2, (1, 8, 8))
+    assert calls == ["int8", "int8"] and all(x.ms > 0 for x in t)
+    fp = be.fingerprint()
+    assert fp["precision"] == "int8" and fp["int8_activations"] == "int8"
+    assert "int8_activations" not in make_backend("onnxruntime", protocol=fast).fingerprint()
+    for name in ("torch",):
+        with pytest.raises(BackendUnavailable, match="precision int8 is measured with backend onnxruntime"):
+            make_backend(name, precision="int8")
+
+
+def test_int8_target_cross_checks() -> None:
+    from pipeline.config import validate_params
+
+    def problems(target: dict, engine: dict) -> str:
+        with pytest.raises(ConfigError) as err:
+            validate_params({"target": {"precision": "int8", **target}, "engine": engine})
+        return str(err.value)
+
+    assert "set engine.precision: int8" in problems({}, {"precision": "fp16"})
+    assert "backend onnxruntime on device cpu (got torch on cpu)" in problems({"backend": "torch"},
+                                                                              {"precision": "int8"})
+    assert "set them alike" in problems({"int8_activations": "uint8"}, {"precision": "int8", "int8_activations": "int8"})
+    validate_params({"target": {"precision": "int8"}, "engine": {"precision": "int8"}})  # consistent: accepted
+
+
+def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Path) -> None:  # noqa: F811
+    """The tiny pipeline with target.precision int8: the table, the closed loop and the engine all int8."""
+    import json
+    import shutil
+
+    from stages import engine, profile, prune
+    from tests.test_bad_inputs import _params
+
+    w = world["dir"]
+    params = _params(tmp_path, target={"precision": "int8"},
+                     prune={"epochs": 1, "progress": False, "band": [0.05, 1.0], "latency_budget": 1.0,
+                            "budget_unit": "ms"},
+                     engine={"precision": "int8", "calibration_images": 32, "max_accuracy_drop": 1.0,
+                             "timing_passes": 2, "timing_span_s": 0.0})
+    shutil.copytree(w / "t", tmp_path / "t")
+    p = ["--params", str(params), "--data", str(w / "prep")]
+    assert profile.main([*p, "--arch", str(tmp_path / "none.json"), "--out", str(tmp_path / "prof" / "table.json"),
+                         "--metrics", str(tmp_path / "m" / "profile.json"), "--plots-dir", str(tmp_path / "p")]) == 0
+    table = json.loads((tmp_path / "prof" / "table.json").read_text())
+    assert table["fingerprint"]["precision"] == "int8" and table["fingerprint"]["int8_activations"] == "uint8"
+    assert prune.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
+                       str(tmp_path / "prof" / "table.json"), "--out-dir", str(tmp_path / "pr"), "--metrics",
+                       str(tmp_path / "m" / "prune.json"), "--plots-dir", str(tmp_path / "p" / "prune"),
+                       "--resume-dir", str(tmp_path / "resume")]) == 0
+    # the world's int8 engine from the world's fp32 ONNX model, judged against this run's int8 budget
+    assert engine.main([*p, "--onnx", str(w / "x" / "model.onnx"), "--pruned", str(tmp_path / "pr" / "masks.json"),
+                        "--out-dir", str(tmp_path / "e"), "--metrics", str(tmp_path / "em.json")]) == 0
+    m = json.loads((tmp_path / "em.json").read_text())
+    assert m["precision"] == "int8" and m["quantization"]["activations"] == "uint8"
+    assert m["quantization"]["chosen_by"].startswith("target.int8_activations")
+    # an fp32 table is refused by an int8 target (measured under another fingerprint)
+    code = prune.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
+                       str(w / "prof" / "table.json"), "--out-dir", str(tmp_path / "pr2"), "--metrics",
+                       str(tmp_path / "m" / "prune2.json"), "--plots-dir", str(tmp_path / "p2"),
+                       "--resume-dir", str(tmp_path / "resume2")])
+    assert code == 2

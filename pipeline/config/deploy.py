@@ -57,7 +57,14 @@ class TargetConfig(Section):
     backend: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(1, ge=1, le=4096, description="deployment batch size")
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="precision every latency is measured in (profile's table, prune's closed loop, compare, "
+        "the engine): fp16 on CUDA (torch, tensorrt); int8 with onnxruntime on a CPU: each network measured as its "
+        "post-training Q/DQ model (pipeline/quantize.py), so pruning prices what quantization saves per layer; "
+        "needs engine.precision: int8")
+    int8_activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="precision int8: the activation type every latency is measured with (uint8: U8S8 "
+        "kernels; int8: S8S8); which is faster depends on the CPU (python -m benchmarks.int8)")
     threads: int = Field(1, ge=1, le=256, description="CPU threads of the runtime")
     cuda_graph: bool = Field(False, description="torch backend on CUDA: replay a CUDA graph")
     channel_step: int | None = Field(None, ge=1, le=512, description="channel step of the latency table and of "

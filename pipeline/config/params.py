@@ -60,6 +60,7 @@ def validate_params(params: dict[str, Any]) -> None:
             problems += [line for line in str(err).splitlines() if line.startswith("  ")] or [f"  teachers: {err}"]
     problems += _compressed_teacher(params, teachers)
     problems += _augment_needs_files(params)
+    problems += _int8_target(params)
     if "run" in params:
         launcher = (params.get("run") or {}).get("launcher") if isinstance(params.get("run"), dict) else None
         if not isinstance(launcher, str) or not launcher.strip():
@@ -79,6 +80,28 @@ def _compressed_teacher(params: dict[str, Any], teachers: dict[str, Any] | None)
         return []
     return [f"  compress.model: names teacher {name!r}, which is not an entry of `teachers` "
             f"(entries: {', '.join(teachers)}); add it there (your model: arch, weights, epochs: 0)"]
+
+
+def _int8_target(params: dict[str, Any]) -> list[str]:
+    """target.precision int8 measured by a runtime that cannot, or deployed by an engine in another precision."""
+    try:
+        target = parse_section(params, "target", TargetConfig) if "target" in params else None
+        engine = parse_section(params, "engine", EngineConfig) if "engine" in params else None
+    except ConfigError:
+        return []  # listed with the sections' own problems
+    if target is None or target.precision != "int8":
+        return []
+    out = []
+    if (target.backend, target.device) != ("onnxruntime", "cpu"):
+        out.append(f"  target.precision: int8 is measured with backend onnxruntime on device cpu (got {target.backend} "
+                   f"on {target.device}); on a GPU, measure fp16 and deploy int8 with engine.backend tensorrt")
+    if engine is not None and engine.precision != "int8":
+        out.append(f"  engine.precision: {engine.precision}, but target.precision is int8: the budget is verified on "
+                   "the engine pruning measured; set engine.precision: int8")
+    if engine is not None and engine.int8_activations not in ("auto", target.int8_activations):
+        out.append(f"  engine.int8_activations: {engine.int8_activations}, but every latency was measured with "
+                   f"target.int8_activations {target.int8_activations}; set them alike (or engine's to auto)")
+    return out
 
 
 def _augment_needs_files(params: dict[str, Any]) -> list[str]:

@@ -208,7 +208,7 @@ def _cuda_device() -> dict[str, Any]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, device: str = "cpu", **kw: Any) -> None:
+    def __init__(self, device: str = "cpu", int8_activations: str = "uint8", **kw: Any) -> None:
         super().__init__(**kw)
         try:
             import onnxruntime as ort
@@ -217,8 +217,10 @@ class OnnxRuntimeBackend(Backend):
         self.ort = ort
         self.target = device
         ort_providers(device)  # fails now, naming what to install, rather than at the first model
-        if self.precision != "fp32":
-            raise BackendUnavailable("backend onnxruntime measures fp32 models; use precision: fp32")
+        if self.precision not in ("fp32", "int8") or (self.precision == "int8" and device != "cpu"):
+            raise BackendUnavailable("backend onnxruntime measures fp32 models, or int8 ones on device cpu; "
+                                     f"got precision {self.precision} on {device}")
+        self.int8_activations = int8_activations
 
     def device(self) -> dict[str, Any]:
         return device_record(self.target)
@@ -226,8 +228,18 @@ class OnnxRuntimeBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": self.ort.__version__, "torch": torch.__version__}
 
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        if self.precision == "int8":  # a table measured with one activation type does not price the other
+            fp["int8_activations"] = self.int8_activations
+        return fp
+
     def prepare_onnx(self, onnx_model: bytes, input_shape: tuple[int, ...]) -> TimedCall:
-        """An exported model (bytes) ready to run on a (batch_size, *input_shape) input."""
+        """An exported model (bytes) ready to run on a (batch_size, *input_shape) input; at precision
+        int8, its post-training Q/DQ model (``pipeline.quantize``; the ranges, from a few random
+        inputs, do not change the latency)."""
+        if self.precision == "int8":
+            onnx_model = _quantized(onnx_model, input_shape, self.int8_activations)
         sess = ort_session(onnx_model, self.target, self.threads, log_severity=3)
         x = torch.randn(self.batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
         feed = {sess.get_inputs()[0].name: x}
@@ -259,6 +271,9 @@ class TorchBackend(Backend):
             raise BackendUnavailable("target.device cuda: torch sees no CUDA GPU here; use device: cpu")
         if self.precision == "fp16" and device != "cuda":
             raise BackendUnavailable("precision fp16 with the torch backend needs device: cuda")
+        if self.precision == "int8":
+            raise BackendUnavailable("precision int8 is measured with backend onnxruntime on device cpu; the torch "
+                                     "backend measures fp32 or fp16")
         self.dev = torch.device(device)
         self.cuda_graph = cuda_graph and device == "cuda"
 
@@ -310,6 +325,9 @@ class TensorRTBackend(Backend):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
+        if self.precision == "int8":  # its sub-networks would need Q/DQ models: measured with onnxruntime on a CPU
+            raise BackendUnavailable("precision int8 is measured with backend onnxruntime on device cpu; with tensorrt, "
+                                     "measure fp16 and deploy int8 with engine.precision: int8")
         try:
             import tensorrt as trt
         except ImportError as err:
@@ -339,6 +357,22 @@ class TensorRTBackend(Backend):
         return cuda_timed(lambda: (runner.enqueue(stream), keep))
 
 
+def _quantized(onnx_model: bytes, input_shape: tuple[int, ...], activations: str) -> bytes:
+    """The Q/DQ INT8 model of ``onnx_model`` (``pipeline.quantize.quantize_int8``), calibrated on
+    four random inputs: what a latency of the int8 network needs."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.quantize import quantize_int8
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_model)
+        calib = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+        quantize_int8(src, dst, calib, activations, batch_size=1)  # type: ignore[arg-type]
+        return dst.read_bytes()
+
+
 def _export(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> bytes:
     # fixed batch, no onnx.checker: profiling exports hundreds of models, each only timed
     return export_onnx(model, input_shape, batch=batch, check=False)
@@ -348,11 +382,12 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def make_backend(name: str, *, device: str = "cpu", batch_size: int = 1, precision: str = "fp32",
-                 threads: int = 1, protocol: TimingProtocol | None = None, cuda_graph: bool = False) -> Backend:
+                 threads: int = 1, protocol: TimingProtocol | None = None, cuda_graph: bool = False,
+                 int8_activations: str = "uint8") -> Backend:
     """The backend called ``name``; BackendUnavailable says what is missing and what to use instead."""
     kw: dict[str, Any] = dict(batch_size=batch_size, precision=precision, threads=threads, protocol=protocol)
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(device=device, **kw)
+        return OnnxRuntimeBackend(device=device, int8_activations=int8_activations, **kw)
     if name == "torch":
         return TorchBackend(device=device, cuda_graph=cuda_graph, **kw)
     if name == "tensorrt":
@@ -372,7 +407,8 @@ def timing_protocol(target: Any, **overrides: Any) -> TimingProtocol:
 def target_backend(target: Any) -> Backend:
     """``make_backend`` for a ``TargetConfig`` (the params' `target` section)."""
     return make_backend(target.backend, device=target.device, batch_size=target.batch_size, precision=target.precision,
-                        threads=target.threads, protocol=timing_protocol(target), cuda_graph=target.cuda_graph)
+                        threads=target.threads, protocol=timing_protocol(target), cuda_graph=target.cuda_graph,
+                        int8_activations=target.int8_activations)
 
 
 def check_fingerprint(recorded: dict[str, Any], current: dict[str, Any], what: str) -> None:
