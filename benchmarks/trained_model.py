@@ -24,7 +24,7 @@
 Writes ``rows.json`` and ``table.md`` (mean ± std over seeds of test accuracy; measured latency /
 budget; ours minus the best peer at the budget, per seed, mean ± std) into ``--out``; the stage
 runs stay in ``--work`` (re-running skips the finished pairs). Needs the CIFAR-10 archive.
-TensorRT Model Optimizer's FastNAS is not in the table: see the closing lines of ``table.md``.
+TensorRT Model Optimizer's FastNAS runs from these runs in ``benchmarks/fastnas.py`` (not a project dependency).
 """
 
 from __future__ import annotations
@@ -156,13 +156,13 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
                      f"{_ms(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
     lines += ["", "Measured / budget: compare's final joint run (every network with the unpruned model, interleaved); "
-              "scp: the prune stage's own reading.",
+              "scp: the prune stage's own reading." + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
               "TensorRT Model Optimizer's FastNAS: " + meta["fastnas"]]
     return "\n".join(lines)
 
 
-FASTNAS_NOTE = ("not run. nvidia-modelopt 0.47.0 installs on this CPU machine (ENV.md: its torch modules also need "
-                "huggingface_hub and torchprofile==0.0.4), but it was not integrated in this benchmark: not measured.")
+FASTNAS_NOTE = ("measured by benchmarks/fastnas.py from the same trained model and these runs' budgets "
+                "(benchmarks/results/fastnas/table.md): nvidia-modelopt is not a project dependency.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-epochs", type=int, default=6, help="prune.epochs: every method's training")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--scp-from", type=Path, default=None,
+                   help="take the scp rows from this earlier runs directory instead of running them (the table says so)")
     args = p.parse_args(argv)
     if not ARCHIVE.is_file():
         print(f"error: needs {ARCHIVE} (CIFAR-10 JPEGs)", file=sys.stderr)
@@ -190,10 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.budgets:
         for s in args.seeds:
             rows.append(run_pair(up, args.work / "runs", params, b, s, baselines=True))
-            scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
+            if args.scp_from is None:
+                scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
+            elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
+                scp.append(run_pair(up, args.scp_from, scp_params, b, s, baselines=False))  # finished: read, not run
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
             "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE,
+            "scp_from": None if args.scp_from is None else (
+                f"scp rows read from {args.scp_from.name} (an earlier run of this benchmark, not re-run for time; its "
+                "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
     summary = summarise(rows, scp)
     write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp},
