@@ -40,6 +40,7 @@ from benchmarks.tables.house import (
     FRESH_CLONES,
     TRAINED_MODEL,
     YOUR_MODEL,
+    fastnas,
     fresh_clone_runs,
     fresh_clone_stages,
     make_run_summary,
@@ -118,6 +119,12 @@ SECTIONS = (
      "the folder's test/ (3,000 images, which no stage trains or selects on; val/ is a folder of its own). "
      "Measured / budget: compare's final joint run (scp: the prune stage's reading); a peer over the budget there "
      "does not count as the best peer.", trained_model),
+    ("FastNAS (TensorRT Model Optimizer) from the same trained model",
+     "`benchmarks/fastnas.py` (nvidia-modelopt installed beside the project, not a dependency): one FastNAS search per "
+     "FLOPs constraint from the trained model above (one sensitivity map, scored on val/), each subnet measured paired "
+     "with the model, the largest under each run's budget band taken, then trained as every method above (same "
+     "distillation, epochs, seed) and judged in one joint run with ours. FastNAS constrains FLOPs, not latency: the "
+     "FLOPs constraint taken is the largest whose measured latency fits.", fastnas),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "
