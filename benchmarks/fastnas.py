@@ -16,15 +16,15 @@ trained outside the pipeline, its latency table) and, per budget and seed, the p
    its default channel ratios (5% steps) with ``channel_divisor`` the latency table's measured
    step (as Torch-Pruning's ``round_to``). FastNAS constrains FLOPs or parameters, not latency:
    one search per FLOPs percentage in ``--flops``, all sharing one sensitivity map (its checkpoint).
-2. Every subnet measured paired with the trained model in one interleaved run (compare's protocol:
-   ``compare.timing_passes`` windows over ``compare.timing_span_s``, the median of
-   ``compare.timing_readings`` readings). Per budget and seed, the largest subnet that measures at
+2. Every subnet measured in a pair with the trained model (``pipeline.compare.paired_measure``,
+   compare's protocol: ``compare.timing_passes`` windows over ``compare.timing_span_s``, the median
+   of ``compare.timing_readings`` readings). Per budget and seed, the largest subnet that measures at
    most the band's top of that run's ``Budget`` is taken, as compare matches every baseline.
 3. Trained with compare's ``FineTune``: the same distillation from the unpruned model, optimizer,
    ``prune.epochs`` and seed as every method of the trained_model benchmark; test accuracy on
    ``test/``, which no stage trains or selects on.
-4. Judged in one joint run with the trained model and ours (that run's prune-stage network), each
-   by the budget's rule (``pipeline.compare.judge``).
+4. Judged with ours (that run's prune-stage network), each in a pair with the trained model, by the
+   budget's rule (``pipeline.compare.judge``).
 
 Writes ``rows.json`` and ``table.md`` into ``--out``.
 """
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     import modelopt
 
     from pipeline.checkpoint import load_model, load_student, load_teachers
-    from pipeline.compare import FineTune, judge
+    from pipeline.compare import FineTune, judge, paired_measure
     from pipeline.config import CompareConfig, DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section
     from pipeline.data import load_prepared
     from pipeline.distill import kd_criterion, training_ensemble
-    from pipeline.latency import LatencyTable, median_paired, target_backend, timing_protocol
+    from pipeline.latency import LatencyTable, target_backend, timing_protocol
     from pipeline.prune import Budget
     from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 
@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     def readings(models: list[nn.Module]) -> list:
         return backend.measure_readings(models, shape, verdict, cmp_cfg.timing_readings)
 
-    reads = readings([student, *(s["model"] for s in subnets)])
-    for i, s in enumerate(subnets, start=1):
-        s["ratio"] = median_paired(1.0, reads, i, 0)  # measured / the trained model's latency
+    for s, ratio in zip(subnets, paired_measure(readings, student, 1.0)([s["model"] for s in subnets])):
+        s["ratio"] = ratio  # measured / the trained model's latency
     teachers = load_teachers(a / "teachers", ["mine"], data.meta)
     ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment, cpu,
                                  train_cfg.batch_size)
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(meta: dict[str, Any], subnets: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     lines = [f"TensorRT Model Optimizer FastNAS (nvidia-modelopt {meta['modelopt']}) against ours from the same trained "
-             f"model (benchmarks/trained_model.py's upstream), {meta['machine']}, {meta['date']}, commit {meta['commit']}",
+             f"model (benchmarks/trained_model.py's upstream; every network measured in a pair with the model), {meta['machine']}, {meta['date']}, commit {meta['commit']}",
              f"`{meta['command']}`", "",
              f"Subnets (one search per FLOPs constraint, channel_divisor {meta['step']}, BatchNorm re-estimated on "
              f"{meta['calib_batches']} training batches; one sensitivity map, {meta['search_seconds']:.0f} s for all): measured / the model's latency (median of paired readings)",
@@ -211,7 +210,7 @@ def table(meta: dict[str, Any], subnets: list[dict[str, Any]], rows: list[dict[s
         lines.append(f"| {100 * s['flops']:g}% | {s['params']:,} | {100 * s['val_acc']:.2f} | {s['ratio']:.3f} |")
     lines += ["", f"The trained model, unpruned: {100 * meta['unpruned_test_acc']:.2f}% on test/.", "",
               "| budget | FastNAS test acc, mean ± std (%) | ours test acc (%) | ours - FastNAS per seed (points) | "
-              "FastNAS measured / budget per seed | ours measured / budget (same run) | FLOPs chosen |",
+              "FastNAS measured / budget per seed | ours measured / budget (read just after) | FLOPs chosen |",
               "|---|---|---|---|---|---|---|"]
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b]

@@ -1,9 +1,9 @@
 """compare: the baselines under the same protocol as ours (pipeline/compare.py): cut from the same
 student to the same measured-latency band of the prune stage's budget (uniform width scaling, its
 width ratio swept; Torch-Pruning global L1 magnitude, its pruning ratio swept), trained with the
-same distillation loss for as many epochs as the prune stage trained, and measured together with
-ours and the student at the end, where every network, ours included, is judged by the budget's one
-rule (``budget_status``). ``unpruned``: the student itself trained as many more epochs the same way,
+same distillation loss for as many epochs as the prune stage trained, and measured at the end, each
+in a pair with the student as ours was decided, where every network, ours included, is judged by the
+budget's one rule (``budget_status``). ``unpruned``: the student itself trained as many more epochs the same way,
 the equal-training reference every pruned network is judged against (the student's own accuracy
 had that many fewer epochs); it is not cut to the budget and is no baseline to beat."""
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             result.update(records)
             finals.update(models)
             result["train_device"] = describe_device(device)
-        for name, verdict_of in judge(finals, student, budget, measure_readings).items():  # one joint run, one rule
+        for name, verdict_of in judge(finals, student, budget, measure_readings).items():  # one protocol, one rule
             result[name].update(verdict_of)
         if holdout is not None:
             result["holdout"] = {"path": str(args.holdout), "images": len(holdout), "sha256": file_sha256(args.holdout)}

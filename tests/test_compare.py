@@ -185,19 +185,20 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     assert [t["model"] for t in trained] == [finals[m] for m in methods]
     assert all(t["criterion"] is loss and t["optim"] is fine_tune.optimizer and t["data"] is digits
                and (t["epochs"], t["seed"]) == (7, 3) for t in trained)
-    # same measurement and band: every match measured in one run with the student (last), matched to the
-    # band's top
+    # same measurement and band: every probe measured in a pair with the student (last), as the closed
+    # loop measures ours, matched to the band's top
     matches = list(calls)
-    assert matches and all(2 <= len(c) <= 5 and c[-1] is student and student not in c[:-1] for c in matches)
+    assert matches and all(len(c) == 2 and c[-1] is student and c[0] is not student for c in matches)
     for m in ("uniform", "l1"):
         assert records[m]["probes"] and records[m]["measured_ms"] <= budget.bounds_ms()[1]
-    # same verdict: one joint run, every network (ours too) judged by the budget's rule on it
+    # same verdict: every network (ours too) in a pair with the student, judged by the budget's rule
     ours = copy.deepcopy(finals["uniform"])  # at the budget, as the baseline it copies
     result = {"ours": {"test_acc": 0.5}, **{m: {"test_acc": 0.4} for m in methods}}
+    before = len(calls)
     for name, verdict in pc.judge({"ours": ours, **finals}, student, budget, measure_readings).items():
         result[name].update(verdict)
-    final = calls[-1]
-    assert final[0] is student and final[1] is ours and all(a is b for a, b in zip(final[2:], finals.values()))
+    final = calls[before:]
+    assert [c[0] for c in final] == [ours, *finals.values()] and all(len(c) == 2 and c[1] is student for c in final)
     for name, model in (("ours", ours), *finals.items()):
         ms = budget.student_ms * _ms(model) / _ms(student)
         assert result[name]["measured_ms"] == pytest.approx(ms)
