@@ -43,7 +43,9 @@ from benchmarks.tables.house import (
     fastnas,
     fresh_clone_runs,
     fresh_clone_stages,
+    int8,
     make_run_summary,
+    paired_readings,
     streaming,
     tiny_margin,
     trained_model,
@@ -125,6 +127,17 @@ SECTIONS = (
      "with the model, the largest under each run's budget band taken, then trained as every method above (same "
      "distillation, epochs, seed) and judged in one joint run with ours. FastNAS constrains FLOPs, not latency: the "
      "FLOPs constraint taken is the largest whose measured latency fits.", fastnas),
+    ("How one latency reading strays (paired with the model, or in a crowd)",
+     "`benchmarks/paired_readings.py`: one pruned network (a run of the trained-model benchmark) against its model, "
+     "measured repeatedly four ways: the closed loop's one reading, the median of three (`prune.loop_readings`), one "
+     "reading of compare's protocol in a pair, and one in a run with four other networks of its size. The crowd reads "
+     "it lower against the model than a pair does, which is why compare measures every network in a pair.",
+     paired_readings),
+    ("INT8 against FP32 on this CPU",
+     "`benchmarks/int8.py`: ONNX Runtime's CPU provider, one thread, batch 1; `pipeline.quantize` (Q/DQ, int8 "
+     "per-channel weights) with uint8 activations (U8S8) and int8 activations (S8S8); the three sessions timed "
+     "interleaved in each round. Accuracy on the trained-model benchmark's held-out test/ (3,000 images); the 224 px "
+     "torchvision models have random weights (no trained 224 px weights offline): latency only.", int8),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

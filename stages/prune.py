@@ -18,11 +18,19 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import load_student, load_teachers, save_checkpoint
-from pipeline.config import DistillConfig, PruneConfig, TargetConfig, TrainConfig, parse_section, parse_teachers
+from pipeline.config import (
+    CompareConfig,
+    DistillConfig,
+    PruneConfig,
+    TargetConfig,
+    TrainConfig,
+    parse_section,
+    parse_teachers,
+)
 from pipeline.data import load_prepared
 from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.io import atomic_path, file_sha256, write_csv, write_json
-from pipeline.latency import LatencyTable, target_backend
+from pipeline.latency import LatencyTable, target_backend, timing_protocol
 from pipeline.plots import widths_png
 from pipeline.prune import (
     SETTLE_PHASES,
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         student, ckpt = load_student(args.student, data.meta)
         arch = {"arch": ckpt["arch"], "arch_config": ckpt["arch_config"]}
         backend = target_backend(target)
+        compare_cfg = parse_section(params, "compare", CompareConfig)
+        # the closed loop reads ours as compare matches and judges every baseline: its protocol and a pair
+        loop_protocol = (timing_protocol(target, passes=compare_cfg.timing_passes, min_span_s=compare_cfg.timing_span_s)
+                         if cfg.loop_timing == "verdict" else timing_protocol(target))
         table = LatencyTable.load(args.table, fingerprint=backend.fingerprint())
         space = prune_space(student, arch, table, args.table, cfg, (data.channels, *data.meta["image_size"]))
         state = ResumeState(Path(args.resume_dir) / "prune")
@@ -115,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)  # at the expected masks
         importance, taylor_used = importance_for(cfg, space, data, train_cfg.batch_size, distil, device)
         plain = rebuild(arch, net.net.state_dict())
-        measure = measure_paired(backend, plain, student, ref.student_ms, space, cfg.loop_readings)
+        measure = measure_paired(backend, plain, student, ref.student_ms, space, cfg.loop_readings, loop_protocol)
         loop = decide_widths(net, space, budget, cfg, importance, measure,
-                             val_cost(plain, space, data, cfg.loop_val_samples), state, fingerprint)
+                             val_cost(plain, space, data, cfg.loop_val_samples), state,
+                             digest(fingerprint, vars(loop_protocol)))  # a decision measured with this protocol
         plots = Path(args.plots_dir)
         write_csv(plots / "loop.csv", loop_rows(loop))
         if loop.status == "unreachable":

@@ -158,3 +158,38 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
     return (["budget", "FastNAS held-out acc %", "ours held-out acc %", "ours - FastNAS (points)",
              "FastNAS measured / budget per seed", "ours measured / budget (read just after)", "FLOPs constraint taken",
              "src"], rows, refs)
+
+
+INT8 = RESULTS / "int8/rows.json"
+PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
+
+
+def int8() -> tuple[list[str], list[list[str]], Refs]:
+    """INT8 (U8S8, S8S8) against FP32 with ONNX Runtime on this CPU: latency per variant, speed-up, accuracy."""
+    d = read_json(INT8)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(INT8, m["command"], m["machine"])
+    vnni = "yes" if m["cpu_flags"].get("avx512_vnni") or m["cpu_flags"].get("avx_vnni") else "no"
+    rows = []
+    for r in d["rows"]:
+        for v in r["variants"]:
+            c = r[v]
+            sp = c.get("speedup")
+            rows.append([r["model"], v, vnni, f"{c['median_ms']:.3f} ({c['min_ms']:.3f}-{c['max_ms']:.3f})",
+                         f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "1",
+                         f"{100 * c['test_acc']:.2f} ({-c['drop_points']:+.2f})" if "test_acc" in c else "-", k])
+    return (["model", "variant", "VNNI", "ms, median (min-max) over rounds", "fp32 / variant (above 1: faster)",
+             "held-out acc % (points vs fp32)", "src"], rows, refs)
+
+
+def paired_readings() -> tuple[list[str], list[list[str]], Refs]:
+    """One pruned network against its model, read four ways, repeated: the spread and the composition effect."""
+    d = read_json(PAIRED_READINGS)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(PAIRED_READINGS, m["command"], m["machine"])
+    rows = [[way, f"{s['median']:.3f}", f"{s['min']:.3f}-{s['max']:.3f}", f"{(s['max'] - s['min']) / s['median']:.2f}", k]
+            for way, s in d["summary"].items()]
+    rows.append(["the prune stage's own reading (earlier)", f"{m['prune_stage_ratio']:.3f}", "-", "-", k])
+    return ["way", "ours / model, median", "range", "(max - min) / median", "src"], rows, refs

@@ -166,6 +166,9 @@ class PruneConfig(Section):
                        "0 its bottom, 0.5 its middle, 1 its top (lowered by the measured noise)")
     max_iterations: int = Field(20, ge=1, le=1000, description="closed loop: measurements at most")
     loop_val_samples: int = Field(1000, ge=1, le=1000000, description="validation images scoring loop steps")
+    loop_timing: Literal["verdict", "target"] = Field(
+        "verdict", description="closed loop's timing protocol: verdict = compare's (compare.timing_passes over "
+        "compare.timing_span_s), so ours is decided as every baseline is matched and judged; target = target.timing")
     loop_readings: int = Field(3, ge=1, le=100, description="closed loop: independent paired readings of each "
                                "network, the median taken (one reading of a small network on a shared machine can "
                                "be 20% off, and stopping on the first reading in the band keeps the lucky ones)")

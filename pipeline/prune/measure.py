@@ -14,7 +14,7 @@ import torch.distributed
 from torch import nn
 
 from pipeline.config import PruneConfig
-from pipeline.latency import Backend, measure_reference, median_paired
+from pipeline.latency import Backend, TimingProtocol, measure_reference, median_paired
 from pipeline.prune.budget import Budget, BudgetError
 from pipeline.prune.groups import smallest_masks, widths_of
 from pipeline.prune.space import PruneSpace
@@ -107,13 +107,15 @@ def measure_alone(backend: Backend, model: nn.Module, space: PruneSpace) -> Call
 
 
 def measure_paired(backend: Backend, model: nn.Module, student: nn.Module, student_ms: float,
-                   space: PruneSpace, readings: int = 1) -> Callable[[Masks], float]:
+                   space: PruneSpace, readings: int = 1, protocol: TimingProtocol | None = None
+                   ) -> Callable[[Masks], float]:
     """masks -> ms of ``model`` slimmed to them, measured paired with ``student`` in interleaved
     windows (a slow spell of the machine moves both): the ratio to the student times ``student_ms``,
-    the median over ``readings`` independent readings (``prune.loop_readings``)."""
+    the median over ``readings`` independent readings (``prune.loop_readings``), each with
+    ``protocol`` (the backend's own when None)."""
     def measure(masks: Masks) -> float:
         reads = backend.measure_readings([prune_structure(model, space.example, masks), student], space.shape,
-                                         readings=readings)
+                                         protocol, readings=readings)
         return median_paired(student_ms, reads, 0, 1)
 
     return measure
