@@ -119,7 +119,7 @@ SECTIONS = (
      "CIFAR-10 JPEGs, pruned to a fraction of its own measured latency by the real prune and compare stages; every "
      "method from the same weights, distilled from the unpruned model, the same `prune.epochs`. Held-out accuracy: "
      "the folder's test/ (3,000 images, which no stage trains or selects on; val/ is a folder of its own). "
-     "Measured / budget: compare's final joint run (scp: the prune stage's reading); a peer over the budget there "
+     "Measured / budget: compare's final joint run, as compare judged at the file's commit (since 678f8f4 it reads every network in a pair with the model); scp: the prune stage's reading. A peer over the budget there "
      "does not count as the best peer.", trained_model),
     ("FastNAS (TensorRT Model Optimizer) from the same trained model",
      "`benchmarks/fastnas.py` (nvidia-modelopt installed beside the project, not a dependency): one FastNAS search per "
