@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ import yaml
 from torch import nn
 
 from benchmarks._runner import REPO, machine, write_results
+from benchmarks.trained_model import pct_mean_std
 
 
 def _modelopt() -> Any:
@@ -97,14 +97,6 @@ def search_subnets(student: nn.Module, data: Any, step: int, flops: list[float],
     return out
 
 
-def _mean_std(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.2f}"
-    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fastnas")
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=None, help="the trained_model benchmark's runs (default: WORK/runs)")
     p.add_argument("--calib-batches", type=int, default=2, help="training batches re-estimating BatchNorm statistics")
     args = p.parse_args(argv)
-    mtp = _modelopt()  # fail first when it is missing
+    _modelopt()  # fail first when it is missing
     import modelopt
 
     from pipeline.checkpoint import load_model, load_student, load_teachers
@@ -195,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     subnet_rows = [{k: v for k, v in s.items() if k != "model"} for s in subnets]
     write_results(args.out, "rows.json", {"meta": meta, "subnets": subnet_rows, "rows": rows}, table(meta, subnet_rows, rows))
     print(table(meta, subnet_rows, rows))
-    del mtp
     return 0
 
 
@@ -215,8 +206,8 @@ def table(meta: dict[str, Any], subnets: list[dict[str, Any]], rows: list[dict[s
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b]
         diff = ", ".join(f"{100 * (r['ours_test_acc'] - r['test_acc']):+.2f}" for r in rs)
-        lines.append(f"| {b:g} | {_mean_std([r['test_acc'] for r in rs])} | "
-                     f"{_mean_std([r['ours_test_acc'] for r in rs])} | {diff} | "
+        lines.append(f"| {b:g} | {pct_mean_std([r['test_acc'] for r in rs])} | "
+                     f"{pct_mean_std([r['ours_test_acc'] for r in rs])} | {diff} | "
                      + ", ".join(f"{r['verdicts']['fastnas']['measured_over_budget']:.3f}" for r in rs) + " | "
                      + ", ".join(f"{r['verdicts']['ours']['measured_over_budget']:.3f}" for r in rs) + " | "
                      + ", ".join(f"{100 * r['flops']:g}%" + ("" if r["fitted"] else " (none fitted)") for r in rs) + " |")

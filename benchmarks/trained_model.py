@@ -93,7 +93,8 @@ def upstream(work: Path, size: int, per_class: int, val_per_class: int, test_per
     return up
 
 
-def _ms(xs: list[float]) -> str:
+def pct_mean_std(xs: list[float]) -> str:
+    """Fractions as percent: one value as it is, several as mean ± sample std, none as '-'."""
     if not xs:
         return "-"
     if len(xs) == 1:
@@ -146,15 +147,15 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              "|---|---|---|---|---|"]
     for b, cell in summary.items():
         unp = cell["unpruned_test_acc"]
-        lines.append(f"| {b} | the trained model, unpruned | {_ms([unp] if unp is not None else [])} | - | - |")
+        lines.append(f"| {b} | the trained model, unpruned | {pct_mean_std([unp] if unp is not None else [])} | - | - |")
         for m in ("ours", "scp", *PEERS):
             c = cell[m]
             land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
             bad = [s for s in c["status"] if s == "over"]
-            lines.append(f"| {b} | {LABELS[m]} | {_ms(c['test_acc'])} | {land or '-'} | "
+            lines.append(f"| {b} | {LABELS[m]} | {pct_mean_std(c['test_acc'])} | {land or '-'} | "
                          f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
-                     f"{_ms(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
+                     f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
     lines += ["", "Measured / budget: compare's final joint run (every network with the unpruned model, interleaved); "
               "scp: the prune stage's own reading." + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
               "TensorRT Model Optimizer's FastNAS: " + meta["fastnas"]]

@@ -206,19 +206,20 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
         sess = ort_session(path, "cpu", target.threads)
         feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
         cands[kind] = (path, record, sess, wall_timed(lambda s=sess, f=feed: s.run(None, f)))
-    timings = measure_calls([c[3] for c in cands.values()], protocol)  # interleaved: the same machine state
-    kind = min(zip(cands, timings), key=lambda kt: kt[1].ms)[0]
+    # a choice to make: both timed interleaved (the same machine state); none: the engine's own latency below
+    timings = measure_calls([c[3] for c in cands.values()], protocol) if len(cands) > 1 else []
+    kind = min(zip(cands, timings), key=lambda kt: kt[1].ms)[0] if timings else kinds[0]
     path, record, sess, call = cands[kind]
     engine_file = "model.int8.onnx"
     path.rename(tmp / engine_file)
     for other, c in cands.items():
         if other != kind:
             c[0].unlink()
-    record.update(chosen_by=how, measured_ms={k: t.ms for k, t in zip(cands, timings)})
-    log.info("int8 (%s activations, %s): %s", kind, record["chosen_by"],
-             ", ".join(f"{k} {t.ms:.4f} ms" for k, t in zip(cands, timings)))
     logits = ort_logits(sess, x)
     latency = engine_latency(call, protocol)
+    measured = {k: t.ms for k, t in zip(cands, timings)} or {kind: latency["ms"]}
+    record.update(chosen_by=how, measured_ms=measured)
+    log.info("int8 (%s activations, %s): %s", kind, how, ", ".join(f"{k} {ms:.4f} ms" for k, ms in measured.items()))
     return Built(engine_file, "int8", logits, latency, device_record("cpu"), {"onnxruntime": onnxruntime.__version__},
                  quantization=record, timed=call)
 
