@@ -11,9 +11,12 @@ what one H100 call allows):
 1. install the wheels from ``.whl/`` into ``.site/`` (``pip --no-index``), only if the project's
    imports are missing;
 2. the CUDA tests (``pytest -m "gpu and not slow"``: the H100 failures' regression tests, the
-   torch engine's CUDA graph, the CUDA graph training step);
-3. the training throughput benchmark (ResNet-56, batch 128: CUDA graph step against eager);
-4. the pipeline on ``presets/gpu-check.yaml`` through handoff, with ``python -m stages`` (no DVC).
+   torch engine's CUDA graph in fp16 and bf16, the CUDA graph training step);
+3. the pipeline on ``presets/gpu-check.yaml`` through handoff, with ``python -m stages`` (no DVC);
+4. engine builds in every precision (``benchmarks/gpu_engines.py``): the torch engine in fp32,
+   fp16 and bf16 for two torchvision models at 224 px and the pipeline's slimmed network, TensorRT
+   fp16 and int8 (Q/DQ) where installed, and INT8 on the host CPU with ONNX Runtime;
+5. the training throughput benchmark (ResNet-56, batch 128: CUDA graph step against eager).
 
 It writes ``OUT_DIR/results.md`` (the table for docs/history.md, rewritten after every step, so
 a run cut short still leaves what it measured) and ``OUT_DIR/results.json``, plus every step's log.
@@ -113,6 +116,7 @@ def write_results(out: Path, res: dict[str, Any]) -> None:
         lines += ["", "| stage | result | seconds | figures |", "|---|---|---|---|"]
         for s in res["stages"]:
             lines.append(f"| {s['stage']} | {s['result']} | {_fmt(s.get('seconds'), '.1f')} | {s.get('figures', '')} |")
+    lines += engine_lines(res.get("engines") or {})
     if res.get("throughput"):
         t = res["throughput"]
         lines += ["", f"Training throughput, {t.get('arch')} batch {t.get('batch')} ({t.get('images')} synthetic images "
@@ -125,6 +129,41 @@ def write_results(out: Path, res: dict[str, Any]) -> None:
         if len(rows) >= 2:
             lines.append(f"\nCUDA graph step / eager step (same run): {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def engine_lines(e: dict[str, Any]) -> list[str]:
+    """The engine step's tables (benchmarks/gpu_engines.py's JSON) for results.md."""
+    if not e:
+        return []
+    cpu = e.get("host_cpu", {})
+    flags = ", ".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if cpu.get(f)) or "no VNNI / AMX"
+    lines = ["", f"Engines on {e.get('device', {}).get('name', '?')} (host CPU {cpu.get('name', '?')}, {flags}):", "",
+             "| network | engine | precision | batch | ms (fastest window median) | p50 / p99 ms | vs fp32: max rel diff, "
+             "top-1 agreement | test acc |", "|---|---|---|---|---|---|---|---|"]
+
+    def row(net: str, r: dict[str, Any], batch: Any) -> str:
+        lat = r.get("latency") or {}
+        if "error" in r:
+            return f"| {net} | {r.get('engine')} | {r.get('precision')} | {batch} | {r['error']} | | | |"
+        return (f"| {net} | {r.get('engine')} | {r.get('precision')} | {batch} | {_fmt(lat.get('ms'))} | "
+                f"{_fmt(lat.get('p50_ms'))} / {_fmt(lat.get('p99_ms'))} | {_fmt(r.get('relative_diff_vs_fp32'), '.2e')}, "
+                f"{_fmt(r.get('top1_agreement_vs_fp32'))} | {_fmt(r.get('test_acc'))} |")
+
+    for r in e.get("torchvision", []):
+        lines.append(row(f"{r.get('model')} {r.get('image_size')} px", r, r.get("batch")))
+    run = e.get("run", {})
+    if "error" in run:
+        lines.append(f"| the pipeline's slimmed network | - | - | - | {run['error']} | | | |")
+    for r in run.get("torch_engine", []):
+        lines.append(row("the pipeline's slimmed network", r, 32))
+    ort = run.get("onnxruntime_cpu", {})
+    if ort.get("error"):
+        lines.append(f"| slimmed, host CPU | onnxruntime | int8 | 1 | {ort['error']} | | | |")
+    for r in ort.get("rows", []):
+        lines.append(f"| slimmed, host CPU (1 thread) | onnxruntime {ort.get('onnxruntime')} | {r['precision']} | 1 | "
+                     f"{_fmt(r['ms'])} ({r['speedup_vs_fp32']:.2f}x fp32) | {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} | "
+                     f"-, {_fmt(r['top1_agreement_vs_fp32'])} | {_fmt(r['test_acc'])} |")
+    return lines
 
 
 def stage_log(log: Path) -> list[tuple[str, str, float | None]]:
@@ -255,28 +294,38 @@ def main() -> int:
     step("CUDA tests (pytest -m 'gpu and not slow')",
          ("passed: " if rc == 0 else "FAILED: " if rc is not None else "TIMEOUT: ") + _pytest_counts(out / "gpu_tests.log"), sec)
 
-    # 3. throughput
+    # 3. the pipeline through handoff (the largest share; engines and throughput keep theirs)
+    run = out / "run"
+    cmd = [sys.executable, "-m", "stages", "--workdir", str(run)]
+    cmd += ["--params", str(args.params.resolve())] if args.params else ["--preset", args.preset]
+    rc, sec = _run(cmd, out / "pipeline.log", left() - 0.25 * args.budget_s)
+    res["stages"] = stage_figures(run, out / "pipeline.log")
+    failed = [r["stage"] for r in res["stages"] if r["result"] != "ok"]
+    ok &= rc == 0
+    step(f"pipeline {args.params.name if args.params else args.preset} through handoff",
+         "ok" if rc == 0 else ("TIMEOUT" if rc is None else f"FAILED at {failed[-1] if failed else '?'} (pipeline.log)"), sec)
+
+    # 4. engine builds in every precision: torchvision models at 224 px and the pipeline's slimmed network
+    ej = out / "engines.json"
+    rc, sec = _run([sys.executable, "-m", "benchmarks.gpu_engines", "--json", str(ej), "--run", str(run),
+                    *(["--models", "resnet18", "--batch", "4"] if args.allow_cpu else [])],
+                   out / "engines.log", left() - 0.1 * args.budget_s)
+    res["engines"] = _read(ej)
+    ok &= rc == 0
+    step("engine precisions (torch fp32/fp16/bf16, TensorRT where installed, INT8 on the host CPU)",
+         "ok" if rc == 0 else ("TIMEOUT (engines.log)" if rc is None else f"FAILED (exit {rc}, engines.log)"), sec)
+
+    # 5. throughput, with what is left
     tp = out / "throughput.json"
     rc, sec = _run([sys.executable, "-m", "benchmarks.train_throughput", "--arch", "resnet56", "--batch", "128",
                     "--images", str(args.throughput_images), "--epochs", "3", "--json", str(tp)],
-                   out / "throughput.log", min(0.2 * args.budget_s, left() - 0.6 * args.budget_s))
+                   out / "throughput.log", left() - 5)
     res["throughput"] = _read(tp)
     ok &= rc == 0
     rows = res["throughput"].get("rows", [])
     step("training throughput (ResNet-56, batch 128)", ("ok: " + ", ".join(f"{r['variant']} {r['images_per_s']:.0f}/s"
                                                         for r in rows[:2])) if rc == 0 else
          ("TIMEOUT (throughput.log)" if rc is None else f"FAILED (exit {rc}, throughput.log)"), sec)
-
-    # 4. the pipeline through handoff
-    run = out / "run"
-    cmd = [sys.executable, "-m", "stages", "--workdir", str(run)]
-    cmd += ["--params", str(args.params.resolve())] if args.params else ["--preset", args.preset]
-    rc, sec = _run(cmd, out / "pipeline.log", left() - 5)
-    res["stages"] = stage_figures(run, out / "pipeline.log")
-    failed = [r["stage"] for r in res["stages"] if r["result"] != "ok"]
-    ok &= rc == 0
-    step(f"pipeline {args.params.name if args.params else args.preset} through handoff",
-         "ok" if rc == 0 else ("TIMEOUT" if rc is None else f"FAILED at {failed[-1] if failed else '?'} (pipeline.log)"), sec)
     return 0 if ok else 1
 
 

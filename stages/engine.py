@@ -255,15 +255,28 @@ def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Pr
 
     engine_file, precision = "model.plan", cfg.precision
     shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
-    # strongly typed: fp16 is built from an fp16 conversion of the ONNX model, int8 needs a Q/DQ model
-    plan = build_tensorrt_plan(args.onnx, shape, (1, bs, max(bs, cfg.max_batch)), precision,
+    # strongly typed: fp16 is built from an fp16 conversion of the ONNX model, int8 from its Q/DQ model
+    source, record = args.onnx, None
+    if precision == "int8":
+        from pipeline.quantize import calibration_rows, quantize_int8
+
+        if cfg.int8_activations == "uint8":
+            raise DeployError("engine.int8_activations uint8 (asymmetric) does not build in TensorRT, whose Q/DQ "
+                              "activations are symmetric int8: set engine.int8_activations int8 or auto")
+        rows = calibration_rows(len(data.train), cfg.calibration_images, seed=0)
+        source = tmp / "model.int8.onnx"
+        record = quantize_int8(args.onnx, source, Normalized(data.train, *data.norm())[rows], "int8")
+        record["chosen_by"] = "TensorRT (symmetric int8 activations only)"
+    plan = build_tensorrt_plan(source, shape, (1, bs, max(bs, cfg.max_batch)), precision,
                                timing_cache=tmp / "timing.cache")
     (tmp / engine_file).write_bytes(plan)
     runner = TensorRTRunner(tmp / engine_file)
     logits = runner.logits(x, bs)
     xg = xb.cuda()
-    latency = engine_latency(wall_timed(lambda: runner(xg)), protocol)  # the runner synchronises
-    return Built(engine_file, precision, logits, latency, device_record("cuda"), {"tensorrt": tensorrt.__version__})
+    call = wall_timed(lambda: runner(xg))  # the runner synchronises
+    latency = engine_latency(call, protocol)
+    return Built(engine_file, precision, logits, latency, device_record("cuda"), {"tensorrt": tensorrt.__version__},
+                 quantization=record, timed=call if record is not None else None)
 
 
 BUILDERS = {"onnxruntime": _onnxruntime, "torch": _torch, "tensorrt": _tensorrt}

@@ -276,17 +276,45 @@ def _engine_stage(tmp_path: Path, digits_dir: Path, **engine_values: object) -> 
                         str(tmp_path / "engine"), "--metrics", str(tmp_path / "engine.json")])
 
 
-@pytest.mark.parametrize(("version", "precision", "message"), [
-    ("11.4.0", "int8", "int8 needs an explicitly quantized ONNX model"),
-    ("12.0.0", "fp16", "TensorRT 12.0.0 is not supported"),
+@pytest.mark.parametrize(("version", "precision", "message", "values"), [
+    ("12.0.0", "fp16", "TensorRT 12.0.0 is not supported", {}),
+    ("11.4.0", "int8", "does not build in TensorRT", {"int8_activations": "uint8"}),
+    ("11.4.0", "int8", "engine.calibration_images is 100000", {"calibration_images": 100000}),
 ])
-def test_engine_stage_exits_2_and_leaves_no_engine(version: str, precision: str, message: str, tmp_path: Path,
-                                                   digits_dir: Path, monkeypatch: pytest.MonkeyPatch,
+def test_engine_stage_exits_2_and_leaves_no_engine(version: str, precision: str, message: str,
+                                                   values: dict[str, object], tmp_path: Path, digits_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     _install(monkeypatch, version)
     monkeypatch.setattr(deploy, "tensorrt_available", lambda: True)
-    assert _engine_stage(tmp_path, digits_dir, precision=precision) == 2
+    assert _engine_stage(tmp_path, digits_dir, precision=precision, **values) == 2
     assert message in caplog.text and not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.4.0"])
+def test_engine_stage_builds_int8_from_its_own_qdq_model(version: str, tmp_path: Path, digits_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine.precision int8 on TensorRT: the exported fp32 model is quantized (symmetric int8
+    activations, calibrated on the training split) and that Q/DQ model is what the fake builder of
+    either version receives, with precision int8 (the real one would refuse the fp32 model)."""
+    _install(monkeypatch, version)
+    monkeypatch.setattr(deploy, "tensorrt_available", lambda: True)
+    seen: dict[str, object] = {}
+    real_build = engine.build_tensorrt_plan
+
+    def build(source: object, *args: object, **kw: object) -> bytes:
+        proto = onnx.load(str(source))
+        inits = {i.name: i.data_type for i in proto.graph.initializer}
+        seen.update(precision=args[2], model=onnx_precision(proto), zero_points={
+            inits.get(n.input[2]) for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2})
+        real_build(source, *args, **kw)  # the fake builder of this version: no removed attribute touched
+        raise SlimdeployError("stop after the build: the runner needs a GPU")
+
+    monkeypatch.setattr(engine, "build_tensorrt_plan", build)
+    assert _engine_stage(tmp_path, digits_dir, precision="int8", calibration_images=32) == 2
+    assert seen["precision"] == "int8" and seen["model"] == "int8"
+    assert seen["zero_points"] == {onnx.TensorProto.INT8}  # symmetric int8 activations, as TensorRT needs
+    assert not (tmp_path / "engine").exists()
 
 
 # --- real TensorRT -------------------------------------------------------------------------------

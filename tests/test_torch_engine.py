@@ -28,8 +28,11 @@ def test_exported_program_engine_matches_the_model_at_its_batch(tmp_path: Path) 
     with torch.no_grad():
         assert torch.allclose(runner.logits(x), model(x), atol=1e-5)
     assert runner.graph_status == "not on CUDA"
-    with pytest.raises(TorchEngineError, match="fp16 on CUDA only"):
-        build_torch_engine(model, (1, 8, 8), 4, "cpu", "fp16", tmp_path)
+    for half in ("fp16", "bf16"):
+        with pytest.raises(TorchEngineError, match=f"{half} on CUDA only"):
+            build_torch_engine(model, (1, 8, 8), 4, "cpu", half, tmp_path)
+    with pytest.raises(TorchEngineError, match="fp32, fp16 or bf16"):
+        build_torch_engine(model, (1, 8, 8), 4, "cpu", "int8", tmp_path)
 
 
 @pytest.mark.slow
@@ -64,17 +67,20 @@ def test_a_package_that_crashes_its_loader_falls_back_to_the_exported_program(tm
 
 
 @pytest.mark.gpu
-def test_cuda_graph_engine_replays_real_work(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_graph_engine_replays_real_work(tmp_path: Path, precision: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: the CUDA graph replay of the torch engine cannot run here")
     model = _model()
-    info = build_torch_engine(model, (1, 8, 8), 8, "cuda", "fp16", tmp_path, aoti=False)
-    runner = TorchEngineRunner(tmp_path / info["engine_file"], info["kind"], "cuda", "fp16", 8, (1, 8, 8))
-    assert runner.graph_status == "captured"
     x = torch.randn(8, 1, 8, 8)
     with torch.no_grad():
-        ref = model.float().cpu()(x)
-    assert (runner.logits(x) - ref).abs().max() < 5e-2
+        ref = model(x)
+    info = build_torch_engine(model, (1, 8, 8), 8, "cuda", precision, tmp_path, aoti=False)
+    runner = TorchEngineRunner(tmp_path / info["engine_file"], info["kind"], "cuda", precision, 8, (1, 8, 8))
+    assert runner.graph_status == "captured"
+    # bf16 keeps 8 bits of mantissa (fp16: 11): a relative error of 2^-8 per rounding
+    tol = 5e-2 if precision == "fp16" else 1.5e-1
+    assert (runner.logits(x) - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -237,11 +237,11 @@ class EngineConfig(Section):
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
         "auto", description="auto: TensorRT when installed and a GPU is the target; on a GPU without it ONNX Runtime's "
         "CUDA provider, else the PyTorch-native engine (torch); ONNX Runtime on a CPU target")
-    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="TensorRT precision (strongly typed: fp16 "
-                                                       "builds an fp16 conversion of the ONNX model, int8 needs a Q/DQ "
-                                                       "model); torch on CUDA: fp16 or fp32; ONNX Runtime on a CPU: "
-                                                       "fp32, or int8 (post-training static quantization to a Q/DQ "
-                                                       "model, pipeline/quantize.py); fp16 on a CPU runs fp32")
+    precision: Literal["fp16", "bf16", "fp32", "int8"] = Field(
+        "fp16", description="TensorRT (strongly typed): fp16 builds an fp16 conversion of the ONNX model, int8 its "
+        "post-training Q/DQ model (pipeline/quantize.py, symmetric int8 activations), fp32 as is; torch on CUDA: fp16, "
+        "bf16 or fp32; ONNX Runtime on a CPU: fp32, or int8 (post-training static quantization to a Q/DQ model); "
+        "fp16 and bf16 on a CPU run fp32")
     aoti: bool = Field(True, description="torch engine: compile the torch.export program with AOTInductor (loaded "
                        "and checked in a separate process; the exported program is the fallback)")
     cuda_graph: bool = Field(True, description="torch engine on CUDA: replay the engine as a CUDA graph")

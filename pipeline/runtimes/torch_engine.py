@@ -12,7 +12,7 @@ Built from the slimmed model at the deployment batch:
 3. on CUDA, the engine is replayed as a CUDA graph over a static input buffer where capture works
    (the whole network as one launch: the host no longer sets the pace); otherwise it runs eagerly.
 
-``precision`` fp16 (CUDA only) exports the half-precision model; inputs are cast at the call.
+``precision`` fp16 or bf16 (CUDA only) exports the half-precision model; inputs are cast at the call.
 """
 
 from __future__ import annotations
@@ -39,11 +39,17 @@ class TorchEngineError(SlimdeployError):
     """The PyTorch-native engine cannot be built."""
 
 
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _dtype(precision: str, device: str) -> torch.dtype:
-    if precision == "fp16":
+    if precision in _HALF:
         if device != "cuda":
-            raise TorchEngineError("the torch engine runs fp16 on CUDA only; use engine.precision: fp32 on the CPU")
-        return torch.float16
+            raise TorchEngineError(f"the torch engine runs {precision} on CUDA only; use engine.precision: fp32 on the "
+                                   "CPU")
+        return _HALF[precision]
+    if precision != "fp32":
+        raise TorchEngineError(f"the torch engine runs fp32, fp16 or bf16 (CUDA), not {precision!r}")
     return torch.float32
 
 
