@@ -56,6 +56,8 @@ from benchmarks.tables.others import (
     PIPELINE_ENGINE,
     PIPELINE_LOG,
     cifar10_pipeline,
+    gpu_check_engines,
+    gpu_check_stages,
     latency_model,
     robustness,
     timing_noise,
@@ -94,8 +96,19 @@ SECTIONS = (
      "(docs/latency.md).", latency_model),
     ("Timing protocol on identical networks", "The student measured with identical copies of itself (true ratio "
      "1.000) in interleaved rounds, with the product's estimator (the fastest window).", timing_noise),
-    ("Training throughput", "ResNet-56 training steps against the device's measured matmul rate. "
-     "On a GPU: not measured (no result file).", train_throughput),
+    ("Training throughput", "ResNet-56 training steps against the device's measured matmul rate: on the 2-core "
+     "CPU, and on the GPU check's H200 (the CUDA graph step against the eager one in the same run).",
+     train_throughput),
+    ("The GPU check: every stage on CUDA (NVIDIA H200)",
+     "`presets/gpu-check.yaml` (10,000 CIFAR-10 images, a few epochs per stage, the torch target on CUDA in fp16 at "
+     "batch 32 with CUDA graphs) with `python -m stages`, no DVC; accuracies of minutes of training are not the "
+     "point. The H100 run of 2026-11-22 crashed in train_student and prune and was refused at budget 0.5 "
+     "(../shared/GPU.md).", gpu_check_stages),
+    ("The GPU check: engines in every precision (NVIDIA H200)",
+     "`benchmarks/gpu_engines.py`: the PyTorch-native engine (torch.export program replayed as a CUDA graph) in "
+     "fp32, fp16 and bf16; TensorRT was not installed there (its wheels are far over what a device call can carry); "
+     "INT8 with ONNX Runtime on the host CPU. torchvision models with random weights: latency only (their fp16 "
+     "logits can overflow, see mobilenet_v2).", gpu_check_engines),
     ("`make run` on the default params in fresh clones",
      "`git clone` of one commit into new directories, `make install`, then `make run` (every stage through "
      "`dvc repro`, the report), one clone after another on a quiet machine. Figures compared between runs: the "

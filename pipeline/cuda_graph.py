@@ -4,8 +4,8 @@ step use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -18,6 +18,23 @@ def autocast(device: torch.device, amp: bool, cache: bool = True):  # noqa: ANN2
     if amp and device.type == "cuda":  # a graph capture needs the weight-cast cache off
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
+
+
+@contextmanager
+def heuristic_kernels() -> Iterator[None]:
+    """cuDNN picks its convolution kernels by its heuristics inside, not by timing candidates
+    (``cudnn.benchmark``, which training turns on): every latency reading and the deployed torch
+    engine then run the kernels their shapes alone decide, whatever the process did before. With
+    benchmark mode the choice depends on the process: a stage that trained first (prune, compare)
+    times a kernel picked by a noisy race, a stage that did not (engine) the heuristic one. On an
+    H200 the same slimmed network read 0.962, 0.993 and 1.017 of its budget in prune, compare and
+    engine, where compare's three readings agreed within 0.6% (docs/history.md, section 44)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before the training step is captured

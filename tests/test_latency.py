@@ -114,6 +114,24 @@ def test_torch_cpu_backend_restores_thread_count() -> None:
     assert torch.get_num_threads() == prev
 
 
+def test_kernels_are_chosen_by_heuristics_whatever_training_left_behind() -> None:
+    """Training turns cuDNN's benchmark mode on for the process; a latency reading (and the torch
+    engine) must not inherit it: inside, benchmark is off; after, as it was, also after an error."""
+    from pipeline.cuda_graph import heuristic_kernels
+
+    prev = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with heuristic_kernels():
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+        with pytest.raises(RuntimeError), heuristic_kernels():
+            raise RuntimeError("a failed capture")
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = prev
+
+
 @pytest.mark.gpu
 def test_torch_cuda_graph_table_captures_real_work() -> None:
     if not torch.cuda.is_available():

@@ -64,7 +64,8 @@ def timing_noise() -> tuple[list[str], list[list[str]], Refs]:
     return header, rows, refs
 
 
-THROUGHPUT = (RESULTS / "train_throughput_cpu.json",)
+GPU_CHECK = RESULTS / "gpu_check/h200-48df9a6"
+THROUGHPUT = (RESULTS / "train_throughput_cpu.json", GPU_CHECK / "throughput.json")
 
 
 def train_throughput() -> tuple[list[str], list[list[str]], Refs]:
@@ -75,7 +76,8 @@ def train_throughput() -> tuple[list[str], list[list[str]], Refs]:
         dev = d.get("device", {})
         cmd = (f"python -m benchmarks.train_throughput --arch {d['arch']} --device {dev.get('type', 'auto')} "
                f"--batch {d['batch']} --images {d['images']} --matmul {d['matmul']['n']} --json {path}")
-        k = refs.key(path, cmd, f"{d.get('host', device_text(dev))}; torch {dev.get('torch', '?')}")
+        machine = f"{dev.get('name') or d.get('host', device_text(dev))}; torch {dev.get('torch', '?')}"
+        k = refs.key(path, d.get("command", cmd), machine)
         mm = d["matmul"]
         for r in d["rows"]:
             rows.append([d["arch"], r["variant"], str(d["batch"]),
@@ -172,3 +174,60 @@ def robustness() -> tuple[list[str], list[list[str]], Refs]:
     return ["case", "result", "detail", "src"], rows, refs
 
 
+
+
+def _gpu_check_refs() -> tuple[Refs, str, str, dict]:
+    d = read_json(GPU_CHECK / "results.json")
+    refs = Refs()
+    machine = f"{d['device']['name']}, torch {d['device']['torch']}"
+    a = refs.key(GPU_CHECK / "results.json", "python3 -m benchmarks.gpu_check OUT --budget-s 450 --throughput-images 5000",
+                 machine)
+    b = refs.key(GPU_CHECK / "run_no_aoti/engine.json", "python3 -m stages --params P --workdir DIR (P: presets/"
+                 "gpu-check.yaml with engine.aoti false; " + str(GPU_CHECK / "README.md") + ")", machine)
+    return refs, a, b, d
+
+
+def gpu_check_stages() -> tuple[list[str], list[list[str]], Refs]:
+    """Every stage of the gpu-check preset on the GPU: the check's run (stopped in the engine stage's
+    AOTInductor compile by the check's time budget) and the run without AOTInductor (its engine)."""
+    refs, a, b, d = _gpu_check_refs()
+    rows = [[s["stage"], s["result"], "-" if s.get("seconds") is None else f"{s['seconds']:.1f}", s.get("figures", ""), a]
+            for s in d["stages"]]
+    e = read_json(GPU_CHECK / "run_no_aoti/engine.json")
+    te = e.get("torch_engine", {})
+    rows.append(["engine (AOTInductor off)", "FAILED: over budget" if not e["within_budget"] else "ok", "20.8",
+                 f"{e['backend']} {te.get('kind')} + CUDA graph {te.get('cuda_graph')}, {e['precision']}, batch "
+                 f"{e['batch_size']}: {e['latency']['ms']:.4f} ms alone; paired with the student "
+                 f"{e['paired_over_budget']:.3f} of the budget (noise {100 * e['noise']:.1f}%); test acc "
+                 f"{e['test_acc']:.3f} (ONNX {e['test_acc_onnx']:.3f}), agreement {e['top1_agreement_with_onnx']:.3f}", b])
+    return ["stage", "result", "s", "figures", "src"], rows, refs
+
+
+def gpu_check_engines() -> tuple[list[str], list[list[str]], Refs]:
+    """Engine builds in every precision on the GPU (benchmarks/gpu_engines.py inside the check)."""
+    refs, a, _, d = _gpu_check_refs()
+    e = d["engines"]
+
+    def lat(r: dict) -> str:
+        t = r.get("latency") or {}
+        return f"{t['ms']:.3f} ({t['p50_ms']:.3f} / {t['p99_ms']:.3f})" if t else r.get("error", "-")
+
+    def diff(r: dict) -> str:
+        if "relative_diff_vs_fp32" not in r:
+            return "-"
+        return f"{r['relative_diff_vs_fp32']:.1e}, {100 * r['top1_agreement_vs_fp32']:.1f}%"
+
+    rows = []
+    for r in e.get("torchvision", []):
+        rows.append([f"{r['model']} (random weights) {r['image_size']} px", f"{r['engine']} {r['precision']}",
+                     str(r["batch"]), lat(r), diff(r), "-", a])
+    for r in e.get("run", {}).get("torch_engine", []):
+        rows.append(["the pipeline's slimmed network, 32 px", f"torch {r['precision']}", "32", lat(r), diff(r),
+                     f"{100 * r['test_acc']:.1f}", a])
+    ort = e.get("run", {}).get("onnxruntime_cpu", {})
+    for r in ort.get("rows", []):
+        rows.append(["the slimmed network on the host CPU, 1 thread", f"onnxruntime {ort['onnxruntime']} {r['precision']}",
+                     "1", f"{r['ms']:.3f} ({r['p50_ms']:.3f} / {r['p99_ms']:.3f}); {r['speedup_vs_fp32']:.2f}x fp32",
+                     f"-, {100 * r['top1_agreement_vs_fp32']:.1f}%", f"{100 * r['test_acc']:.1f}", a])
+    return (["network", "engine, precision", "batch", "ms: fastest window median (p50 / p99 of all calls)",
+             "vs fp32: max abs diff / max logit, top-1 agreement", "test acc %", "src"], rows, refs)

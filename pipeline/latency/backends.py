@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cuda_graph import heuristic_kernels
 from pipeline.errors import SlimdeployError
 from pipeline.latency.timing import TimedCall, Timing, TimingProtocol, measure_calls
 from pipeline.runtime import cpu_name
@@ -293,7 +294,7 @@ class TorchBackend(Backend):
         x = torch.randn(self.batch_size, *input_shape, device=self.dev, dtype=dtype)
 
         def run() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), heuristic_kernels():
                 m(x)
 
         if self.dev.type == "cpu":
@@ -308,7 +309,7 @@ class TorchBackend(Backend):
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), heuristic_kernels():
             y = m(x)
         keep = (m, x, y)  # the graph reads and writes these buffers: the closure keeps them alive
         return cuda_timed(lambda: (graph.replay(), keep))

@@ -11,6 +11,8 @@ Built from the slimmed model at the deployment batch:
    timeout, wrong numbers) falls back to the exported program and is recorded with its reason;
 3. on CUDA, the engine is replayed as a CUDA graph over a static input buffer where capture works
    (the whole network as one launch: the host no longer sets the pace); otherwise it runs eagerly.
+   Either way cuDNN's kernels are its heuristic choice (``heuristic_kernels``), the kernels the
+   latency model measured, not a per-process timing race.
 
 ``precision`` fp16 or bf16 (CUDA only) exports the half-precision model; inputs are cast at the call.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cuda_graph import heuristic_kernels
 from pipeline.errors import SlimdeployError
 
 log = logging.getLogger(__name__)
@@ -135,12 +138,12 @@ class TorchEngineRunner:
             try:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream), torch.no_grad():
+                with torch.cuda.stream(stream), torch.no_grad(), heuristic_kernels():
                     for _ in range(3):  # warm up (allocations, autotuning) off the capture
                         self.fn(self.static_in)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), torch.no_grad():
+                with torch.cuda.graph(graph), torch.no_grad(), heuristic_kernels():
                     self.static_out = self.fn(self.static_in)
                 self.graph, self.graph_status = graph, "captured"
             except Exception as err:  # noqa: BLE001 - eager is a correct fallback
@@ -149,7 +152,7 @@ class TorchEngineRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one batch of exactly ``batch`` images (synchronised on CUDA)."""
-        with torch.no_grad():
+        with torch.no_grad(), heuristic_kernels():
             if self.graph is not None:
                 self.static_in.copy_(x)
                 self.graph.replay()
