@@ -286,7 +286,7 @@ def main() -> int:
         return 1
     ok = True
 
-    # 2. CUDA tests (the pipeline, step 4, gets the largest share of the budget)
+    # 2. CUDA tests (the pipeline, step 3, gets the largest share of the budget)
     rc, sec = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu and not slow",
                     "tests/test_gpu.py", "tests/test_torch_engine.py", "tests/test_latency.py"],
                    out / "gpu_tests.log", min(0.15 * args.budget_s, left() - 0.7 * args.budget_s))

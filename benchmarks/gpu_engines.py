@@ -83,8 +83,10 @@ def torch_engine_rows(model: torch.nn.Module, shape: tuple[int, ...], batch: int
                 xb = x[:batch].to(device, runner.dtype)
                 row["latency"] = engine_latency(wall_timed(lambda r=runner, b=xb: r(b)),
                                                 GPU_PROTOCOL if device == "cuda" else CPU_PROTOCOL)
-            if ref is None:
+            if precision == "fp32":
                 ref = logits
+            if ref is None:
+                raise RuntimeError("no fp32 engine to compare with (its build failed)")
             # a random-weight network can carry activations below fp16's range (mobilenet_v2's logits are
             # ~3e-9): its fp16 logits then underflow to zero, which says nothing about the engine
             row["logit_max"] = logits.abs().max().item()

@@ -107,8 +107,8 @@ SECTIONS = (
     ("The GPU check: engines in every precision (NVIDIA H200)",
      "`benchmarks/gpu_engines.py`: the PyTorch-native engine (torch.export program replayed as a CUDA graph) in "
      "fp32, fp16 and bf16; TensorRT was not installed there (its wheels are far over what a device call can carry); "
-     "INT8 with ONNX Runtime on the host CPU. torchvision models with random weights: latency only (their fp16 "
-     "logits can overflow, see mobilenet_v2).", gpu_check_engines),
+     "INT8 with ONNX Runtime on the host CPU. torchvision models with random weights: latency only (random "
+     "mobilenet_v2's activations shrink to 3e-8, below fp16's range: its fp16 logits underflow to zero).", gpu_check_engines),
     ("`make run` on the default params in fresh clones",
      "`git clone` of one commit into new directories, `make install`, then `make run` (every stage through "
      "`dvc repro`, the report), one clone after another on a quiet machine. Figures compared between runs: the "

@@ -23,12 +23,14 @@ def autocast(device: torch.device, amp: bool, cache: bool = True):  # noqa: ANN2
 @contextmanager
 def heuristic_kernels() -> Iterator[None]:
     """cuDNN picks its convolution kernels by its heuristics inside, not by timing candidates
-    (``cudnn.benchmark``, which training turns on): every latency reading and the deployed torch
-    engine then run the kernels their shapes alone decide, whatever the process did before. With
-    benchmark mode the choice depends on the process: a stage that trained first (prune, compare)
-    times a kernel picked by a noisy race, a stage that did not (engine) the heuristic one. On an
-    H200 the same slimmed network read 0.962, 0.993 and 1.017 of its budget in prune, compare and
-    engine, where compare's three readings agreed within 0.6% (docs/history.md, section 44)."""
+    (``cudnn.benchmark``, which training turns on). Latency readings and the torch engine warm up
+    and capture under it, so the plan cuDNN caches for their shapes is the one the shapes decide,
+    not the winner of a timing race that differs from process to process; a shape already run in
+    this process under benchmark mode keeps the plan cached then (training's shapes, batch and
+    layout differ from a reading's). On an H200 one slimmed network read 0.962, 0.993 and 1.017
+    of its budget in prune, compare and engine (compare's three readings within 0.6%), and only
+    prune and compare had trained first (docs/history.md, section 44): a cause this removes, if
+    it is the cause."""
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:

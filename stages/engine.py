@@ -16,8 +16,10 @@ team gets."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,10 @@ from pipeline.checkpoint import load_student
 from pipeline.config import EngineConfig, TargetConfig, parse_section
 from pipeline.data import Normalized, PreparedData, load_prepared
 from pipeline.deploy import DeployError, engine_latency, parity, select_backend
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir, write_json
 from pipeline.latency import TimingProtocol, device_record, paired_ms, target_backend, timing_protocol
-from pipeline.latency.backends import wall_timed
+from pipeline.latency.backends import cuda_timed, wall_timed
 from pipeline.latency.timing import TimedCall, measure_calls
 from pipeline.prune import Budget
 from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
@@ -56,6 +59,9 @@ class Built:
     torch_engine: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None  # int8: the quantization record (pipeline/quantize.py)
     timed: TimedCall | None = None  # int8: one batch of the engine itself, for the paired verdict
+    call: TimedCall | None = None  # one deployment batch, timed as the target's backend times (CUDA events on CUDA)
+    predict: Callable[[Any], torch.Tensor] | None = None  # float32 CPU logits of normalised rows
+    choice: dict[str, Any] | None = None  # precision auto: every candidate measured and the one kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         bs = target.batch_size
         xb = x[torch.arange(bs) % len(x)].contiguous()  # one deployment batch of real test images
         with atomic_dir(args.out_dir) as tmp:
-            built = BUILDERS[backend](args, cfg, target, data, tmp, x, xb, protocol)
+            if cfg.precision == "auto":
+                built = _auto(backend, args, cfg, target, data, tmp, x, xb, protocol)
+            else:
+                built = BUILDERS[backend](args, cfg, target, data, tmp, x, xb, protocol)
             check, latency = parity(reference, built.logits), built.latency
             paired = _paired_reading(args, target, data, budget, protocol, built.timed)
             judged_ms = latency["ms"] if paired is None else paired
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             if built.quantization is not None:
                 metrics.update(quantization=built.quantization, max_accuracy_drop=cfg.max_accuracy_drop,
                                accuracy_drop=metrics["test_acc_onnx"] - acc)
+            if built.choice is not None:
+                metrics["precision_choice"] = built.choice
             write_json(tmp / "engine.json", metrics)
             if built.quantization is not None and metrics["accuracy_drop"] > cfg.max_accuracy_drop:
                 write_json(args.metrics, metrics)
@@ -174,9 +185,10 @@ def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data:
     sess = ort_session(args.onnx, target.device, target.threads, optimized_path=tmp / engine_file)
     logits = ort_logits(sess, x)
     feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
-    latency = engine_latency(wall_timed(lambda: sess.run(None, feed)), protocol)
+    call = wall_timed(lambda: sess.run(None, feed))
+    latency = engine_latency(call, protocol)
     return Built(engine_file, "fp32", logits, latency, device_record(target.device),
-                 {"onnxruntime": onnxruntime.__version__})
+                 {"onnxruntime": onnxruntime.__version__}, call=call, predict=lambda rows: ort_logits(sess, rows))
 
 
 def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -221,7 +233,7 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     record.update(chosen_by=how, measured_ms=measured)
     log.info("int8 (%s activations, %s): %s", kind, how, ", ".join(f"{k} {ms:.4f} ms" for k, ms in measured.items()))
     return Built(engine_file, "int8", logits, latency, device_record("cpu"), {"onnxruntime": onnxruntime.__version__},
-                 quantization=record, timed=call)
+                 quantization=record, timed=call, call=call, predict=lambda rows: ort_logits(sess, rows))
 
 
 def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -233,7 +245,8 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
         raise DeployError("the torch engine is built from the slimmed model: pass --model (dvc.yaml does)")
     if cfg.precision == "int8":
         raise DeployError("engine.precision int8 runs on TensorRT (a GPU) or ONNX Runtime (a CPU); the torch engine "
-                          "runs fp16 or fp32: set engine.backend tensorrt or onnxruntime, or precision fp16 or fp32")
+                          "runs fp16, bf16 or fp32: set engine.backend tensorrt or onnxruntime, or precision fp16, bf16, "
+                          "fp32 or auto")
     precision = cfg.precision if target.device == "cuda" else "fp32"
     shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
     model, _ = load_slimmed_model(args.model)
@@ -246,7 +259,13 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
     xd = xb.to(target.device, runner.dtype)
     latency = engine_latency(wall_timed(lambda: runner(xd)), protocol)  # the runner synchronises
     built["cuda_graph"] = runner.graph_status
-    return Built(built["engine_file"], precision, logits, latency, device_record(target.device), {}, built)
+    if target.device == "cuda":  # paired with the student as the torch backend times it: CUDA events
+        runner.static_in.copy_(xd)
+        call = cuda_timed(runner.replay)
+    else:
+        call = wall_timed(lambda: runner(xd))
+    return Built(built["engine_file"], precision, logits, latency, device_record(target.device), {}, built, call=call,
+                 predict=runner.logits)
 
 
 def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -273,10 +292,96 @@ def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Pr
     runner = TensorRTRunner(tmp / engine_file)
     logits = runner.logits(x, bs)
     xg = xb.cuda()
-    call = wall_timed(lambda: runner(xg))  # the runner synchronises
-    latency = engine_latency(call, protocol)
+    latency = engine_latency(wall_timed(lambda: runner(xg)), protocol)  # the runner synchronises
+    runner.bind(xg)  # the buffers stay bound: the paired verdict times enqueues with CUDA events, as the backends do
+    call = cuda_timed(lambda: runner.enqueue(torch.cuda.current_stream()))
     return Built(engine_file, precision, logits, latency, device_record("cuda"), {"tensorrt": tensorrt.__version__},
-                 quantization=record, timed=call if record is not None else None)
+                 quantization=record, timed=call if record is not None else None, call=call,
+                 predict=lambda rows: runner.logits(rows, bs))
+
+
+def precision_candidates(backend: str, target: TargetConfig, cfg: EngineConfig) -> tuple[str, ...]:
+    """What ``engine.precision: auto`` measures: every precision ``backend`` runs on the target's
+    device; int8 alone when the target measured every network in int8 (the budget is in int8)."""
+    if target.precision == "int8":
+        return ("int8",)
+    if backend == "onnxruntime":
+        return ("fp32", "int8") if target.device == "cpu" else ("fp32",)
+    if backend == "torch":
+        if target.device != "cuda":
+            return ("fp32",)
+        return ("fp32", "fp16", "bf16") if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else (
+            "fp32", "fp16")
+    # tensorrt: its Q/DQ activations are symmetric int8; asked for uint8 ones, int8 is not a candidate
+    return ("fp32", "fp16") if cfg.int8_activations == "uint8" else ("fp32", "fp16", "int8")
+
+
+def _auto(backend: str, args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
+          x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
+    """``engine.precision: auto``: every candidate precision built; each one's accuracy read on the
+    validation split (the test split only reports) against the fp32 ONNX model's, with the stage's
+    own gates (a quantized engine within ``max_accuracy_drop`` of it, a float one agreeing on at
+    least ``min_agreement`` of the images); the eligible ones timed interleaved on the target (as
+    its backend times), and the fastest kept. A candidate that fails to build is recorded and
+    skipped while another builds (a config error is raised). With AOTInductor asked for, the
+    candidates are exported programs and only the one kept is compiled."""
+    cands = precision_candidates(backend, target, cfg)
+    val = Normalized(data.val, *data.norm())
+    ref = ort_logits(ort_session(args.onnx, "cpu", optimize=False), val)
+    ref_acc = (ref.argmax(1) == data.val.y).double().mean().item()
+    trial = cfg.model_copy(update={"aoti": False}) if backend == "torch" else cfg
+    built: dict[str, Built] = {}
+    record: dict[str, dict[str, Any]] = {}
+    for p in cands:
+        sub = tmp / f"candidate.{p}"
+        sub.mkdir()
+        try:
+            b = BUILDERS[backend](args, trial.model_copy(update={"precision": p}), target, data, sub, x, xb, protocol)
+            logits = b.predict(val)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot run here is skipped, with its reason
+            if len(cands) == 1:
+                raise
+            record[p] = {"error": f"{type(err).__name__}: {err}"[:400]}
+            log.warning("precision auto: %s cannot be built here (%s)", p, record[p]["error"])
+            continue
+        acc = (logits.argmax(1) == data.val.y).double().mean().item()
+        agree = parity(ref, logits)["top1_agreement"]
+        ok = (ref_acc - acc <= cfg.max_accuracy_drop) if b.quantization is not None else agree >= cfg.min_agreement
+        record[p] = {"val_acc": acc, "val_agreement_with_onnx": agree, "eligible": ok,
+                     "latency_alone_ms": b.latency["ms"]}
+        if ok:
+            built[p] = b
+    if not built:
+        raise DeployError("engine.precision auto: no candidate precision passed the stage's checks on the validation "
+                          f"split (fp32 ONNX {ref_acc:.2%}; max_accuracy_drop {cfg.max_accuracy_drop}, min_agreement "
+                          f"{cfg.min_agreement}): " + "; ".join(f"{p}: {r}" for p, r in record.items()))
+    timings = measure_calls([b.call for b in built.values()], protocol) if len(built) > 1 else []
+    for p, t in zip(built, timings):
+        record[p]["ms"] = t.ms
+    chosen = min(built, key=lambda p: record[p].get("ms", 0.0))
+    for p in cands:
+        sub = tmp / f"candidate.{p}"
+        if p == chosen and not (backend == "torch" and cfg.aoti):
+            for f in sub.iterdir():
+                f.rename(tmp / f.name)
+        shutil.rmtree(sub, ignore_errors=True)
+    if backend == "torch" and cfg.aoti:  # compile the one kept (a minute per compile on an H200)
+        b = _torch(args, cfg.model_copy(update={"precision": chosen}), target, data, tmp, x, xb, protocol)
+    else:
+        b = built[chosen]
+    if chosen != target.precision:  # the verdict pairs the engine itself with the student, as measured here
+        b.timed = b.call
+    b.choice = {"candidates": record, "chosen": chosen, "fp32_onnx_val_acc": ref_acc,
+                "rule": "the fastest, timed interleaved on the target, of the precisions that pass the stage's checks "
+                        f"on the validation split (quantized: at most {100 * cfg.max_accuracy_drop:.2f} points below "
+                        f"the fp32 ONNX model; float: top-1 agreement with it at least {cfg.min_agreement:.2%})"}
+    log.info("precision auto: %s kept; %s", chosen, ", ".join(
+        f"{p} " + (f"{r['ms']:.4f} ms, " if "ms" in r else "") + (f"val acc {r['val_acc']:.4f}" if "val_acc" in r
+                                                                  else f"not built: {r['error'][:80]}")
+        for p, r in record.items()))
+    return b
 
 
 BUILDERS = {"onnxruntime": _onnxruntime, "torch": _torch, "tensorrt": _tensorrt}

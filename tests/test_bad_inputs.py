@@ -738,7 +738,7 @@ CASES = [
     Case("table-without-blocks", "`prune.depth: true` with a latency table from before depth pruning",
          "prices no removal of the blocks", c_table_without_blocks),
     Case("engine-torch-int8", "`engine.backend: torch` with `engine.precision: int8`",
-         "the torch engine runs fp16 or fp32", c_engine_torch_int8),
+         "the torch engine runs fp16, bf16 or fp32", c_engine_torch_int8),
     Case("engine-int8-no-calibration", "`engine.calibration_images: 0` with `engine.precision: int8`",
          "engine.calibration_images", c_engine_int8_no_calibration),
     Case("engine-int8-calibration-too-many", "`engine.calibration_images` above the training split's count",

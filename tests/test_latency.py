@@ -133,6 +133,32 @@ def test_kernels_are_chosen_by_heuristics_whatever_training_left_behind() -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graph", [True, False])
+def test_cuda_readings_choose_kernels_by_heuristics_after_training(graph: bool) -> None:
+    """What training leaves behind (benchmark mode on) does not reach a reading's kernel choice."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the torch CUDA backend cannot be measured here")
+
+    class Spy(nn.Conv2d):
+        seen: list[bool] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Spy.seen.append(torch.backends.cudnn.benchmark)
+            return super().forward(x)
+
+    prev = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        backend = make_backend("torch", device="cuda", precision="fp16", cuda_graph=graph, protocol=FAST)
+        backend.measure_many([Spy(3, 8, 3)], (3, 8, 8))
+        # graph: 3 warm-ups and the capture (replays call no forward); eager: the first call, whose plan cuDNN caches
+        assert Spy.seen and not any(Spy.seen[:4] if graph else Spy.seen[:1])
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = prev
+
+
+@pytest.mark.gpu
 def test_torch_cuda_graph_table_captures_real_work() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: the torch CUDA backend cannot be measured here")

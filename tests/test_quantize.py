@@ -142,6 +142,17 @@ def test_int8_target_cross_checks() -> None:
                                                                               {"precision": "int8"})
     assert "set them alike" in problems({"int8_activations": "uint8"}, {"precision": "int8", "int8_activations": "int8"})
     validate_params({"target": {"precision": "int8"}, "engine": {"precision": "int8"}})  # consistent: accepted
+    validate_params({"target": {"precision": "int8"}, "engine": {"precision": "auto"}})  # auto: int8 alone
+
+
+def test_bf16_is_refused_by_engines_without_it() -> None:
+    from pipeline.config import validate_params
+
+    for backend in ("tensorrt", "onnxruntime"):
+        with pytest.raises(ConfigError, match=f"bf16 runs on the torch engine on CUDA only, not engine.backend {backend}"):
+            validate_params({"engine": {"precision": "bf16", "backend": backend}})
+    validate_params({"engine": {"precision": "bf16", "backend": "torch"}})
+    validate_params({"engine": {"precision": "bf16", "backend": "auto"}})
 
 
 def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Path) -> None:  # noqa: F811
@@ -180,3 +191,57 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
                        str(tmp_path / "m" / "prune2.json"), "--plots-dir", str(tmp_path / "p2"),
                        "--resume-dir", str(tmp_path / "resume2")])
     assert code == 2
+
+
+@pytest.mark.parametrize("bound", [1.0, 0.0])
+def test_precision_auto_keeps_the_fastest_candidate_within_the_accuracy_bound(world: dict, tmp_path: Path,  # noqa: F811
+                                                                             bound: float) -> None:
+    """engine.precision auto on ONNX Runtime's CPU provider: fp32 and int8 built, read on the
+    validation split, timed together; with every candidate within the bound the faster is kept,
+    and with an int8 model that lost its accuracy (logits rolled by one class) and a bound of 0,
+    fp32. Only the kept engine's file is left."""
+    import json
+    from unittest import mock
+
+    import stages.engine as se
+
+    real = se.ort_logits
+
+    def rolled(sess, x):  # noqa: ANN001, ANN202
+        out = real(sess, x)
+        return out.roll(1, dims=1) if bound == 0.0 and "int8" in str(getattr(sess, "_model_path", "")) else out
+
+    with mock.patch.object(se, "ort_logits", rolled):
+        code, _ = _engine_int8(world, tmp_path, precision="auto", calibration_images=64, max_accuracy_drop=bound)
+    m = json.loads((tmp_path / "em.json").read_text())
+    c = m["precision_choice"]
+    assert set(c["candidates"]) == {"fp32", "int8"}
+    assert all(0.0 <= r["val_acc"] <= 1.0 for r in c["candidates"].values())
+    if bound == 1.0:  # both pass the checks: both timed together, the faster kept
+        assert all(r["eligible"] and "ms" in r for r in c["candidates"].values())
+        assert code == 0 and c["chosen"] == min(c["candidates"], key=lambda p: c["candidates"][p]["ms"])
+    else:  # the int8 model lost accuracy on the validation split: not eligible, fp32 kept
+        assert c["candidates"]["int8"]["val_acc"] < c["fp32_onnx_val_acc"] and not c["candidates"]["int8"]["eligible"]
+        assert code == 0 and c["chosen"] == "fp32"
+    assert m["precision"] == c["chosen"]
+    engine_file = "model.int8.onnx" if c["chosen"] == "int8" else "model.opt.onnx"
+    assert m["engine_file"] == engine_file
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == sorted(["engine.json", engine_file])
+
+
+def test_precision_candidates_follow_the_backend_and_the_target() -> None:
+    from pipeline.config import EngineConfig, TargetConfig
+    from stages.engine import precision_candidates
+
+    e = EngineConfig(precision="auto")
+    cpu = TargetConfig(backend="onnxruntime", device="cpu")
+    assert precision_candidates("onnxruntime", cpu, e) == ("fp32", "int8")
+    assert precision_candidates("torch", cpu, e) == ("fp32",)
+    half = ("fp32", "fp16", "bf16") if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    assert precision_candidates("torch", TargetConfig(backend="torch", device="cuda", precision="fp16"), e) == half
+    gpu = TargetConfig(backend="torch", device="cuda")
+    assert precision_candidates("tensorrt", gpu, e) == ("fp32", "fp16", "int8")
+    assert precision_candidates("tensorrt", gpu, EngineConfig(precision="auto", int8_activations="uint8")) == (
+        "fp32", "fp16")  # TensorRT's Q/DQ activations are symmetric int8
+    assert precision_candidates("onnxruntime", TargetConfig(backend="onnxruntime", device="cpu", precision="int8"),
+                                e) == ("int8",)

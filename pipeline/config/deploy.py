@@ -237,11 +237,12 @@ class EngineConfig(Section):
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
         "auto", description="auto: TensorRT when installed and a GPU is the target; on a GPU without it ONNX Runtime's "
         "CUDA provider, else the PyTorch-native engine (torch); ONNX Runtime on a CPU target")
-    precision: Literal["fp16", "bf16", "fp32", "int8"] = Field(
+    precision: Literal["fp16", "bf16", "fp32", "int8", "auto"] = Field(
         "fp16", description="TensorRT (strongly typed): fp16 builds an fp16 conversion of the ONNX model, int8 its "
         "post-training Q/DQ model (pipeline/quantize.py, symmetric int8 activations), fp32 as is; torch on CUDA: fp16, "
         "bf16 or fp32; ONNX Runtime on a CPU: fp32, or int8 (post-training static quantization to a Q/DQ model); "
-        "fp16 and bf16 on a CPU run fp32")
+        "fp16 and bf16 on a CPU run fp32. auto: every precision the engine runs on the target built, timed "
+        "together, and the fastest kept whose validation accuracy is within max_accuracy_drop of the best")
     aoti: bool = Field(True, description="torch engine: compile the torch.export program with AOTInductor (loaded "
                        "and checked in a separate process; the exported program is the fallback)")
     cuda_graph: bool = Field(True, description="torch engine on CUDA: replay the engine as a CUDA graph")
@@ -249,10 +250,12 @@ class EngineConfig(Section):
                                     "the activation ranges are calibrated on; at most the training split's count")
     int8_activations: Literal["auto", "uint8", "int8"] = Field(
         "auto", description="int8 on ONNX Runtime: activation type (uint8: asymmetric, U8S8 kernels; int8: symmetric, "
-        "S8S8); auto: both quantized and measured on the target, the faster kept")
+        "S8S8); auto: both quantized and measured on the target, the faster kept. TensorRT: int8 (or auto); uint8 "
+        "is refused")
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="int8: largest test accuracy drop of the "
                                      "quantized engine below the fp32 ONNX model (0.01: one point); above it the "
-                                     "stage fails")
+                                     "stage fails. precision auto: the largest validation accuracy drop a faster "
+                                     "precision may cost")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")

@@ -61,6 +61,7 @@ def validate_params(params: dict[str, Any]) -> None:
     problems += _compressed_teacher(params, teachers)
     problems += _augment_needs_files(params)
     problems += _int8_target(params)
+    problems += _bf16_engine(params)
     if "run" in params:
         launcher = (params.get("run") or {}).get("launcher") if isinstance(params.get("run"), dict) else None
         if not isinstance(launcher, str) or not launcher.strip():
@@ -82,6 +83,18 @@ def _compressed_teacher(params: dict[str, Any], teachers: dict[str, Any] | None)
             f"(entries: {', '.join(teachers)}); add it there (your model: arch, weights, epochs: 0)"]
 
 
+def _bf16_engine(params: dict[str, Any]) -> list[str]:
+    """engine.precision bf16 asked of an engine that has no bf16 (the torch engine on CUDA has)."""
+    try:
+        engine = parse_section(params, "engine", EngineConfig) if "engine" in params else None
+    except ConfigError:
+        return []
+    if engine is None or engine.precision != "bf16" or engine.backend not in ("tensorrt", "onnxruntime"):
+        return []
+    return [f"  engine.precision: bf16 runs on the torch engine on CUDA only, not engine.backend {engine.backend}; "
+            "set engine.backend torch (or auto on a GPU without TensorRT), or precision fp16, fp32 or auto"]
+
+
 def _int8_target(params: dict[str, Any]) -> list[str]:
     """target.precision int8 measured by a runtime that cannot, or deployed by an engine in another precision."""
     try:
@@ -95,7 +108,7 @@ def _int8_target(params: dict[str, Any]) -> list[str]:
     if (target.backend, target.device) != ("onnxruntime", "cpu"):
         out.append(f"  target.precision: int8 is measured with backend onnxruntime on device cpu (got {target.backend} "
                    f"on {target.device}); on a GPU, measure fp16 and deploy int8 with engine.backend tensorrt")
-    if engine is not None and engine.precision != "int8":
+    if engine is not None and engine.precision not in ("int8", "auto"):
         out.append(f"  engine.precision: {engine.precision}, but target.precision is int8: the budget is verified on "
                    "the engine pruning measured; set engine.precision: int8")
     if engine is not None and engine.int8_activations not in ("auto", target.int8_activations):

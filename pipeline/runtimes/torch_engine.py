@@ -150,6 +150,14 @@ class TorchEngineRunner:
                 self.graph_status = f"capture failed, eager ({type(err).__name__}: {str(err)[:160]})"
                 log.warning("CUDA graph capture of the torch engine failed; running eagerly: %s", err)
 
+    def replay(self) -> None:
+        """One batch of the static input, enqueued and not synchronised: what CUDA events time."""
+        with torch.no_grad(), heuristic_kernels():
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.fn(self.static_in)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one batch of exactly ``batch`` images (synchronised on CUDA)."""
         with torch.no_grad(), heuristic_kernels():
