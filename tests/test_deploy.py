@@ -322,3 +322,30 @@ def test_one_tensorrt_builder_serves_the_engine_stage_and_the_profiler(tmp_path:
         build_tensorrt_plan(onnx_model, (1, 8, 8), (2, 2, 2), "int8")
     with pytest.raises(ConversionError, match="cannot parse"):
         build_tensorrt_plan(b"not onnx", (1, 8, 8), (2, 2, 2), "fp32")
+
+
+def test_the_engine_budget_verdict_is_the_median_of_paired_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine.timing_readings paired readings (network, student), each ratio times the prune
+    stage's student latency, the median kept: one reading off by 30% does not decide."""
+    from types import SimpleNamespace
+
+    import stages.engine as se
+    from pipeline.config import EngineConfig, TargetConfig
+
+    class Fake:
+        def measure_readings(self, models, shape, protocol, readings=1, extra=()):  # noqa: ANN001, ANN201
+            assert len(models) == 2 and shape == (1, 8, 8) and not extra
+            return [[0.5, 1.0], [0.9, 1.0], [0.6, 1.0], [0.55, 1.0], [0.58, 1.0]][:readings]
+
+    monkeypatch.setattr(se, "target_backend", lambda target: Fake())
+    monkeypatch.setattr(se, "load_student", lambda path, meta: (torch.nn.Identity(), {}))
+    monkeypatch.setattr("pipeline.slim.load_slimmed_model", lambda path: (torch.nn.Identity(), {}))
+    args = SimpleNamespace(model="slim.pt", student="student.pt")
+    data = SimpleNamespace(meta={"image_size": [8, 8]}, channels=1)
+    budget = SimpleNamespace(student_ms=2.0)
+    median, values = se._paired_reading(args, EngineConfig(), TargetConfig(), data, budget, None)
+    assert values == pytest.approx([1.0, 1.8, 1.2]) and median == pytest.approx(1.2)
+    median, values = se._paired_reading(args, EngineConfig(timing_readings=1), TargetConfig(), data, budget, None)
+    assert values == pytest.approx([1.0]) and median == pytest.approx(1.0)
+    assert se._paired_reading(SimpleNamespace(model=None, student=None), EngineConfig(), TargetConfig(), data,
+                              budget, None) == (None, [])

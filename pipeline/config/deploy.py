@@ -260,6 +260,9 @@ class EngineConfig(Section):
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")
     timing_span_s: float = Field(2.0, ge=0.0, le=600.0, description="least wall time the windows spread over")
+    timing_readings: int = Field(3, ge=1, le=100, description="independent paired readings of the budget verdict "
+                                 "(the slimmed network, or a quantized engine itself, with the student), the median "
+                                 "of their ratios taken (as compare.timing_readings and prune.loop_readings)")
     on_over_budget: Literal["fail", "warn"] = Field("fail", description="measured latency over the budget (beyond "
                                                     "the measured noise): fail the stage or only warn")
 
