@@ -41,20 +41,11 @@ from pipeline.latency.timing import TimingProtocol, measure_calls
 
 GPU_PROTOCOL = TimingProtocol(passes=10, window_s=0.01, min_span_s=0.5)
 CPU_PROTOCOL = TimingProtocol(passes=10, window_s=0.05, min_span_s=2.0)
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
-
-
 def cpu_flags() -> dict[str, Any]:
     """The host CPU's name and the instruction-set flags INT8 speed depends on (Linux)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {**device_record("cpu"), **{f: f in flags for f in FLAGS}}
+    from benchmarks.int8 import cpu_flags as flags
+
+    return {**device_record("cpu"), **flags()}
 
 
 def _error(err: BaseException) -> str:
