@@ -182,6 +182,14 @@ def _paired_reading(args: Namespace, cfg: EngineConfig, target: TargetConfig, da
     return statistics.median(values), values
 
 
+def _calibration_images(data: PreparedData, cfg: EngineConfig) -> torch.Tensor:
+    """The ``engine.calibration_images`` training images (evaluation view, normalised) int8 ranges
+    are calibrated on, drawn with seed 0: the same for every runtime."""
+    from pipeline.quantize import calibration_rows
+
+    return Normalized(data.train, *data.norm())[calibration_rows(len(data.train), cfg.calibration_images, seed=0)]
+
+
 def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
                  x: Normalized, xb: torch.Tensor, protocol: TimingProtocol) -> Built:
     import onnxruntime
@@ -205,13 +213,12 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     together on the target, the faster kept (which one wins depends on the CPU)."""
     import onnxruntime
 
-    from pipeline.quantize import calibration_rows, quantize_int8
+    from pipeline.quantize import quantize_int8
 
     if target.device != "cpu":
         raise DeployError("engine.precision int8 on ONNX Runtime runs on its CPU provider (target.device: cpu); on a "
                           "GPU, TensorRT builds the int8 engine (engine.backend: tensorrt)")
-    rows = calibration_rows(len(data.train), cfg.calibration_images, seed=0)
-    calib = Normalized(data.train, *data.norm())[rows]
+    calib = _calibration_images(data, cfg)
     if cfg.int8_activations != "auto":
         kinds, how = (cfg.int8_activations,), "engine.int8_activations"
     elif target.precision == "int8":  # pruning measured every network with this type: deploy what was measured
@@ -284,14 +291,13 @@ def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Pr
     # strongly typed: fp16 is built from an fp16 conversion of the ONNX model, int8 from its Q/DQ model
     source, record = args.onnx, None
     if precision == "int8":
-        from pipeline.quantize import calibration_rows, quantize_int8
+        from pipeline.quantize import quantize_int8
 
         if cfg.int8_activations == "uint8":
             raise DeployError("engine.int8_activations uint8 (asymmetric) does not build in TensorRT, whose Q/DQ "
                               "activations are symmetric int8: set engine.int8_activations int8 or auto")
-        rows = calibration_rows(len(data.train), cfg.calibration_images, seed=0)
         source = tmp / "model.int8.onnx"
-        record = quantize_int8(args.onnx, source, Normalized(data.train, *data.norm())[rows], "int8")
+        record = quantize_int8(args.onnx, source, _calibration_images(data, cfg), "int8")
         record["chosen_by"] = "TensorRT (symmetric int8 activations only)"
     plan = build_tensorrt_plan(source, shape, (1, bs, max(bs, cfg.max_batch)), precision,
                                timing_cache=tmp / "timing.cache")

@@ -176,21 +176,22 @@ def robustness() -> tuple[list[str], list[list[str]], Refs]:
 
 
 
-def _gpu_check_refs() -> tuple[Refs, str, str, dict]:
+def _gpu_check_refs(engine_run: bool) -> tuple[Refs, str, str, dict]:
+    """The check's results, its source key and (``engine_run``) the key of the run without AOTInductor."""
     d = read_json(GPU_CHECK / "results.json")
     refs = Refs()
     machine = f"{d['device']['name']}, torch {d['device']['torch']}"
     a = refs.key(GPU_CHECK / "results.json", "python3 -m benchmarks.gpu_check OUT --budget-s 450 --throughput-images 5000",
                  machine)
     b = refs.key(GPU_CHECK / "run_no_aoti/engine.json", "python3 -m stages --params P --workdir DIR (P: presets/"
-                 "gpu-check.yaml with engine.aoti false; " + str(GPU_CHECK / "README.md") + ")", machine)
+                 "gpu-check.yaml with engine.aoti false; " + str(GPU_CHECK / "README.md") + ")", machine) if engine_run else ""
     return refs, a, b, d
 
 
 def gpu_check_stages() -> tuple[list[str], list[list[str]], Refs]:
     """Every stage of the gpu-check preset on the GPU: the check's run (stopped in the engine stage's
     AOTInductor compile by the check's time budget) and the run without AOTInductor (its engine)."""
-    refs, a, b, d = _gpu_check_refs()
+    refs, a, b, d = _gpu_check_refs(engine_run=True)
     rows = [[s["stage"], s["result"], "-" if s.get("seconds") is None else f"{s['seconds']:.1f}", s.get("figures", ""), a]
             for s in d["stages"]]
     e = read_json(GPU_CHECK / "run_no_aoti/engine.json")
@@ -208,10 +209,7 @@ def gpu_check_stages() -> tuple[list[str], list[list[str]], Refs]:
 
 def gpu_check_engines() -> tuple[list[str], list[list[str]], Refs]:
     """Engine builds in every precision on the GPU (benchmarks/gpu_engines.py inside the check)."""
-    d = read_json(GPU_CHECK / "results.json")
-    refs = Refs()
-    a = refs.key(GPU_CHECK / "results.json", "python3 -m benchmarks.gpu_check OUT --budget-s 450 --throughput-images 5000",
-                 f"{d['device']['name']}, torch {d['device']['torch']}")
+    refs, a, _, d = _gpu_check_refs(engine_run=False)
     e = d["engines"]
 
     def lat(r: dict) -> str:
