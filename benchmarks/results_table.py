@@ -44,6 +44,7 @@ from benchmarks.tables.house import (
     fresh_clone_runs,
     fresh_clone_stages,
     int8,
+    joint_precision,
     make_run_summary,
     paired_readings,
     streaming,
@@ -151,6 +152,16 @@ SECTIONS = (
      "per-channel weights) with uint8 activations (U8S8) and int8 activations (S8S8); the three sessions timed "
      "interleaved in each round. Accuracy on the trained-model benchmark's held-out test/ (3,000 images); the 224 px "
      "torchvision models have random weights (no trained 224 px weights offline): latency only.", int8),
+    ("Pruning and precision under one budget (INT8, CPU)",
+     "`benchmarks/joint_precision.py`: the trained-model benchmark's resnet18 (32 px, trained outside the pipeline) at "
+     "budgets that are fractions of its fp32 latency on ONNX Runtime (CPU, 1 thread, batch 1): the same model pruned "
+     "with `target.precision: fp32` (the trained-model benchmark's runs), quantized alone, and pruned with "
+     "`target.precision: int8` (every latency of profile and prune read on the Q/DQ model; the budget a fraction of "
+     "the fp32 model, `prune.budget_reference: fp32`). All networks read in one process, each paired with the fp32 "
+     "model (latency / budget: compare's verdict protocol, median (range) over seeds; in brackets, the median read "
+     "with `target.timing`, the protocol the prune runs' closed loop read with); accuracy on the held-out test/ split "
+     "(3,000 images) in the precision each is deployed in.",
+     joint_precision),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

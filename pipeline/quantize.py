@@ -18,8 +18,10 @@ record the manifest keeps (tool and version, types, calibration count and hash).
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,16 +43,40 @@ def calibration_rows(available: int, count: int, seed: int, key: str = "engine.c
     return torch.randperm(available, generator=g)[:count].sort().values
 
 
+def calibration_images(data: Any, count: int, key: str = "engine.calibration_images") -> torch.Tensor:
+    """``count`` training images of ``data`` (``pipeline.data.PreparedData``; evaluation view,
+    normalised) that int8 ranges are calibrated on, drawn with seed 0: the same for every runtime
+    and every stage (the engine, compare)."""
+    from pipeline.data import Normalized
+
+    return Normalized(data.train, *data.norm())[calibration_rows(len(data.train), count, seed=0, key=key)]
+
+
 def _batches(images: Any, batch_size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(images), batch_size):
         yield np.ascontiguousarray(images[i:i + batch_size].numpy().astype(np.float32))
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log every bias they copy at INFO on the root logger: hundreds
+    of lines per model, through the stages' own log handler. Silenced below WARNING while they run."""
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activation: Activation = "uint8",
-                  batch_size: int = 32) -> dict[str, Any]:
+                  batch_size: int = 32, float_nodes: Sequence[str] = (), cache: str | Path | None = None
+                  ) -> dict[str, Any]:
     """Write the Q/DQ INT8 model of ``onnx_in`` to ``onnx_out``, ranges calibrated on ``images``
     (normalised (N, C, H, W) rows: a tensor, or ``pipeline.data.Normalized``). Returns the record:
-    tool, format, types, calibration image count and the SHA-256 of their bytes."""
+    tool, format, types, calibration image count and the SHA-256 of their bytes.
+    ``float_nodes``: nodes of the pre-processed graph (``quantizable_nodes``) left in float (their
+    inputs not quantized). ``cache``: a calibration cache file (ONNX Runtime's): the ranges are
+    computed once, written there, and read back by every later call with the same images."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -73,18 +99,91 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activa
 
     import onnx
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
         name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
         quantize_static(str(pre), str(onnx_out), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": activation == "int8", "WeightSymmetric": True})
+                        weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes) or None,
+                        extra_options={"ActivationSymmetric": activation == "int8", "WeightSymmetric": True},
+                        calibration_cache_path=None if cache is None else str(cache))
     return {"tool": f"onnxruntime.quantization {onnxruntime.__version__}", "format": "QDQ",
             "weights": "int8, symmetric, per output channel", "activations": activation,
             "activations_symmetric": activation == "int8", "ranges": "min/max",
-            "calibration": {"images": len(images), "sha256": digest.hexdigest()}}
+            "calibration": {"images": len(images), "sha256": digest.hexdigest()}, "float_nodes": list(float_nodes)}
+
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def quantizable_nodes(onnx_in: str | Path) -> list[str]:
+    """Names of the nodes ``quantize_int8`` quantizes with their weights (convolutions, linear
+    layers), in graph order, as named in the pre-processed graph it quantizes."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
+        return [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+
+
+def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL divergence of ``other``'s softmax from ``reference``'s: how far a quantized model's
+    predictions moved, a smooth measure where accuracy on a few hundred images is not."""
+    p = torch.log_softmax(reference.double(), 1)
+    return float((p.exp() * (p - torch.log_softmax(other.double(), 1))).sum(1).mean())
+
+
+def int8_within_bound(onnx_in: str | Path, onnx_out: str | Path, images: Any, activation: Activation,
+                      val: tuple[Any, torch.Tensor], max_drop: float, threads: int = 1) -> dict[str, Any]:
+    """The Q/DQ model of ``onnx_in`` whose accuracy on ``val`` (normalised rows, labels) is within
+    ``max_drop`` of the fp32 model's, keeping as many nodes quantized as it can: every node
+    quantized first; when that drops more, each quantizable node's sensitivity is measured (the
+    KL divergence from the fp32 predictions on ``val`` when every *other* node is quantized and it
+    alone stays in float, against all quantized: what keeping it in float recovers), and the most
+    sensitive nodes stay in float, 1, 2, 4, ... of them, until the drop is within the bound (or all
+    are float). Written to ``onnx_out``; returns ``quantize_int8``'s record with ``val`` accuracies,
+    the sensitivity of every node and the nodes left in float (``float_nodes``)."""
+    from pipeline.runtimes import ort_logits, ort_session
+
+    x, y = val
+
+    def logits(path: Path) -> torch.Tensor:
+        return ort_logits(ort_session(path, "cpu", threads, log_severity=3), x)
+
+    def acc(out: torch.Tensor) -> float:
+        return (out.argmax(1) == y).double().mean().item()
+
+    ref = logits(Path(onnx_in))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, trial = Path(tmp) / "ranges.json", Path(tmp) / "trial.onnx"
+        record = quantize_int8(onnx_in, onnx_out, images, activation, cache=cache)
+        full = logits(Path(onnx_out))
+        info: dict[str, Any] = {"val_images": len(y), "val_acc_fp32": acc(ref), "val_acc_all_int8": acc(full),
+                                "max_accuracy_drop": max_drop}
+        if acc(ref) - acc(full) <= max_drop or len(y) == 0:
+            record["float_fallback"] = {**info, "val_acc": acc(full), "sensitivity": None}
+            return record
+        nodes = quantizable_nodes(onnx_in)
+        base = _kl(ref, full)
+        sens = {}
+        for n in nodes:  # what leaving n alone in float recovers
+            quantize_int8(onnx_in, trial, images, activation, float_nodes=[n], cache=cache)
+            sens[n] = base - _kl(ref, logits(trial))
+        order = sorted(nodes, key=lambda n: -sens[n])
+        k, last = 1, acc(full)
+        while True:
+            k = min(k, len(order))
+            record = quantize_int8(onnx_in, onnx_out, images, activation, float_nodes=order[:k], cache=cache)
+            last = acc(logits(Path(onnx_out)))
+            if acc(ref) - last <= max_drop or k == len(order):
+                break
+            k *= 2
+        record["float_fallback"] = {**info, "val_acc": last, "kl_all_int8": base,
+                                    "sensitivity": [{"node": n, "kl_recovered": sens[n]} for n in order]}
+        return record
 
 
 def qdq_nodes(path: str | Path) -> int:
@@ -92,3 +191,19 @@ def qdq_nodes(path: str | Path) -> int:
     import onnx
 
     return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def int8_accuracies(model: torch.nn.Module, input_shape: tuple[int, ...], calibration: Any, activation: Activation,
+                    splits: dict[str, tuple[Any, torch.Tensor]], threads: int = 1) -> dict[str, float]:
+    """Top-1 accuracy of ``model``'s Q/DQ INT8 model (``quantize_int8``, ranges from ``calibration``)
+    run by ONNX Runtime's CPU provider, on every split of ``splits``: name -> (normalised rows, as
+    ``pipeline.data.Normalized`` gives them; labels). What a network deployed in int8 scores: the
+    accuracy compare reports beside the fp32 one when the target measures int8."""
+    from pipeline.runtimes import export_onnx, ort_logits, ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, input_shape, src, check=False)
+        quantize_int8(src, dst, calibration, activation)
+        sess = ort_session(dst, "cpu", threads, log_severity=3)
+        return {name: (ort_logits(sess, x).argmax(1) == y).double().mean().item() for name, (x, y) in splits.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -28,18 +29,20 @@ from pipeline.compare import (
 from pipeline.config import (
     CompareConfig,
     DistillConfig,
+    EngineConfig,
     PruneConfig,
     TargetConfig,
     TrainConfig,
     parse_section,
     parse_teachers,
 )
-from pipeline.data import load_prepared, load_split
+from pipeline.data import Normalized, PreparedData, load_prepared, load_split
 from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.flops import count_params
 from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend, timing_protocol
 from pipeline.prune import Budget, taylor_batches
+from pipeline.quantize import calibration_images, int8_accuracies
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 from pipeline.train import epoch_steps, test_accuracy
@@ -117,14 +120,34 @@ def main(argv: list[str] | None = None) -> int:
             result["holdout"] = {"path": str(args.holdout), "images": len(holdout), "sha256": file_sha256(args.holdout)}
             for name, model in (("student", student), *finals.items()):
                 result[name]["holdout_acc"] = test_accuracy(model, data, cpu, split=holdout)
+        if target.precision == "int8":  # every latency above was of the Q/DQ model: so is the accuracy that counts
+            result["int8"] = _int8_accuracies(params, target, data, holdout, shape, {"student": student, **finals}, result)
         result.update(versus_ours(result, cfg.methods))
+        acc_key = "test_acc_int8" if target.precision == "int8" else "test_acc"
         log.info("at %.4f ms budget: %s", budget.target_ms, ", ".join(
-            f"{m} {result[m]['test_acc']:.4f} ({result[m]['measured_over_budget']:.3f}, {result[m]['budget_status']})"
+            f"{m} {result[m][acc_key]:.4f} ({result[m]['measured_over_budget']:.3f}, {result[m]['budget_status']})"
             for m in finals))
         result.update(backend=target.backend, device=backend.fingerprint()["device"], seconds=time.perf_counter() - t0)
         write_json(args.metrics, result)
 
     return run(body)
+
+
+def _int8_accuracies(params: dict, target: TargetConfig, data: PreparedData, holdout: Any, shape: tuple[int, ...],
+                     models: dict[str, torch.nn.Module], result: dict[str, Any]) -> dict[str, Any]:
+    """``test_acc_int8`` (and ``holdout_acc_int8``) of every network: its Q/DQ model with
+    ``target.int8_activations``, calibrated on the ``engine.calibration_images`` training images
+    the engine stage uses, run by ONNX Runtime. The student's is what INT8 alone gives."""
+    engine = parse_section(params, "engine", EngineConfig)
+    calib = calibration_images(data, engine.calibration_images)
+    norm = data.norm()
+    splits = {"test_acc_int8": (Normalized(data.test, *norm), data.test.y)}
+    if holdout is not None:
+        splits["holdout_acc_int8"] = (Normalized(holdout, *norm), holdout.y)
+    for name, model in models.items():
+        result[name].update(int8_accuracies(model.eval(), shape, calib, target.int8_activations, splits, target.threads))
+    return {"activations": target.int8_activations, "calibration_images": engine.calibration_images,
+            "tool": "onnxruntime.quantization (pipeline/quantize.py)"}
 
 
 if __name__ == "__main__":

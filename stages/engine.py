@@ -23,7 +23,7 @@ from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -182,12 +182,30 @@ def _paired_reading(args: Namespace, cfg: EngineConfig, target: TargetConfig, da
     return statistics.median(values), values
 
 
-def _calibration_images(data: PreparedData, cfg: EngineConfig) -> torch.Tensor:
-    """The ``engine.calibration_images`` training images (evaluation view, normalised) int8 ranges
-    are calibrated on, drawn with seed 0: the same for every runtime."""
-    from pipeline.quantize import calibration_rows
+def _quantize(args: Namespace, cfg: EngineConfig, data: PreparedData, out: Path, calib: torch.Tensor,
+              kind: Literal["uint8", "int8"], threads: int) -> dict[str, Any]:
+    """The Q/DQ model of the ONNX model at ``out``: every layer int8, or (``engine.int8_fallback:
+    float_layers``) with the layers whose quantization costs the most accuracy left in float until
+    the validation accuracy is within ``engine.max_accuracy_drop`` (``pipeline.quantize.int8_within_bound``)."""
+    from pipeline.quantize import int8_within_bound, quantize_int8
 
-    return Normalized(data.train, *data.norm())[calibration_rows(len(data.train), cfg.calibration_images, seed=0)]
+    if cfg.int8_fallback == "none":
+        return quantize_int8(args.onnx, out, calib, kind)
+    val = (Normalized(data.val, *data.norm()), data.val.y)
+    record = int8_within_bound(args.onnx, out, calib, kind, val, cfg.max_accuracy_drop, threads)
+    if record["float_nodes"]:
+        fb = record["float_fallback"]
+        log.info("int8 (%s activations): %d of %d layers left in float, the most sensitive to quantization, for a "
+                 "validation accuracy of %.2f%% against %.2f%% in fp32 (%.2f%% with every layer int8)", kind,
+                 len(record["float_nodes"]), len(fb["sensitivity"]), 100 * fb["val_acc"], 100 * fb["val_acc_fp32"],
+                 100 * fb["val_acc_all_int8"])
+    return record
+
+
+def _calibration_images(data: PreparedData, cfg: EngineConfig) -> torch.Tensor:
+    from pipeline.quantize import calibration_images
+
+    return calibration_images(data, cfg.calibration_images)
 
 
 def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -213,8 +231,6 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     together on the target, the faster kept (which one wins depends on the CPU)."""
     import onnxruntime
 
-    from pipeline.quantize import quantize_int8
-
     if target.device != "cpu":
         raise DeployError("engine.precision int8 on ONNX Runtime runs on its CPU provider (target.device: cpu); on a "
                           "GPU, TensorRT builds the int8 engine (engine.backend: tensorrt)")
@@ -228,7 +244,7 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     cands = {}
     for kind in kinds:
         path = tmp / f"model.int8.{kind}.onnx"
-        record = quantize_int8(args.onnx, path, calib, kind)
+        record = _quantize(args, cfg, data, path, calib, kind, target.threads)
         sess = ort_session(path, "cpu", target.threads)
         feed = {sess.get_inputs()[0].name: xb.numpy().astype(np.float32)}
         cands[kind] = (path, record, sess, wall_timed(lambda s=sess, f=feed: s.run(None, f)))
@@ -291,13 +307,11 @@ def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Pr
     # strongly typed: fp16 is built from an fp16 conversion of the ONNX model, int8 from its Q/DQ model
     source, record = args.onnx, None
     if precision == "int8":
-        from pipeline.quantize import quantize_int8
-
         if cfg.int8_activations == "uint8":
             raise DeployError("engine.int8_activations uint8 (asymmetric) does not build in TensorRT, whose Q/DQ "
                               "activations are symmetric int8: set engine.int8_activations int8 or auto")
         source = tmp / "model.int8.onnx"
-        record = quantize_int8(args.onnx, source, _calibration_images(data, cfg), "int8")
+        record = _quantize(args, cfg, data, source, _calibration_images(data, cfg), "int8", target.threads)
         record["chosen_by"] = "TensorRT (symmetric int8 activations only)"
     plan = build_tensorrt_plan(source, shape, (1, bs, max(bs, cfg.max_batch)), precision,
                                timing_cache=tmp / "timing.cache")
@@ -339,6 +353,10 @@ def _auto(backend: str, args: Namespace, cfg: EngineConfig, target: TargetConfig
     skipped while another builds (a config error is raised). With AOTInductor asked for, the
     candidates are exported programs and only the one kept is compiled."""
     cands = precision_candidates(backend, target, cfg)
+    if len(cands) > 1 and len(data.val) == 0:
+        raise ConfigError("engine.precision auto chooses among " + ", ".join(cands) + " by their accuracy on the "
+                          "validation split, which is empty: set prepare.val_fraction above 0 (or give the image "
+                          "folder a val/ split), or set engine.precision to one of " + ", ".join(cands))
     val = Normalized(data.val, *data.norm())
     ref = ort_logits(ort_session(args.onnx, "cpu", optimize=False), val)
     ref_acc = (ref.argmax(1) == data.val.y).double().mean().item()

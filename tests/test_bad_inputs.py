@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -491,6 +492,22 @@ def c_engine_int8_over_accuracy_bound(world: dict, tmp: Path) -> tuple[int, list
     return code, paths[:1]  # engine.json beside the failure says what was measured; the engine dir is not left
 
 
+def c_engine_auto_empty_val(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # a prepared dataset whose validation split is empty: auto has no accuracy to choose by
+    prep = tmp / "prep"
+    shutil.copytree(world["dir"] / "prep", prep)
+    with np.load(prep / "val.npz") as f:
+        np.savez(prep / "val.npz", x=f["x"][:0], y=f["y"][:0])
+    from stages import engine
+
+    params = _params(tmp, engine={"backend": "onnxruntime", "precision": "auto", "timing_passes": 2,
+                                  "timing_span_s": 0.0, "calibration_images": 32})
+    code = engine.main(["--params", str(params), "--data", str(prep), "--onnx", str(world["dir"] / "x" / "model.onnx"),
+                        "--pruned", str(world["dir"] / "pr" / "masks.json"), "--out-dir", str(tmp / "e"),
+                        "--metrics", str(tmp / "em.json")])
+    return code, [tmp / "e", tmp / "em.json"]
+
+
 def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "masks.json").write_text("{not json")
     return _slim(world, tmp, tmp / "masks.json")
@@ -782,6 +799,8 @@ CASES = [
     Case("arch-not-callable", "`arch: <module>:WIDTH`, an int", "is not callable", c_arch_not_callable),
     Case("arch-not-a-module", "`arch: <module>:build` returning a list", "not a torch nn.Module",
          c_arch_not_a_module),
+    Case("engine-auto-empty-val", "`engine.precision: auto` on prepared data whose validation split is empty",
+         "by their accuracy on the validation split, which is empty", c_engine_auto_empty_val),
 ]
 
 

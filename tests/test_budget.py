@@ -81,3 +81,53 @@ def test_budget_is_frozen_and_validated() -> None:
         Budget(0.0, (0.9, 1.0), 0.0, "ms", 0.0, 0.2)
     with pytest.raises(ValueError, match="noise"):
         Budget(0.1, (0.9, 1.0), 1.5, "ms", 0.1, 0.2)
+
+
+def test_a_fraction_of_the_fp32_student_when_the_target_deploys_int8() -> None:
+    # the int8 student measures 0.2 ms, the fp32 student 0.5 ms: half of the fp32 student is 0.25 ms,
+    # which the int8 student meets unpruned; the pair scale stays the int8 student
+    b = Budget.derive(0.5, "fraction", (0.9, 1.0), 0.2, 0.01, reference_ms=0.5)
+    assert b.target_ms == pytest.approx(0.25) and b.student_ms == 0.2 and b.reference_ms == 0.5
+    assert Budget.derive(0.07, "ms", (0.9, 1.0), 0.2, 0.0, reference_ms=0.5).target_ms == 0.07  # ms: as given
+    d = json.loads(json.dumps(b.to_dict()))
+    assert Budget.from_dict(d) == b
+    d.pop("reference_ms")  # a record from before the key existed
+    assert Budget.from_dict(d).reference_ms is None
+    with pytest.raises(ValueError, match="reference_ms"):
+        Budget(0.1, (0.9, 1.0), 0.0, "ms", 0.1, 0.2, 0.0)
+
+
+def test_the_fp32_reference_is_read_paired_with_the_deployed_student() -> None:
+    from torch import nn
+
+    from pipeline.config import PruneConfig
+    from pipeline.latency import Backend, TimingProtocol
+    from pipeline.prune.measure import Reference, measure_fp32_student, needs_fp32_reference
+
+    class Quantized(Backend):
+        """Every call of a model prepared in int8 takes 1 ms, in fp32 2.5 ms."""
+
+        name = "fake"
+
+        def device(self) -> dict:
+            return {"type": "cpu", "name": "fake"}
+
+        def versions(self) -> dict:
+            return {}
+
+        def prepare(self, model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN201
+            ms = {"int8": 1.0, "fp32": 2.5}[self.precision]
+            return lambda: ms
+
+    fast = TimingProtocol(passes=2, window_s=0.0, min_calls=2, warmup=1, min_span_s=0.0)
+    be = Quantized(batch_size=1, precision="int8", threads=1, protocol=fast)
+    fp32_ms = measure_fp32_student(be, nn.Conv2d(1, 2, 1), 0.4, (1, 4, 4), readings=3)
+    assert fp32_ms == pytest.approx(1.0) and be.precision == "int8"  # 0.4 ms x 2.5; the backend itself unchanged
+    cfg = PruneConfig(latency_budget=0.5)
+    assert needs_fp32_reference(be, cfg)
+    assert not needs_fp32_reference(be, PruneConfig(latency_budget=0.5, budget_reference="target"))
+    assert not needs_fp32_reference(be, PruneConfig(latency_budget=2.0, budget_unit="ms"))
+    assert not needs_fp32_reference(be.at_precision("fp32"), cfg)
+    ref = Reference(0.4, 0.1, 0.01, 0.1, fp32_ms=fp32_ms)
+    assert ref.budget(cfg).target_ms == pytest.approx(0.5)  # half of the fp32 student, 1.25x the int8 one
+    assert ref.budget(PruneConfig(latency_budget=0.5, budget_reference="target")).target_ms == pytest.approx(0.2)

@@ -159,12 +159,13 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
     """The tiny pipeline with target.precision int8: the table, the closed loop and the engine all int8."""
     import json
     import shutil
+    from unittest import mock
 
-    from stages import engine, profile, prune
+    from stages import compare, engine, profile, prune
     from tests.test_bad_inputs import _params
 
     w = world["dir"]
-    params = _params(tmp_path, target={"precision": "int8"},
+    params = _params(tmp_path, target={"precision": "int8"}, compare={"methods": []},
                      prune={"epochs": 1, "progress": False, "band": [0.05, 1.0], "latency_budget": 1.0,
                             "budget_unit": "ms"},
                      engine={"precision": "int8", "calibration_images": 32, "max_accuracy_drop": 1.0,
@@ -185,6 +186,34 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
     m = json.loads((tmp_path / "em.json").read_text())
     assert m["precision"] == "int8" and m["quantization"]["activations"] == "uint8"
     assert m["quantization"]["chosen_by"].startswith("target.int8_activations")
+    # compare reads every network's accuracy as deployed: its Q/DQ model (the student's: INT8 alone)
+    assert compare.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
+                         str(tmp_path / "prof" / "table.json"), "--pruned", str(tmp_path / "pr" / "masks.json"),
+                         "--model", str(tmp_path / "pr" / "model.pt"), "--metrics", str(tmp_path / "cm.json")]) == 0
+    c = json.loads((tmp_path / "cm.json").read_text())
+    assert c["int8"]["activations"] == "uint8" and c["int8"]["calibration_images"] == 32
+    for name in ("student", "ours"):
+        assert 0.0 <= c[name]["test_acc_int8"] <= 1.0 and "test_acc" in c[name]
+    # a fraction of the fp32 student: read here as 10x the int8 one, so INT8 alone meets half of it and
+    # the loop keeps every channel (a stand-in for a fast int8 kernel: tiny networks gain nothing from int8)
+    import pipeline.prune.measure as pm
+
+    def ten_times(backend, student, student_ms, shape, readings):  # noqa: ANN001, ANN202
+        assert backend.precision == "int8" and readings == 3
+        return 10 * student_ms
+
+    (tmp_path / "frac").mkdir()
+    params2 = _params(tmp_path / "frac", target={"precision": "int8"}, compare={"methods": []},
+                      prune={"epochs": 1, "progress": False, "latency_budget": 0.5}, engine={"precision": "int8"})
+    with mock.patch.object(pm, "measure_fp32_student", ten_times):
+        assert prune.main(["--params", str(params2), "--data", str(w / "prep"), "--teachers", str(tmp_path / "t"),
+                           "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
+                           "--out-dir", str(tmp_path / "pr3"), "--metrics", str(tmp_path / "m" / "prune3.json"),
+                           "--plots-dir", str(tmp_path / "p3"), "--resume-dir", str(tmp_path / "resume3")]) == 0
+    m3 = json.loads((tmp_path / "m" / "prune3.json").read_text())
+    assert m3["budget_reference"] == "fp32 student" and m3["student_fp32_ms"] == pytest.approx(10 * m3["student_ms"])
+    assert m3["budget_ms"] == pytest.approx(5 * m3["student_ms"]) and m3["loop_status"] == "full"
+    assert m3["loop_iterations"] == 1 and m3["removed_blocks"] == []
     # an fp32 table is refused by an int8 target (measured under another fingerprint)
     code = prune.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
                        str(w / "prof" / "table.json"), "--out-dir", str(tmp_path / "pr2"), "--metrics",
@@ -245,3 +274,49 @@ def test_precision_candidates_follow_the_backend_and_the_target() -> None:
         "fp32", "fp16")  # TensorRT's Q/DQ activations are symmetric int8
     assert precision_candidates("onnxruntime", TargetConfig(backend="onnxruntime", device="cpu", precision="int8"),
                                 e) == ("int8",)
+
+
+class _Outlier(torch.nn.Module):
+    """A head whose every output channel has one weight 1e4 times its others, on an input channel
+    that is always zero: quantized per output channel, the others round to zero and the head
+    answers nothing, unless it stays in float (its input and output ranges are ordinary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(2, 4, 1)
+        self.head = torch.nn.Conv2d(4, 3, 1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(4, 2, 1, 1, generator=g))
+            self.a.weight[0].zero_()
+            self.a.bias.copy_(torch.tensor([-1.0, 0.0, 0.0, 0.0]))  # channel 0: relu(-1) = 0 always
+            self.head.weight.copy_(torch.randn(3, 4, 1, 1, generator=g))
+            self.head.weight[:, 0] = 1e4
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x))).mean((2, 3))
+
+
+def test_the_most_sensitive_layer_stays_in_float_when_int8_loses_accuracy(tmp_path: Path) -> None:
+    from pipeline.quantize import int8_within_bound, quantizable_nodes
+
+    model = _Outlier().eval()
+    x = torch.randn(256, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)  # the fp32 model is right on every image
+    export_onnx(model, (2, 4, 4), tmp_path / "m.onnx", check=False)
+    nodes = quantizable_nodes(tmp_path / "m.onnx")
+    assert len(nodes) == 2
+    rec = quantize_int8(tmp_path / "m.onnx", tmp_path / "all.onnx", x[:64], "int8")
+    all_int8 = ort_logits(ort_session(tmp_path / "all.onnx", "cpu", 1), x).argmax(1)
+    assert rec["float_nodes"] == [] and (all_int8 == y).double().mean() < 0.9  # int8 everywhere loses
+    rec = int8_within_bound(tmp_path / "m.onnx", tmp_path / "mixed.onnx", x[:64], "int8", (x, y), max_drop=0.01)
+    fb = rec["float_fallback"]
+    head = next(n for n in nodes if "head" in n)
+    assert rec["float_nodes"] == [head] and fb["sensitivity"][0]["node"] == head  # the head's input is the outlier
+    assert fb["val_acc_fp32"] == 1.0 and fb["val_acc"] >= 0.99 and fb["val_acc_all_int8"] < 0.9
+    mixed = ort_logits(ort_session(tmp_path / "mixed.onnx", "cpu", 1), x).argmax(1)
+    assert (mixed == y).double().mean() >= 0.99 and qdq_nodes(tmp_path / "mixed.onnx") > 0  # the rest stays int8
+    # within the bound at once: nothing is measured, nothing left in float
+    rec = int8_within_bound(tmp_path / "m.onnx", tmp_path / "loose.onnx", x[:64], "int8", (x, y), max_drop=1.0)
+    assert rec["float_nodes"] == [] and rec["float_fallback"]["sensitivity"] is None

@@ -162,6 +162,7 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
 
 INT8 = RESULTS / "int8/rows.json"
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
+JOINT_PRECISION = RESULTS / "joint_precision/rows.json"
 
 
 def int8() -> tuple[list[str], list[list[str]], Refs]:
@@ -193,3 +194,26 @@ def paired_readings() -> tuple[list[str], list[list[str]], Refs]:
             for way, s in d["summary"].items()]
     rows.append(["the prune stage's own reading (earlier)", f"{m['prune_stage_ratio']:.3f}", "-", "-", k])
     return ["way", "ours / model, median", "range", "(max - min) / median", "src"], rows, refs
+
+
+def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
+    """Pruned in fp32, INT8 alone and pruned in int8 (joint) at fractions of the model's fp32 latency."""
+    d = read_json(JOINT_PRECISION)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(JOINT_PRECISION, m["command"], m["machine"])
+    rows = []
+    for b in sorted({r["budget"] for r in d["rows"] if "judge" in r}, reverse=True):
+        rs = [r for r in d["rows"] if r["budget"] == b and "judge" in r]
+        j = [r["judge"] for r in rs]
+        rows.append([f"{b:g}", str(len(rs)), mean_std([x["model_fp32"]["test_acc"] for x in j], digits=2)]
+                    + [f"{mean_std([x[c]['test_acc'] for x in j], digits=2)}; "
+                       f"{median_range([x[c]['over_budget'] for x in j], digits=3)}"
+                       + (f" [{statistics.median(x[c]['over_budget_loop_protocol'] for x in j):.3f}]"
+                          if all("over_budget_loop_protocol" in x[c] for x in j) else "")
+                       for c in ("fp32_pruned", "int8_only", "joint")]
+                    + [mean_std([x["joint"]["test_acc"] - x["fp32_pruned"]["test_acc"] for x in j], digits=2,
+                                signed=True), k])
+    return (["budget (of the fp32 model)", "seeds", "fp32 model acc %", "pruned fp32: acc %; latency / budget",
+             "INT8 alone: acc %; latency / budget", "ours, pruned in int8: acc %; latency / budget",
+             "ours - pruned fp32 (points)", "src"], rows, refs)

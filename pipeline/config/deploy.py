@@ -124,6 +124,10 @@ class PruneConfig(Section):
     latency_budget: float = Field(0.5, gt=0.0, description="budget: a fraction of the student's measured "
                                   "latency (budget_unit: fraction) or milliseconds (budget_unit: ms)")
     budget_unit: Literal["fraction", "ms"] = "fraction"
+    budget_reference: Literal["fp32", "target"] = Field(
+        "fp32", description="budget_unit fraction: of the student's latency in fp32 on the target's runtime (fp32 = "
+        "what it costs before quantization: with target.precision int8 pruning and quantization share the saving) "
+        "or in target.precision (target); the same when the target is fp32")
     epochs: int = Field(15, ge=1, le=100000, description="training epochs in all (scp: soft masks, then "
                         "settling; taylor: every epoch settles the decided network)")
     method: Literal["scp", "taylor"] = Field("taylor", description="how channels and blocks are ranked: scp = SCP soft "
@@ -256,6 +260,11 @@ class EngineConfig(Section):
                                      "quantized engine below the fp32 ONNX model (0.01: one point); above it the "
                                      "stage fails. precision auto: the largest validation accuracy drop a faster "
                                      "precision may cost")
+    int8_fallback: Literal["float_layers", "none"] = Field(
+        "float_layers", description="int8: when every layer quantized drops the validation accuracy more than "
+        "max_accuracy_drop, float_layers = measure each layer's sensitivity (what leaving it alone in float "
+        "recovers) and leave the most sensitive 1, 2, 4, ... in float until the drop is within the bound; none = "
+        "every layer int8 (the stage then fails on the test split's drop)")
     max_batch: int = Field(64, ge=1, le=65536, description="TensorRT profile: largest batch (min 1, opt: target)")
     min_agreement: float = Field(0.995, ge=0.0, le=1.0, description="top-1 agreement with ONNX the engine must reach")
     timing_passes: int = Field(40, ge=1, le=100000, description="timing windows of target.timing.window_ms")

@@ -93,6 +93,12 @@ class Backend(ABC):
         """``model`` ready to run on a (batch_size, *input_shape) float input; the caller's model
         is not modified or moved."""
 
+    def at_precision(self, precision: str) -> Backend:
+        """This runtime, device and protocol at another ``precision`` (the fp32 reference of a budget)."""
+        twin = copy.copy(self)
+        twin.precision = precision
+        return twin
+
     def measure_many(self, models: Sequence[nn.Module], input_shapes: Sequence[tuple[int, ...]] | tuple[int, ...],
                      protocol: TimingProtocol | None = None,
                      on_pass: Callable[[int], None] | None = None) -> list[Timing]:

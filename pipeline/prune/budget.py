@@ -4,7 +4,12 @@ its masks.json, and read back by every stage that judges a latency (compare, eng
 One rule, everywhere a latency is judged against the budget:
 
 * ``target_ms``: the budget, ``prune.latency_budget`` times the student's measured latency
-  (``budget_unit: fraction``) or in milliseconds as given (``budget_unit: ms``).
+  (``budget_unit: fraction``) or in milliseconds as given (``budget_unit: ms``). The student's
+  latency is ``reference_ms`` when set: the student in fp32 on the target's runtime while the
+  target deploys another precision (``prune.budget_reference: fp32``), so that a fraction means
+  the same network cost whatever the precision, and quantization spends its saving on width.
+  ``student_ms`` stays the student in the deployed precision: the scale every paired reading
+  (a network against that student) is converted to ms with.
 * The band, ``band_effective``: ``prune.band`` (fractions of the target) with its top lowered by
   ``noise``, the relative repeatability of one measurement on this machine (measured by the prune
   stage), so that a network measured inside the band stays under the band's top when measured
@@ -63,6 +68,7 @@ class Budget:
     unit: Literal["fraction", "ms"]
     value: float
     student_ms: float
+    reference_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.target_ms > 0:
@@ -73,14 +79,19 @@ class Budget:
             raise ValueError(f"budget noise must be in [0, 1), got {self.noise}")
         if self.unit not in ("fraction", "ms"):
             raise ValueError(f"budget unit must be fraction or ms, got {self.unit!r}")
+        if self.reference_ms is not None and not self.reference_ms > 0:
+            raise ValueError(f"budget reference_ms must be > 0 or None, got {self.reference_ms}")
 
     @classmethod
     def derive(cls, value: float, unit: Literal["fraction", "ms"], band: tuple[float, float], student_ms: float,
-               noise: float) -> Budget:
+               noise: float, reference_ms: float | None = None) -> Budget:
         """The budget of ``prune.latency_budget`` ``value`` in ``unit`` for a student measured at
-        ``student_ms`` with relative measurement ``noise``."""
-        target = value * student_ms if unit == "fraction" else value
-        return cls(float(target), (float(band[0]), float(band[1])), float(noise), unit, float(value), float(student_ms))
+        ``student_ms`` with relative measurement ``noise``; a fraction is of ``reference_ms`` when
+        given (the student in fp32; module docstring), else of ``student_ms``."""
+        base = student_ms if reference_ms is None else reference_ms
+        target = value * base if unit == "fraction" else value
+        return cls(float(target), (float(band[0]), float(band[1])), float(noise), unit, float(value), float(student_ms),
+                   None if reference_ms is None else float(reference_ms))
 
     @property
     def band_effective(self) -> tuple[float, float]:
@@ -134,7 +145,8 @@ class Budget:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the fields, and the derived band, bounds and limit for a reader's eyes."""
         return {"target_ms": self.target_ms, "band": list(self.band), "noise": self.noise, "unit": self.unit,
-                "value": self.value, "student_ms": self.student_ms, "band_effective": list(self.band_effective),
+                "value": self.value, "student_ms": self.student_ms, "reference_ms": self.reference_ms,
+                "band_effective": list(self.band_effective),
                 "bounds_ms": list(self.bounds_ms()), "limit_ms": self.limit_ms}
 
     @classmethod
@@ -143,8 +155,9 @@ class Budget:
         missing = [k for k in ("target_ms", "band", "noise", "unit", "value", "student_ms") if k not in d]
         if missing:
             raise ValueError(f"a budget record lacks {missing}")
+        ref = d.get("reference_ms")  # absent from the records of a prune stage before it existed
         return cls(float(d["target_ms"]), (float(d["band"][0]), float(d["band"][1])), float(d["noise"]), d["unit"],
-                   float(d["value"]), float(d["student_ms"]))
+                   float(d["value"]), float(d["student_ms"]), None if ref is None else float(ref))
 
     @classmethod
     def from_masks(cls, record: dict[str, Any]) -> Budget:

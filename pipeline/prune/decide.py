@@ -71,7 +71,13 @@ def decide_widths(net: SoftMaskedNet, space: PruneSpace, budget: Budget, cfg: Pr
                  loop.measured_ms)
         return loop
     ranking = importance.rank(net)
-    if cfg.allocation == "knapsack":
+    if budget.reference_ms is not None and budget.student_ms <= budget.bounds_ms()[1]:
+        # the student in the deployed precision (int8) already meets a budget set against its fp32 self: the loop
+        # starts from every channel, so a table that overprices the full network cannot prune what needs no pruning
+        masks = masks_for_widths(ranking.keep, {g: max(a) for g, a in space.allowed.items()})
+        log.info("the student measures %.4f ms in %s, under the band's top %.4f ms: the closed loop starts from the "
+                 "unpruned network", budget.student_ms, "the deployed precision", budget.bounds_ms()[1])
+    elif cfg.allocation == "knapsack":
         aim_ms = budget.aim_ms(cfg.aim)
         alloc, alloc_ms = allocate_widths(ranking.values, space.allowed, space.predict, aim_ms, space.inside)
         masks = masks_for_widths(ranking.keep, alloc)

@@ -1,6 +1,7 @@
 """The closed loop on the target: the hard network is slimmed and measured end to end; over the
 band, the group whose next smaller width costs the least validation loss per millisecond saved
-shrinks; under it, the group whose missing channels are most probable grows. Moves expected to
+shrinks; under it, the most probable missing channels grow back, step after step up to where the
+table expects the band's middle, in one measurement. Moves expected to
 jump over the band are taken last (expected landing: the table's prediction rescaled by the
 current measured / predicted ratio). Every iteration is recorded. It stops inside the band, or
 says why it cannot (smallest network over the band, widths oscillating across the band,
@@ -88,21 +89,43 @@ def _shrink(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mappin
 
 def _grow(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[str, list[int]],
           predict: Callable[[dict[str, int]], float], inside: Mapping[str, str]) -> tuple[Masks, str] | None:
-    """The next state when under the band (None: every group at full width)."""
-    options = []
-    for g, a in allowed.items():
-        larger = [w for w in a if w > here.widths[g]]
-        if not larger or not is_live(g, here.widths, inside):
-            continue
-        cand = _step(here.state, keep_probs, g, min(larger))
-        landing = here.scale * predict(widths_of(cand))
-        prob = float(keep_probs[g][cand[g] & ~here.state[g]].mean())
-        # prefer moves expected to stay under the band's top; then the most probable channels
-        options.append((landing > here.hi, -prob if landing <= here.hi else landing, g, cand, prob))
-    if not options:
+    """The next state when under the band (None: every group at full width): the next larger width
+    of the group whose added channels are the most probable, and again from there while the table,
+    rescaled by this state's measured / predicted ratio, expects the network at most at the band's
+    middle: one measurement for many small steps (a table that overprices the network left the
+    allocation far under the band, and one step per measurement ran out of iterations). When even
+    one step is expected over the middle, the one step the rule below picks."""
+
+    def steps(widths: dict[str, int], state: Masks) -> list[tuple[bool, float, str, Masks, float, float]]:
+        out = []
+        for g, a in allowed.items():
+            larger = [w for w in a if w > widths[g]]
+            if not larger or not is_live(g, widths, inside):
+                continue
+            cand = _step(state, keep_probs, g, min(larger))
+            landing = here.scale * predict(widths_of(cand))
+            prob = float(keep_probs[g][cand[g] & ~state[g]].mean())
+            # prefer moves expected to stay under the band's top; then the most probable channels
+            out.append((landing > here.hi, -prob if landing <= here.hi else landing, g, cand, prob, landing))
+        return sorted(out, key=lambda o: (o[0], o[1], o[2]))
+
+    first = steps(here.widths, here.state)
+    if not first:
         return None
-    _, _, g, state, prob = min(options, key=lambda o: (o[0], o[1], o[2]))
-    return state, f"grow {g} to {widths_of(state)[g]} (mean keep probability of added channels {prob:.3f})"
+    mid = (here.lo + here.hi) / 2
+    state, grown = here.state, []
+    options = first
+    while options and options[0][5] <= mid:
+        _, _, g, state, _, _ = options[0]
+        grown.append(g)
+        options = steps(widths_of(state), state)
+    if not grown:
+        _, _, g, state, prob, _ = first[0]
+        return state, f"grow {g} to {widths_of(state)[g]} (mean keep probability of added channels {prob:.3f})"
+    widths = widths_of(state)
+    names = sorted(set(grown))
+    return state, (f"grow {', '.join(f'{g} to {widths[g]}' for g in names)} ({len(grown)} steps, the most probable "
+                   f"channels first, expected at {here.scale * predict(widths):.4f} ms)")
 
 
 def closed_loop(

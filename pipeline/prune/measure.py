@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,16 +31,35 @@ Masks = dict[str, torch.Tensor]
 class Reference:
     """The student and the smallest allowed network measured together on the target (ms), the
     relative ``noise`` of a measurement, the table's prediction for the smallest network, and
-    whether these came from an interrupted run's record (``resumed``)."""
+    whether these came from an interrupted run's record (``resumed``). ``fp32_ms``: the student in
+    fp32 on the target's runtime, paired with it in the deployed precision, when the target deploys
+    another precision and ``prune.budget_reference`` is fp32 (the budget's fraction is of it)."""
 
     student_ms: float
     floor_ms: float
     noise: float
     floor_predicted_ms: float
     resumed: bool = False
+    fp32_ms: float | None = None
 
     def budget(self, cfg: PruneConfig) -> Budget:
-        return Budget.derive(cfg.latency_budget, cfg.budget_unit, cfg.band, self.student_ms, self.noise)
+        return Budget.derive(cfg.latency_budget, cfg.budget_unit, cfg.band, self.student_ms, self.noise,
+                             self.fp32_ms if cfg.budget_reference == "fp32" else None)
+
+
+def needs_fp32_reference(backend: Backend, cfg: PruneConfig) -> bool:
+    """Whether the budget's fraction is of the student in fp32 while the target measures another precision."""
+    return cfg.budget_reference == "fp32" and cfg.budget_unit == "fraction" and backend.precision != "fp32"
+
+
+def measure_fp32_student(backend: Backend, student: nn.Module, student_ms: float, shape: tuple[int, ...],
+                         readings: int) -> float:
+    """The student in fp32 on ``backend``'s runtime, in ms on the scale of ``student_ms`` (the
+    student in the backend's precision): the median over ``readings`` paired readings, the fp32
+    model interleaved with the deployed one, so that a slow spell moves both."""
+    fp32 = backend.at_precision("fp32")
+    reads = backend.measure_readings([student], shape, readings=readings, extra=[fp32.prepare(student, shape)])
+    return median_paired(student_ms, reads, 1, 0)
 
 
 def measure_reference_budget(backend: Backend, student: nn.Module, space: PruneSpace, cfg: PruneConfig,
@@ -52,18 +72,27 @@ def measure_reference_budget(backend: Backend, student: nn.Module, space: PruneS
     floor_pred = space.predict(widths_of(floor_masks))
     saved = state.read("reference.json", key)
     if saved is not None:
-        ref = Reference(saved["student_ms"], saved["floor_ms"], saved["noise"], floor_pred, resumed=True)
+        ref = Reference(saved["student_ms"], saved["floor_ms"], saved["noise"], floor_pred, resumed=True,
+                        fp32_ms=saved.get("fp32_ms"))
         log.info("resuming with the reference latencies the interrupted run measured (student %.4f ms)", ref.student_ms)
     else:
         floor_net = prune_structure(student, space.example, floor_masks)
-        ref = Reference(*measure_reference(backend, student, floor_net, space.shape), floor_pred)
+        student_ms, floor_ms, noise = measure_reference(backend, student, floor_net, space.shape)
+        fp32_ms = (measure_fp32_student(backend, student, student_ms, space.shape, cfg.loop_readings)
+                   if needs_fp32_reference(backend, cfg) else None)
+        ref = Reference(student_ms, floor_ms, noise, floor_pred, fp32_ms=fp32_ms)
+    if ref.fp32_ms is not None:
+        log.info("the student measures %.4f ms in fp32 and %.4f ms in %s (%.2fx): the budget's fraction is of "
+                 "the fp32 student (prune.budget_reference: fp32)", ref.fp32_ms, ref.student_ms, backend.precision,
+                 ref.fp32_ms / ref.student_ms)
     budget = ref.budget(cfg)
     if min(floor_pred, ref.floor_ms) > budget.bounds_ms()[1]:
         raise BudgetError(_unreachable_message(budget, ref, space, cfg))
-    log.info("budget %.4f ms (%.2f of the student's %.4f ms); smallest allowed network measures %.4f ms; a "
+    log.info("budget %.4f ms (%.2f of the student's %.4f ms%s); smallest allowed network measures %.4f ms; a "
              "measurement repeats within %.1f%%, so the closed loop aims at [%.3f, %.3f] of the budget",
-             budget.target_ms, budget.target_ms / ref.student_ms, ref.student_ms, ref.floor_ms, 100 * ref.noise,
-             *budget.band_effective)
+             budget.target_ms, budget.target_ms / ref.student_ms, ref.student_ms,
+             f" in {backend.precision}, {budget.target_ms / ref.fp32_ms:.2f} of its {ref.fp32_ms:.4f} ms in fp32"
+             if ref.fp32_ms is not None else "", ref.floor_ms, 100 * ref.noise, *budget.band_effective)
     return ref
 
 
@@ -87,12 +116,15 @@ def share_reference(ref: Reference, ctx: DistContext, device: torch.device, stat
     """Under DDP every rank measured the student; rank 0's reference is the one all use. Rank 0
     records a fresh reference in ``state`` (for a resumed run, under ``key``)."""
     if ctx.enabled:
-        b = torch.tensor([ref.student_ms, ref.floor_ms, ref.noise], dtype=torch.float64, device=device)
+        fp32 = float("nan") if ref.fp32_ms is None else ref.fp32_ms
+        b = torch.tensor([ref.student_ms, ref.floor_ms, ref.noise, fp32], dtype=torch.float64, device=device)
         torch.distributed.broadcast(b, 0)
-        student_ms, floor_ms, noise = b.tolist()
-        ref = Reference(student_ms, floor_ms, noise, ref.floor_predicted_ms, ref.resumed)
+        student_ms, floor_ms, noise, fp32 = b.tolist()
+        ref = Reference(student_ms, floor_ms, noise, ref.floor_predicted_ms, ref.resumed,
+                        None if math.isnan(fp32) else fp32)
     if not ref.resumed and ctx.is_main:
-        state.write("reference.json", key, {"student_ms": ref.student_ms, "floor_ms": ref.floor_ms, "noise": ref.noise})
+        state.write("reference.json", key, {"student_ms": ref.student_ms, "floor_ms": ref.floor_ms, "noise": ref.noise,
+                                            "fp32_ms": ref.fp32_ms})
     return ref
 
 

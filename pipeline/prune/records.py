@@ -112,7 +112,9 @@ def prune_metrics(cfg: PruneConfig, budget: Budget, ref: Reference, loop: LoopRe
     soft = training.soft_epochs > 0  # the mask search's multiplier and expected latency (none with taylor)
     return {
         "budget": cfg.latency_budget, "budget_unit": cfg.budget_unit, "budget_ms": budget.target_ms,
-        "student_ms": ref.student_ms, "predicted_ms": predicted_ms, "measured_ms": ms,
+        "student_ms": ref.student_ms, "budget_reference": "fp32 student" if budget.reference_ms is not None
+        else "student at the target's precision", "student_fp32_ms": ref.fp32_ms,
+        "predicted_ms": predicted_ms, "measured_ms": ms,
         "measured_over_budget": ms / budget.target_ms, "predicted_over_measured": predicted_ms / ms,
         "measured_over_student": ms / ref.student_ms,
         "within_budget": budget.meets(ms), "in_band": status == "in_band", "budget_status": status,

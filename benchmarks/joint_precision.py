@@ -1,0 +1,199 @@
+"""Pruning and precision under one budget: ours pruned in int8 (joint) against the same model pruned
+in fp32 and against INT8 alone, at budgets that are fractions of the model's fp32 latency.
+
+    python -m benchmarks.joint_precision --work /tmp/slimdeploy_trained_model \\
+        --fp32-runs /tmp/slimdeploy_trained_model/runs_at_9eaae79 --out benchmarks/results/joint_precision \\
+        [--budgets 0.3 0.5 --seeds 0 1 2]
+
+The setting is benchmarks/trained_model.py's (run it first: ``--work`` holds its ``upstream/``): a
+torchvision resnet18 trained outside the pipeline on CIFAR-10 JPEGs at 32 px, its held-out
+``test/`` split never trained or selected on. ``--fp32-runs``: that benchmark's prune runs
+(``budget<B>_seed<S>/``, ``target.precision: fp32``), the pruned-fp32 column.
+
+1. ``upstream_int8/``: the same prepared data and model, profiled with ``target.precision: int8``
+   (every table unit and calibration sub-network measured as its Q/DQ model, U8S8).
+2. For every budget and seed, the real ``prune`` stage with ``target.precision: int8`` and
+   ``prune.budget_reference: fp32`` (the fraction is of the fp32 model, measured paired with the
+   int8 one), with the fp32 runs' prune settings and seed (``prune.loop_timing: target``, as they ran).
+3. One judgement per (budget, seed), all in this process, one after the other: the fp32 model, the
+   pruned-fp32 network, the model's Q/DQ model (INT8 alone) and the joint network's Q/DQ model, each
+   read paired with the fp32 model (``compare.timing_passes`` windows over ``compare.timing_span_s``,
+   the median of ``compare.timing_readings`` readings; ONNX Runtime, CPU, the target's threads and
+   batch); the budget is the fraction times the fp32 model's latency. Test accuracy of each in the
+   precision it is deployed in (Q/DQ models run by ONNX Runtime, calibrated on
+   ``engine.calibration_images`` training images as the engine stage does).
+
+Writes ``rows.json`` and ``table.md`` (mean ± std over seeds) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from benchmarks._runner import machine, run_stage, write_params, write_results
+from benchmarks.prune_protocol import run_pair
+
+COLUMNS = (("fp32_pruned", "pruned in fp32"), ("int8_only", "INT8 alone (unpruned)"), ("joint", "ours: pruned in int8 (joint)"))
+
+
+def upstream_int8(work: Path, params: dict[str, Any]) -> Path:
+    """``work/upstream_int8``: the fp32 upstream's data and model, profiled in int8."""
+    src, up = work / "upstream", work / "upstream_int8"
+    table = up / "artifacts" / "profile" / "latency_table.json"
+    if table.is_file():
+        return up
+    (up / "artifacts").mkdir(parents=True, exist_ok=True)
+    for name in ("prepare", "teachers", "student"):
+        if not (up / "artifacts" / name).exists():
+            os.symlink((src / "artifacts" / name).resolve(), up / "artifacts" / name)
+    pfile = write_params(up, params)
+    a = up / "artifacts"
+    run_stage("profile", "--data", str(a / "prepare"), "--arch", str(a / "student" / "model.arch.json"),
+              "--out", str(table), "--metrics", str(up / "metrics" / "profile.json"),
+              "--plots-dir", str(up / "plots" / "profile"), params=pfile)
+    return up
+
+
+def int8_params(fp32_run: Path) -> dict[str, Any]:
+    """The fp32 run's params with the target, the engine and the loop's protocol set for int8."""
+    p = yaml.safe_load((fp32_run / "params.yaml").read_text())
+    p["target"]["precision"] = "int8"
+    p["target"]["int8_activations"] = "uint8"
+    p["engine"].update(precision="int8")
+    p["prune"].update(budget_reference="fp32", loop_timing="target", loop_readings=3, progress=False)
+    p["compare"]["methods"] = []
+    return p
+
+
+def _networks(fp32_run: Path, joint_run: Path) -> dict[str, torch.nn.Module]:
+    from pipeline.checkpoint import load_model
+    from pipeline.slim import channel_groups, masks_from_kept, prune_structure
+
+    out = {}
+    for name, run in (("fp32_pruned", fp32_run), ("joint", joint_run)):
+        masked, _ = load_model(run / "artifacts" / "prune" / "model.pt")
+        kept = json.loads((run / "artifacts" / "prune" / "masks.json").read_text())["kept"]
+        example = torch.zeros(1, 3, 32, 32)
+        out[name] = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), kept)).eval()
+    return out
+
+
+def judge(fp32_run: Path, joint_run: Path, budget: float) -> dict[str, Any]:
+    """Every network's test accuracy as deployed and its latency paired with the fp32 model."""
+    from pipeline.checkpoint import load_model
+    from pipeline.config import CompareConfig, EngineConfig, TargetConfig, parse_section
+    from pipeline.data import Normalized, load_prepared
+    from pipeline.latency import median_paired, target_backend, timing_protocol
+    from pipeline.quantize import calibration_images, int8_accuracies
+    from pipeline.train import test_accuracy
+
+    params = yaml.safe_load((joint_run / "params.yaml").read_text())
+    target = parse_section(params, "target", TargetConfig)
+    cmp = parse_section(params, "compare", CompareConfig)
+    engine = parse_section(params, "engine", EngineConfig)
+    data = load_prepared(joint_run / "artifacts" / "prepare")
+    shape = (data.channels, *data.meta["image_size"])
+    model, _ = load_model(joint_run / "artifacts" / "student" / "model.pt")
+    model.eval()
+    nets = _networks(fp32_run, joint_run)
+    calib = calibration_images(data, engine.calibration_images)
+    test = {"test_acc": (Normalized(data.test, *data.norm()), data.test.y)}
+    int8 = target_backend(target)  # ONNX Runtime, CPU, int8 with target.int8_activations
+    fp32 = int8.at_precision("fp32")
+    protocol = timing_protocol(target, passes=cmp.timing_passes, min_span_s=cmp.timing_span_s)
+    loop = timing_protocol(target)  # the prune runs' closed loop read with target.timing
+    cpu = torch.device("cpu")
+    rows: dict[str, Any] = {"model_fp32": {"test_acc": test_accuracy(model, data, cpu)}}
+    ref = fp32.measure_readings([model], shape, protocol, cmp.timing_readings)
+    model_ms = statistics.median(r[0].ms for r in ref)
+    rows["model_fp32"]["ms"] = model_ms
+    for name, net, backend in (("fp32_pruned", nets["fp32_pruned"], fp32), ("int8_only", model, int8),
+                               ("joint", nets["joint"], int8)):
+        call = backend.prepare(net, shape)
+        reads = fp32.measure_readings([model], shape, protocol, cmp.timing_readings, extra=[call])
+        loop_reads = fp32.measure_readings([model], shape, loop, cmp.timing_readings, extra=[call])
+        ms = median_paired(model_ms, reads, 1, 0)
+        acc = (test_accuracy(net, data, cpu) if backend is fp32 else
+               int8_accuracies(net, shape, calib, target.int8_activations, test, target.threads)["test_acc"])
+        rows[name] = {"test_acc": acc, "ms": ms, "over_budget": ms / (budget * model_ms),
+                      "readings_over_budget": [r[1].ms / r[0].ms / budget for r in reads],
+                      "over_budget_loop_protocol": median_paired(1.0, loop_reads, 1, 0) / budget}
+    rows["joint"]["test_acc_fp32"] = test_accuracy(nets["joint"], data, cpu)
+    return rows
+
+
+def pct(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.2f}"
+    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}" if xs else "-"
+
+
+def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# Pruning and precision under one budget ({meta['date']}, {meta['machine']})", "",
+             f"`{meta['command']}`", "",
+             "Budget: a fraction of the trained resnet18's fp32 latency (ONNX Runtime, CPU, 1 thread, batch 1), "
+             "every network read paired with the fp32 model in one process; test accuracy on the held-out "
+             "test/ split in the precision each network is deployed in. Mean ± std over seeds; "
+             "`/budget`: measured latency over the budget (median over seeds, range), read with compare's verdict "
+             "protocol (in brackets: with `target.timing`, the protocol the prune runs' closed loop read with).", "",
+             "| budget | seeds | fp32 model | " + " | ".join(f"{label} acc | /budget" for _, label in COLUMNS)
+             + " | joint - pruned fp32 (per seed) |", "|" + "---|" * (3 + 2 * len(COLUMNS) + 1)]
+    for b in sorted({r["budget"] for r in rows}, reverse=True):
+        rs = [r for r in rows if r["budget"] == b]
+        cells = [f"{b:g}", ", ".join(str(r["seed"]) for r in rs), pct([r["judge"]["model_fp32"]["test_acc"] for r in rs])]
+        for key, _ in COLUMNS:
+            over = [r["judge"][key]["over_budget"] for r in rs]
+            looped = [r["judge"][key].get("over_budget_loop_protocol") for r in rs]
+            tail = f" [{statistics.median(looped):.3f}]" if None not in looped else ""
+            cells += [pct([r["judge"][key]["test_acc"] for r in rs]),
+                      f"{statistics.median(over):.3f} ({min(over):.3f}-{max(over):.3f}){tail}"]
+        diffs = [r["judge"]["joint"]["test_acc"] - r["judge"]["fp32_pruned"]["test_acc"] for r in rs]
+        cells.append(f"{pct(diffs)} ({', '.join(f'{100 * d:+.2f}' for d in diffs)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Prune stage in int8 (per run): " + "; ".join(
+        f"{r['budget']:g}/seed {r['seed']}: {r['prune']['loop_status']}, {r['prune']['measured_over_budget']:.3f} of "
+        f"the budget, int8 model {r['prune']['student_ms']:.3f} ms, fp32 {r['prune']['student_fp32_ms']:.3f} ms"
+        for r in rows)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
+    ap.add_argument("--fp32-runs", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/joint_precision"))
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args(argv)
+    first = args.fp32_runs / f"budget{args.budgets[0]:g}_seed{args.seeds[0]}"
+    up = upstream_int8(args.work, int8_params(first))
+    rows = []
+    for seed in args.seeds:
+        for b in args.budgets:
+            fp32_run = args.fp32_runs / f"budget{b:g}_seed{seed}"
+            row = run_pair(up, args.work / "runs_int8", int8_params(fp32_run), b, seed, baselines=False)
+            if "failed" in row:
+                rows.append(row)
+                continue
+            row["judge"] = judge(fp32_run, args.work / "runs_int8" / f"budget{b:g}_seed{seed}", b)
+            rows.append(row)
+            meta = {"date": str(date.today()), "machine": machine(),
+                    "command": "python -m benchmarks.joint_precision " + " ".join(argv or __import__("sys").argv[1:])}
+            write_results(args.out, "rows.json", {"meta": meta, "rows": rows},
+                          table([r for r in rows if "judge" in r], meta))
+            print(json.dumps({k: {kk: round(v, 4) for kk, v in d.items() if isinstance(v, float)}
+                              for k, d in row["judge"].items()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
