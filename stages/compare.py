@@ -135,19 +135,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _int8_accuracies(params: dict, target: TargetConfig, data: PreparedData, holdout: Any, shape: tuple[int, ...],
                      models: dict[str, torch.nn.Module], result: dict[str, Any]) -> dict[str, Any]:
-    """``test_acc_int8`` (and ``holdout_acc_int8``) of every network: its Q/DQ model with
-    ``target.int8_activations``, calibrated on the ``engine.calibration_images`` training images
-    the engine stage uses, run by ONNX Runtime. The student's is what INT8 alone gives."""
+    """``test_acc_int8`` (and ``holdout_acc_int8``) of every network: its Q/DQ model as the engine
+    stage builds it for this target (``target.int8_activations``, the ``engine.calibration_images``
+    training images, the layers ``engine.int8_fallback`` leaves in float), run by ONNX Runtime. The
+    student's is what INT8 alone gives. ``ours_minus_<method>_int8``: the differences on them."""
     engine = parse_section(params, "engine", EngineConfig)
     calib = calibration_images(data, engine.calibration_images)
     norm = data.norm()
     splits = {"test_acc_int8": (Normalized(data.test, *norm), data.test.y)}
     if holdout is not None:
         splits["holdout_acc_int8"] = (Normalized(holdout, *norm), holdout.y)
+    fallback = (None if engine.int8_fallback == "none" else
+                ((Normalized(data.val, *norm), data.val.y), engine.max_accuracy_drop))
     for name, model in models.items():
-        result[name].update(int8_accuracies(model.eval(), shape, calib, target.int8_activations, splits, target.threads))
+        result[name].update(int8_accuracies(model.eval(), shape, calib, target.int8_activations, splits, target.threads,
+                                            fallback))
+    for m in (m for m in models if m not in ("student", "ours")):
+        result[f"ours_minus_{m}_int8"] = result["ours"]["test_acc_int8"] - result[m]["test_acc_int8"]
     return {"activations": target.int8_activations, "calibration_images": engine.calibration_images,
-            "tool": "onnxruntime.quantization (pipeline/quantize.py)"}
+            "int8_fallback": engine.int8_fallback, "tool": "onnxruntime.quantization (pipeline/quantize.py)"}
 
 
 if __name__ == "__main__":

@@ -353,7 +353,7 @@ def _auto(backend: str, args: Namespace, cfg: EngineConfig, target: TargetConfig
     skipped while another builds (a config error is raised). With AOTInductor asked for, the
     candidates are exported programs and only the one kept is compiled."""
     cands = precision_candidates(backend, target, cfg)
-    if len(cands) > 1 and len(data.val) == 0:
+    if len(data.val) == 0:
         raise ConfigError("engine.precision auto chooses among " + ", ".join(cands) + " by their accuracy on the "
                           "validation split, which is empty: set prepare.val_fraction above 0 (or give the image "
                           "folder a val/ split), or set engine.precision to one of " + ", ".join(cands))

@@ -90,7 +90,8 @@ def test_prune_killed_and_rerun_resumes_and_ends_where_an_uninterrupted_run_ends
                                                                                   phase: str) -> None:
     # a budget far above the tiny network: the multiplier, calibration and closed loop still run and
     # resume, but no decision depends on a latency measurement's noise, so the results must be equal
-    args = _prune_world(tmp_path, latency_budget=1.0, budget_unit="ms", method=method)
+    # (10 ms: at 1 ms a loaded machine once read the unpruned tiny network inside the band's [0.9, 0.95])
+    args = _prune_world(tmp_path, latency_budget=10.0, budget_unit="ms", method=method)
     _run("prune", *args("whole"))
     proc = _spawn("prune", *args("cut"))
     _kill_when(proc, tmp_path / "cut" / "resume" / "prune" / f"{phase}.pt")

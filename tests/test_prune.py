@@ -449,3 +449,22 @@ def test_closed_loop_under_the_band_on_a_fine_lattice_jumps_up_too() -> None:
                          max_iterations=20)
     assert result.status == "in_band" and 0.9 * 100 <= result.measured_ms <= 100
     assert len(result.history) <= 3 and result.history[0]["action"].startswith("grow ")
+
+
+def test_growing_stops_short_of_a_network_already_measured() -> None:
+    from pipeline.prune.loop import _grow, _Here
+
+    allowed = {"a": allowed_widths(64, 1, 0.25)}
+    keep = {"a": torch.linspace(1, 0, 64)}
+    state = {"a": top_mask(keep["a"], 30)}
+    here = _Here(state, {"a": 30}, 30.0, 0.0, 1.0, 36.0, 44.0)  # 1 ms a channel; the band's middle: 40 channels
+
+    def predict(w: dict) -> float:
+        return float(w["a"])
+
+    grown, _ = _grow(here, keep, allowed, predict, {})
+    assert widths_of(grown) == {"a": 40}  # many steps, one measurement
+    grown, _ = _grow(here, keep, allowed, predict, {}, seen={(("a", 34),)})
+    assert widths_of(grown) == {"a": 33}  # not back to a network measured before
+    grown, _ = _grow(here, keep, allowed, predict, {}, seen={(("a", 31),)})
+    assert widths_of(grown) == {"a": 31}  # the one step, as before: the loop then says it oscillates

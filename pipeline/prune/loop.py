@@ -88,13 +88,15 @@ def _shrink(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mappin
 
 
 def _grow(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[str, list[int]],
-          predict: Callable[[dict[str, int]], float], inside: Mapping[str, str]) -> tuple[Masks, str] | None:
+          predict: Callable[[dict[str, int]], float], inside: Mapping[str, str],
+          seen: set[tuple[tuple[str, int], ...]] = frozenset()) -> tuple[Masks, str] | None:
     """The next state when under the band (None: every group at full width): the next larger width
     of the group whose added channels are the most probable, and again from there while the table,
     rescaled by this state's measured / predicted ratio, expects the network at most at the band's
     middle: one measurement for many small steps (a table that overprices the network left the
     allocation far under the band, and one step per measurement ran out of iterations). When even
-    one step is expected over the middle, the one step the rule below picks."""
+    one step is expected over the middle, the one step the rule below picks. The steps stop short of
+    a width configuration already measured (``seen``): going back to one ends the loop."""
 
     def steps(widths: dict[str, int], state: Masks) -> list[tuple[bool, float, str, Masks, float, float]]:
         out = []
@@ -115,7 +117,7 @@ def _grow(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mapping[
     mid = (here.lo + here.hi) / 2
     state, grown = here.state, []
     options = first
-    while options and options[0][5] <= mid:
+    while options and options[0][5] <= mid and tuple(sorted(widths_of(options[0][3]).items())) not in seen:
         _, _, g, state, _, _ = options[0]
         grown.append(g)
         options = steps(widths_of(state), state)
@@ -191,7 +193,7 @@ def closed_loop(
                           f"{ms:.4f} ms > budget {budget_ms:.4f} ms")
                 break
         else:
-            move = _grow(here, keep_probs, allowed, predict, inside)
+            move = _grow(here, keep_probs, allowed, predict, inside, seen)
             if move is None:
                 status, reason = "full", "every group is at full width: the unpruned network is already under the band"
                 break
