@@ -74,7 +74,7 @@ def int8_params(fp32_run: Path) -> dict[str, Any]:
     return p
 
 
-def _networks(fp32_run: Path, joint_run: Path) -> dict[str, torch.nn.Module]:
+def _networks(fp32_run: Path, joint_run: Path, shape: tuple[int, ...]) -> dict[str, torch.nn.Module]:
     from pipeline.checkpoint import load_model
     from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 
@@ -82,7 +82,7 @@ def _networks(fp32_run: Path, joint_run: Path) -> dict[str, torch.nn.Module]:
     for name, run in (("fp32_pruned", fp32_run), ("joint", joint_run)):
         masked, _ = load_model(run / "artifacts" / "prune" / "model.pt")
         kept = json.loads((run / "artifacts" / "prune" / "masks.json").read_text())["kept"]
-        example = torch.zeros(1, 3, 32, 32)
+        example = torch.zeros(1, *shape)
         out[name] = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), kept)).eval()
     return out
 
@@ -104,7 +104,7 @@ def judge(fp32_run: Path, joint_run: Path, budget: float) -> dict[str, Any]:
     shape = (data.channels, *data.meta["image_size"])
     model, _ = load_model(joint_run / "artifacts" / "student" / "model.pt")
     model.eval()
-    nets = _networks(fp32_run, joint_run)
+    nets = _networks(fp32_run, joint_run, shape)
     calib = calibration_images(data, engine.calibration_images)
     test = {"test_acc": (Normalized(data.test, *data.norm()), data.test.y)}
     int8 = target_backend(target)  # ONNX Runtime, CPU, int8 with target.int8_activations

@@ -70,18 +70,10 @@ def _quiet() -> Iterator[None]:
         logging.disable(before)
 
 
-def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activation: Activation = "uint8",
-                  batch_size: int = 32, float_nodes: Sequence[str] = (), cache: str | Path | None = None
-                  ) -> dict[str, Any]:
-    """Write the Q/DQ INT8 model of ``onnx_in`` to ``onnx_out``, ranges calibrated on ``images``
-    (normalised (N, C, H, W) rows: a tensor, or ``pipeline.data.Normalized``). Returns the record:
-    tool, format, types, calibration image count and the SHA-256 of their bytes.
-    ``float_nodes``: nodes of the pre-processed graph (``quantizable_nodes``) left in float (their
-    inputs not quantized). ``cache``: a calibration cache file (ONNX Runtime's): the ranges are
-    computed once, written there, and read back by every later call with the same images."""
+def _record(images: Any, activation: Activation, batch_size: int, float_nodes: Sequence[str]) -> dict[str, Any]:
+    """What the manifest keeps of one quantization: tool and version, types, the calibration images'
+    count and SHA-256, the nodes left in float. Refuses an unknown type or no images."""
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if activation not in ("uint8", "int8"):
         raise ConfigError(f"int8 activations must be uint8 or int8, got {activation!r}")
@@ -90,6 +82,27 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activa
     digest = hashlib.sha256()
     for b in _batches(images, batch_size):
         digest.update(b.tobytes())
+    return {"tool": f"onnxruntime.quantization {onnxruntime.__version__}", "format": "QDQ",
+            "weights": "int8, symmetric, per output channel", "activations": activation,
+            "activations_symmetric": activation == "int8", "ranges": "min/max",
+            "calibration": {"images": len(images), "sha256": digest.hexdigest()}, "float_nodes": list(float_nodes)}
+
+
+def _preprocess(onnx_in: str | Path, tmp: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference, BatchNorm folded) into ``tmp``."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "pre.onnx"
+    with _quiet():
+        quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
+    return pre
+
+
+def _qdq(pre: Path, onnx_out: str | Path, images: Any, activation: Activation, batch_size: int,
+         float_nodes: Sequence[str] = (), cache: Path | None = None) -> None:
+    """``quantize_static`` of the pre-processed model ``pre`` into ``onnx_out``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self, name: str) -> None:
@@ -99,36 +112,41 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activa
             b = next(self.it, None)
             return None if b is None else {self.name: b}
 
-    import onnx
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
-        name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    with _quiet():
         quantize_static(str(pre), str(onnx_out), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes) or None,
                         extra_options={"ActivationSymmetric": activation == "int8", "WeightSymmetric": True},
                         calibration_cache_path=None if cache is None else str(cache))
-    return {"tool": f"onnxruntime.quantization {onnxruntime.__version__}", "format": "QDQ",
-            "weights": "int8, symmetric, per output channel", "activations": activation,
-            "activations_symmetric": activation == "int8", "ranges": "min/max",
-            "calibration": {"images": len(images), "sha256": digest.hexdigest()}, "float_nodes": list(float_nodes)}
+
+
+def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, images: Any, activation: Activation = "uint8",
+                  batch_size: int = 32, float_nodes: Sequence[str] = ()) -> dict[str, Any]:
+    """Write the Q/DQ INT8 model of ``onnx_in`` to ``onnx_out``, ranges calibrated on ``images``
+    (normalised (N, C, H, W) rows: a tensor, or ``pipeline.data.Normalized``). Returns the record:
+    tool, format, types, calibration image count and the SHA-256 of their bytes.
+    ``float_nodes``: nodes of the pre-processed graph (``quantizable_nodes``) left in float."""
+    record = _record(images, activation, batch_size, float_nodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        _qdq(_preprocess(onnx_in, Path(tmp)), onnx_out, images, activation, batch_size, float_nodes)
+    return record
 
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def _weighted_nodes(pre: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+
+
 def quantizable_nodes(onnx_in: str | Path) -> list[str]:
     """Names of the nodes ``quantize_int8`` quantizes with their weights (convolutions, linear
     layers), in graph order, as named in the pre-processed graph it quantizes."""
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
-        return [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+    with tempfile.TemporaryDirectory() as tmp:
+        return _weighted_nodes(_preprocess(onnx_in, Path(tmp)))
 
 
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -139,7 +157,8 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def int8_within_bound(onnx_in: str | Path, onnx_out: str | Path, images: Any, activation: Activation,
-                      val: tuple[Any, torch.Tensor], max_drop: float, threads: int = 1) -> dict[str, Any]:
+                      val: tuple[Any, torch.Tensor] | None, max_drop: float, threads: int = 1,
+                      batch_size: int = 32) -> dict[str, Any]:
     """The Q/DQ model of ``onnx_in`` whose accuracy on ``val`` (normalised rows, labels) is within
     ``max_drop`` of the fp32 model's, keeping as many nodes quantized as it can: every node
     quantized first; when that drops more, each quantizable node's sensitivity is measured (the
@@ -147,16 +166,18 @@ def int8_within_bound(onnx_in: str | Path, onnx_out: str | Path, images: Any, ac
     alone stays in float, against all quantized: what keeping it in float recovers), and the most
     sensitive nodes stay in float, 1, 2, 4, ... of them, until the drop is within the bound or every
     one of them is float (the other operators, and a tensor between two int8 nodes, stay quantized:
-    the caller's test-split check then decides). An empty ``val`` has nothing to check: every node
-    int8. Written to ``onnx_out``; returns ``quantize_int8``'s record with ``val`` accuracies,
-    the sensitivity of every node and the nodes left in float (``float_nodes``)."""
+    the caller's test-split check then decides). ``val`` None (no fallback asked for) or empty:
+    every node int8, nothing checked. The graph is pre-processed and the ranges calibrated once for
+    every trial. Written to ``onnx_out``; returns ``quantize_int8``'s record, with (when checked)
+    ``float_fallback``: ``val`` accuracies, the sensitivity of every node and the nodes left in float."""
     from pipeline.runtimes import ort_logits, ort_session
 
-    x, y = val
-    if len(y) == 0:
-        record = quantize_int8(onnx_in, onnx_out, images, activation)
-        record["float_fallback"] = {"val_images": 0, "sensitivity": None, "max_accuracy_drop": max_drop}
+    if val is None or len(val[1]) == 0:
+        record = quantize_int8(onnx_in, onnx_out, images, activation, batch_size)
+        if val is not None:
+            record["float_fallback"] = {"val_images": 0, "sensitivity": None, "max_accuracy_drop": max_drop}
         return record
+    x, y = val
 
     def logits(path: Path) -> torch.Tensor:
         return ort_logits(ort_session(path, "cpu", threads, log_severity=3), x)
@@ -164,38 +185,41 @@ def int8_within_bound(onnx_in: str | Path, onnx_out: str | Path, images: Any, ac
     def acc(out: torch.Tensor) -> float:
         return (out.argmax(1) == y).double().mean().item()
 
+    record = _record(images, activation, batch_size, ())
     ref = logits(Path(onnx_in))
     with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocess(onnx_in, Path(tmp))
         cache, trial = Path(tmp) / "ranges.json", Path(tmp) / "trial.onnx"
-        record = quantize_int8(onnx_in, onnx_out, images, activation, cache=cache)
+        _qdq(pre, onnx_out, images, activation, batch_size, cache=cache)
         full = logits(Path(onnx_out))
         info: dict[str, Any] = {"val_images": len(y), "val_acc_fp32": acc(ref), "val_acc_all_int8": acc(full),
                                 "max_accuracy_drop": max_drop}
         if acc(ref) - acc(full) <= max_drop:
             record["float_fallback"] = {**info, "val_acc": acc(full), "sensitivity": None}
             return record
-        nodes = quantizable_nodes(onnx_in)
+        nodes = _weighted_nodes(pre)
         base = _kl(ref, full)
         sens = {}
         for n in nodes:  # what leaving n alone in float recovers
-            quantize_int8(onnx_in, trial, images, activation, float_nodes=[n], cache=cache)
+            _qdq(pre, trial, images, activation, batch_size, [n], cache)
             sens[n] = base - _kl(ref, logits(trial))
         order = sorted(nodes, key=lambda n: -sens[n])
-        k, last = 1, acc(full)
+        k = 1
         while True:
             k = min(k, len(order))
-            record = quantize_int8(onnx_in, onnx_out, images, activation, float_nodes=order[:k], cache=cache)
+            _qdq(pre, onnx_out, images, activation, batch_size, order[:k], cache)
             last = acc(logits(Path(onnx_out)))
             if acc(ref) - last <= max_drop or k == len(order):
                 break
             k *= 2
-        record["float_fallback"] = {**info, "val_acc": last, "kl_all_int8": base,
-                                    "sensitivity": [{"node": n, "kl_recovered": sens[n]} for n in order]}
-        if acc(ref) - last > max_drop:
-            log.warning("int8 (%s activations): with all %d convolution and linear layers in float the validation "
-                        "accuracy is still %.2f points below fp32 (the tensors between layers stay quantized)",
-                        activation, len(order), 100 * (acc(ref) - last))
-        return record
+    record["float_nodes"] = order[:k]
+    record["float_fallback"] = {**info, "val_acc": last, "kl_all_int8": base,
+                                "sensitivity": [{"node": n, "kl_recovered": sens[n]} for n in order]}
+    if acc(ref) - last > max_drop:
+        log.warning("int8 (%s activations): with all %d convolution and linear layers in float the validation "
+                    "accuracy is still %.2f points below fp32 (the tensors between layers stay quantized)",
+                    activation, len(order), 100 * (acc(ref) - last))
+    return record
 
 
 def qdq_nodes(path: str | Path) -> int:
@@ -219,9 +243,6 @@ def int8_accuracies(model: torch.nn.Module, input_shape: tuple[int, ...], calibr
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, input_shape, src, check=False)
-        if fallback is None:
-            quantize_int8(src, dst, calibration, activation)
-        else:
-            int8_within_bound(src, dst, calibration, activation, fallback[0], fallback[1], threads)
+        int8_within_bound(src, dst, calibration, activation, *(fallback or (None, 0.0)), threads)
         sess = ort_session(dst, "cpu", threads, log_severity=3)
         return {name: (ort_logits(sess, x).argmax(1) == y).double().mean().item() for name, (x, y) in splits.items()}

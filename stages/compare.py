@@ -145,8 +145,8 @@ def _int8_accuracies(params: dict, target: TargetConfig, data: PreparedData, hol
     splits = {"test_acc_int8": (Normalized(data.test, *norm), data.test.y)}
     if holdout is not None:
         splits["holdout_acc_int8"] = (Normalized(holdout, *norm), holdout.y)
-    fallback = (None if engine.int8_fallback == "none" else
-                ((Normalized(data.val, *norm), data.val.y), engine.max_accuracy_drop))
+    fallback = None if engine.int8_fallback == "none" else ((Normalized(data.val, *norm), data.val.y),
+                                                             engine.max_accuracy_drop)
     for name, model in models.items():
         result[name].update(int8_accuracies(model.eval(), shape, calib, target.int8_activations, splits, target.threads,
                                             fallback))

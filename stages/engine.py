@@ -38,6 +38,7 @@ from pipeline.latency import TimingProtocol, device_record, paired_ms, target_ba
 from pipeline.latency.backends import cuda_timed, wall_timed
 from pipeline.latency.timing import TimedCall, measure_calls
 from pipeline.prune import Budget
+from pipeline.quantize import calibration_images
 from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
 from stages._common import load_params, log, parser, read_pruned, run
 
@@ -187,11 +188,9 @@ def _quantize(args: Namespace, cfg: EngineConfig, data: PreparedData, out: Path,
     """The Q/DQ model of the ONNX model at ``out``: every layer int8, or (``engine.int8_fallback:
     float_layers``) with the layers whose quantization costs the most accuracy left in float until
     the validation accuracy is within ``engine.max_accuracy_drop`` (``pipeline.quantize.int8_within_bound``)."""
-    from pipeline.quantize import int8_within_bound, quantize_int8
+    from pipeline.quantize import int8_within_bound
 
-    if cfg.int8_fallback == "none":
-        return quantize_int8(args.onnx, out, calib, kind)
-    val = (Normalized(data.val, *data.norm()), data.val.y)
+    val = None if cfg.int8_fallback == "none" else (Normalized(data.val, *data.norm()), data.val.y)
     record = int8_within_bound(args.onnx, out, calib, kind, val, cfg.max_accuracy_drop, threads)
     if record["float_nodes"]:
         fb = record["float_fallback"]
@@ -200,12 +199,6 @@ def _quantize(args: Namespace, cfg: EngineConfig, data: PreparedData, out: Path,
                  len(record["float_nodes"]), len(fb["sensitivity"]), 100 * fb["val_acc"], 100 * fb["val_acc_fp32"],
                  100 * fb["val_acc_all_int8"])
     return record
-
-
-def _calibration_images(data: PreparedData, cfg: EngineConfig) -> torch.Tensor:
-    from pipeline.quantize import calibration_images
-
-    return calibration_images(data, cfg.calibration_images)
 
 
 def _onnxruntime(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -234,7 +227,7 @@ def _onnxruntime_int8(args: Namespace, cfg: EngineConfig, target: TargetConfig, 
     if target.device != "cpu":
         raise DeployError("engine.precision int8 on ONNX Runtime runs on its CPU provider (target.device: cpu); on a "
                           "GPU, TensorRT builds the int8 engine (engine.backend: tensorrt)")
-    calib = _calibration_images(data, cfg)
+    calib = calibration_images(data, cfg.calibration_images)
     if cfg.int8_activations != "auto":
         kinds, how = (cfg.int8_activations,), "engine.int8_activations"
     elif target.precision == "int8":  # pruning measured every network with this type: deploy what was measured
@@ -311,7 +304,7 @@ def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Pr
             raise DeployError("engine.int8_activations uint8 (asymmetric) does not build in TensorRT, whose Q/DQ "
                               "activations are symmetric int8: set engine.int8_activations int8 or auto")
         source = tmp / "model.int8.onnx"
-        record = _quantize(args, cfg, data, source, _calibration_images(data, cfg), "int8", target.threads)
+        record = _quantize(args, cfg, data, source, calibration_images(data, cfg.calibration_images), "int8", target.threads)
         record["chosen_by"] = "TensorRT (symmetric int8 activations only)"
     plan = build_tensorrt_plan(source, shape, (1, bs, max(bs, cfg.max_batch)), precision,
                                timing_cache=tmp / "timing.cache")
