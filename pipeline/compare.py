@@ -164,10 +164,34 @@ def candidates(make: Callable[[float], Candidate], knobs: list[float],
     return list(out.values())
 
 
+def containing_max(cands: Sequence[Candidate], predicted: Sequence[float]) -> list[float]:
+    """Each candidate's ranking key: the largest prediction among the candidates it contains (the
+    same groups, each width at least as large; itself included). A network that contains another is
+    at least as slow on any target, but a table's error can predict it faster, and on a tiny network,
+    whose table is mostly noise, a sub-network can be predicted slowest of all: ranked by the raw
+    prediction, a budget every candidate meets would hand a baseline that sub-network instead of the
+    whole network (the CI failure of 1b8f5f6, docs/history.md section 46). The keys keep the table's
+    order wherever it respects containment."""
+    keys = list(predicted)
+    by_groups: dict[tuple[str, ...], list[int]] = {}
+    for i, c in enumerate(cands):
+        by_groups.setdefault(tuple(sorted(c.widths)), []).append(i)
+    for groups, idx in by_groups.items():
+        w = torch.tensor([[cands[i].widths[g] for g in groups] for i in idx], dtype=torch.float64)
+        p = torch.tensor([predicted[i] for i in idx], dtype=torch.float64)
+        contains = (w[:, None, :] >= w[None, :, :]).all(dim=-1)  # [a, b]: a contains b
+        best = torch.where(contains, p[None, :], torch.tensor(float("-inf"), dtype=torch.float64)).amax(dim=1)
+        for i, k in zip(idx, best.tolist()):
+            keys[i] = k
+    return keys
+
+
 def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
                  measure: Callable[[list[nn.Module]], list[float]], high_ms: float, batch: int = 4) -> Match:
     """The largest candidate that *measures* at most ``high_ms``. Candidates are ranked by the
-    latency table's prediction (ties: by the sum of their widths, the larger first); measuring
+    latency table's prediction, raised to the prediction of any candidate they contain
+    (``containing_max``: a network with every width at least another's is ranked above it, however
+    the table errs; ties: by the sum of their widths, the larger first); measuring
     starts at the one predicted just under ``high_ms``
     (allowing the prediction 10% of error upwards) and walks down until one fits, then back up
     past where it started until one does not, so a predictor that errs either way cannot hand a
@@ -177,8 +201,10 @@ def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
     ``measure`` times a list of networks (``paired_measure``: each in a pair with the student); the
     walk asks for ``batch`` of them at a time (the next ones it would visit) and decides exactly as
     a walk of one at a time over the same readings would."""
-    # equal predictions (a staircase table, or a flat one on a tiny network): the larger network first
-    ranked = sorted(cands, key=lambda c: (predict(c), sum(c.widths.values())), reverse=True)
+    keys = dict(zip(map(id, cands), containing_max(cands, [predict(c) for c in cands])))
+    # equal keys (a staircase table, a flat one on a tiny network, a network containing another):
+    # the larger network first
+    ranked = sorted(cands, key=lambda c: (keys[id(c)], sum(c.widths.values())), reverse=True)
     probes: list[dict[str, Any]] = []
 
     def fits(order: list[int]) -> list[bool]:
@@ -187,7 +213,7 @@ def match_budget(cands: list[Candidate], predict: Callable[[Candidate], float],
             probes.append({"label": ranked[i].label, "predicted_ms": predict(ranked[i]), "measured_ms": ms})
         return [ranked[i].measured_ms <= high_ms for i in order]
 
-    start = next((i for i, c in enumerate(ranked) if predict(c) <= 1.1 * high_ms), len(ranked) - 1)
+    start = next((i for i, c in enumerate(ranked) if keys[id(c)] <= 1.1 * high_ms), len(ranked) - 1)
     best = None
     for lo in range(start, len(ranked), batch):  # down: the first that fits
         order = list(range(lo, min(lo + batch, len(ranked))))
