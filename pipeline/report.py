@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in budget_notes(args.metrics_dir):
         print(note)
     pr = args.metrics_dir / "prune.json"
+    prec = args.metrics_dir / "precision.json"
+    if prec.is_file() and read_json(prec).get("requested") == "auto":
+        m = read_json(prec)
+        print(f"\nprecision {m['precision']} (target.precision auto): {m['why']}")
     prof = args.metrics_dir / "profile.json"
     if prof.is_file():
         m = read_json(prof)

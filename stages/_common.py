@@ -91,3 +91,28 @@ def digest(*parts: Any) -> str:
     """Stable sha256 of JSON-serialisable parts (configs, hashes)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def deployed_target(params: dict[str, Any], precision_file: str | Path | None) -> Any:
+    """The params' ``target`` with the precision it deploys in: ``target.precision: auto`` is the
+    precision stage's choice, read from ``precision_file`` (its output; dvc.yaml passes it to every
+    stage that measures or deploys). A fixed precision is checked against the file when one is
+    given, so a choice made for other params is never used."""
+    from pipeline.config import TargetConfig, parse_section
+
+    target = parse_section(params, "target", TargetConfig)
+    if precision_file is None:
+        if target.precision == "auto":
+            raise ConfigError("target.precision auto is chosen by the precision stage: pass --precision with its "
+                              "output (dvc.yaml does), or set target.precision to fp32, fp16 or int8")
+        return target
+    choice = read_artifact(precision_file, ("requested", "precision"), "a precision choice", "precision")
+    if choice["requested"] != target.precision:
+        raise ConfigError(f"{precision_file} is the choice for target.precision {choice['requested']!r}, but the params "
+                          f"say {target.precision!r}: run the precision stage again (dvc repro does)")
+    return target.model_copy(update={"precision": choice["precision"]})
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default=None, help="the precision stage's output (target.precision auto: the "
+                   "precision chosen; required then)")

@@ -46,7 +46,7 @@ from pipeline.quantize import calibration_images, int8_accuracies
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 from pipeline.train import epoch_steps, test_accuracy
-from stages._common import load_params, log, parser, read_pruned, run
+from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_pruned, run
 
 SECTIONS = (("compare", CompareConfig), ("prune", PruneConfig), ("target", TargetConfig), ("distill", DistillConfig),
             ("train", TrainConfig))
@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", required=True)
     p.add_argument("--holdout", default=None, help="optional .npz split (x uint8 NCHW, y) every network is also "
                    "scored on, as holdout_acc (benchmarks: a larger test set than the prepared one)")
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         t0 = time.perf_counter()
         params = load_params(args.params)
         cfg, prune_cfg, target, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
+        target = deployed_target(params, args.precision)
         data = load_prepared(args.data)
         holdout = load_split(args.holdout, data.meta) if args.holdout else None
         student, _ = load_student(args.student, data.meta)

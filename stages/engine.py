@@ -40,7 +40,7 @@ from pipeline.latency.timing import TimedCall, measure_calls
 from pipeline.prune import Budget
 from pipeline.quantize import calibration_images
 from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
-from stages._common import load_params, log, parser, read_pruned, run
+from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_pruned, run
 
 
 class BudgetExceeded(DeployError):
@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    "--model; without both, the verdict reads the engine alone")
     p.add_argument("--out-dir", required=True, help="engine directory")
     p.add_argument("--metrics", required=True)
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         params = load_params(args.params)
         cfg = parse_section(params, "engine", EngineConfig)
-        target = parse_section(params, "target", TargetConfig)
+        target = deployed_target(params, args.precision)
         data = load_prepared(args.data)
         pruned = read_pruned(args.pruned, "budget_ms", "predicted_ms", "measured_ms")
         budget = Budget.from_masks(pruned)  # the prune stage's budget and measured noise
@@ -271,6 +272,10 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
                           "runs fp16, bf16 or fp32: set engine.backend tensorrt or onnxruntime, or precision fp16, bf16, "
                           "fp32 or auto")
     precision = cfg.precision if target.device == "cuda" else "fp32"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise DeployError("engine.precision bf16 needs a GPU with bf16 arithmetic (compute capability 8.0, Ampere, or "
+                          f"later); this one is {_gpu_name()}, where bf16 would be emulated: set engine.precision fp16, "
+                          "fp32 or auto")
     shape, bs = (data.channels, *data.meta["image_size"]), target.batch_size
     model, _ = load_slimmed_model(args.model)
     built = build_torch_engine(model, shape, bs, target.device, precision, tmp, aoti=cfg.aoti)
@@ -289,6 +294,13 @@ def _torch(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: Prepa
         call = wall_timed(lambda: runner(xd))
     return Built(built["engine_file"], precision, logits, latency, device_record(target.device), {}, built, call=call,
                  predict=runner.logits)
+
+
+def _gpu_name() -> str:
+    if not torch.cuda.is_available():
+        return "no GPU (CUDA is not available)"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
 
 
 def _tensorrt(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, tmp: Path,
@@ -330,7 +342,8 @@ def precision_candidates(backend: str, target: TargetConfig, cfg: EngineConfig) 
     if backend == "torch":
         if target.device != "cuda":
             return ("fp32",)
-        return ("fp32", "fp16", "bf16") if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else (
+        native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("fp32", "fp16", "bf16") if native_bf16 else (
             "fp32", "fp16")
     # tensorrt: its Q/DQ activations are symmetric int8; asked for uint8 ones, int8 is not a candidate
     return ("fp32", "fp16") if cfg.int8_activations == "uint8" else ("fp32", "fp16", "int8")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import load_model
-from pipeline.config import CompressConfig, HandoffConfig, TargetConfig, parse_section, parse_teachers
+from pipeline.config import CompressConfig, HandoffConfig, parse_section, parse_teachers
 from pipeline.data import load_prepared
 from pipeline.deploy import check_manifest, model_card, sha256, verify_bundle
 from pipeline.errors import CheckpointError
@@ -21,7 +21,7 @@ from pipeline.latency import LatencyTable, target_backend
 from pipeline.plots import pareto_png
 from pipeline.slim import load_slimmed_model
 from pipeline.train import test_accuracy
-from stages._common import load_params, log, parser, run
+from stages._common import add_precision_arg, deployed_target, load_params, log, parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-table", required=True, help="latency table of the profile stage (its error goes "
                    "into the manifest)")
     p.add_argument("--out-dir", required=True, help="bundle directory")
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         params = load_params(args.params)
         cfg = parse_section(params, "handoff", HandoffConfig)
-        target = parse_section(params, "target", TargetConfig)
+        target = deployed_target(params, args.precision)
         names = list(parse_teachers(params))
         source = parse_section(params, "compress", CompressConfig) if "compress" in params else CompressConfig()
         data = load_prepared(args.data)

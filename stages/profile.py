@@ -30,7 +30,7 @@ from pipeline.latency.calibrate import CalibrationResult
 from pipeline.latency.staircase import StepDetection
 from pipeline.plots import predicted_vs_measured_png, staircase_png
 from pipeline.slim import ChannelGraph
-from stages._common import load_params, log, parser, read_artifact, run
+from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_artifact, run
 
 
 class PredictorContractError(SlimdeployError):
@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="latency table JSON path")
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     p.add_argument("--plots-dir", required=True, help="directory for validation/staircase CSV and PNG")
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         t_start = time.perf_counter()
         params = load_params(args.params)
-        target = parse_section(params, "target", TargetConfig)
+        target = deployed_target(params, args.precision)
         cfg = parse_section(params, "profile", ProfileConfig)
         backend = target_backend(target)
         meta = load_prepared(args.data).meta

@@ -62,7 +62,7 @@ from pipeline.prune import (
 from pipeline.runtime import describe_device, shutdown_distributed, start_training
 from pipeline.slim import apply_masks
 from pipeline.train import test_accuracy
-from stages._common import digest, load_params, log, parser, run
+from stages._common import add_precision_arg, deployed_target, digest, load_params, log, parser, run
 
 SECTIONS = (("prune", PruneConfig), ("target", TargetConfig), ("distill", DistillConfig), ("train", TrainConfig))
 
@@ -77,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", required=True, help="metrics JSON path")
     p.add_argument("--plots-dir", required=True, help="directory for history/loop/widths CSV and PNG")
     p.add_argument("--resume-dir", default=".resume")
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         t_start = time.perf_counter()
         params = load_params(args.params)
         cfg, target, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
+        target = deployed_target(params, args.precision)
         names = list(parse_teachers(params))
         data = load_prepared(args.data)
         student, ckpt = load_student(args.student, data.meta)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from pipeline.checkpoint import load_model, save_checkpoint
-from pipeline.config import SlimConfig, TargetConfig, parse_section
+from pipeline.config import SlimConfig, parse_section
 from pipeline.data import load_prepared, normalize
 from pipeline.errors import CheckpointError
 from pipeline.flops import count_flops, count_params
@@ -16,7 +16,7 @@ from pipeline.io import atomic_path, write_json
 from pipeline.latency import target_backend
 from pipeline.slim import channel_groups, load_slimmed_model, masks_from_kept, slim
 from pipeline.train import test_accuracy
-from stages._common import load_params, log, parser, read_pruned, run
+from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_pruned, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", required=True, help="masks.json (prune stage)")
     p.add_argument("--out", required=True, help="slimmed checkpoint path")
     p.add_argument("--metrics", required=True, help="metrics JSON path")
+    add_precision_arg(p)
     args = p.parse_args(argv)
 
     def body() -> None:
         params = load_params(args.params)
         cfg = parse_section(params, "slim", SlimConfig)
-        target = parse_section(params, "target", TargetConfig)
+        target = deployed_target(params, args.precision)
         data = load_prepared(args.data)
         model, ckpt = load_model(args.model)
         if ckpt["meta"].get("data_hash") != data.meta["split_hashes"]["train"]:

@@ -508,6 +508,44 @@ def c_engine_auto_empty_val(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return code, [tmp / "e", tmp / "em.json"]
 
 
+def _precision(world: dict, tmp: Path, params: Path, prep: Path | None = None) -> tuple[int, list[Path]]:
+    from stages import precision
+
+    code = precision.main(["--params", str(params), "--data", str(prep or world["dir"] / "prep"), "--student",
+                           str(world["dir"] / "t" / "a.pt"), "--out", str(tmp / "pc" / "precision.json"),
+                           "--metrics", str(tmp / "pc.json")])
+    return code, [tmp / "pc" / "precision.json", tmp / "pc.json"]
+
+
+def c_params_auto_precision_torch(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _precision(world, tmp, _params(tmp, target={"backend": "torch", "precision": "auto"},
+                                          engine={"precision": "auto"}))
+
+
+def c_params_auto_precision_engine_fp32(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    return _precision(world, tmp, _params(tmp, target={"precision": "auto"}, engine={"precision": "fp32"}))
+
+
+def c_precision_auto_empty_val(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    prep = tmp / "prep"
+    shutil.copytree(world["dir"] / "prep", prep)
+    with np.load(prep / "val.npz") as f:
+        np.savez(prep / "val.npz", x=f["x"][:0], y=f["y"][:0])
+    return _precision(world, tmp, _params(tmp, target={"precision": "auto"}, engine={"precision": "auto"}), prep)
+
+
+def c_precision_stale_choice(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # the precision stage chose for auto; the params now say fp32 (the choice is another run's)
+    from stages import profile
+
+    (tmp / "precision.json").write_text(json.dumps({"requested": "auto", "precision": "int8"}))
+    code = profile.main(["--params", str(_params(tmp)), "--data", str(world["dir"] / "prep"), "--arch",
+                         str(tmp / "none.json"), "--precision", str(tmp / "precision.json"),
+                         "--out", str(tmp / "prof" / "table.json"), "--metrics", str(tmp / "pm.json"),
+                         "--plots-dir", str(tmp / "pp")])
+    return code, [tmp / "prof" / "table.json", tmp / "pm.json"]
+
+
 def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "masks.json").write_text("{not json")
     return _slim(world, tmp, tmp / "masks.json")
@@ -801,6 +839,15 @@ CASES = [
          c_arch_not_a_module),
     Case("engine-auto-empty-val", "`engine.precision: auto` on prepared data whose validation split is empty",
          "by their accuracy on the validation split, which is empty", c_engine_auto_empty_val),
+    Case("params-auto-precision-torch", "`target.precision: auto` with `target.backend: torch`",
+         "target.precision: auto chooses on backend onnxruntime on device cpu", c_params_auto_precision_torch),
+    Case("params-auto-precision-engine-fp32", "`target.precision: auto` with `engine.precision: fp32`",
+         "but target.precision is auto", c_params_auto_precision_engine_fp32),
+    Case("precision-auto-empty-val", "`target.precision: auto` on prepared data whose validation split is empty",
+         "target.precision auto chooses by the accuracy on the validation split, which is empty",
+         c_precision_auto_empty_val),
+    Case("precision-stale-choice", "profile given the precision stage's choice for `auto` while the params say fp32",
+         "run the precision stage again", c_precision_stale_choice),
 ]
 
 

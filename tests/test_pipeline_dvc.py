@@ -55,7 +55,7 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
 
     out = _sh(["dvc", "repro"], repo)
     for stage in ("prepare", "train_teacher@a", "train_teacher@b", "ensemble", "search", "train_student",
-                  "profile", "prune", "slim", "compare", "export", "engine", "handoff"):
+                  "precision", "profile", "prune", "slim", "compare", "export", "engine", "handoff"):
         assert f"Running stage '{stage}'" in out
     ens = json.loads((repo / "metrics" / "ensemble.json").read_text())
     # the oracle (some teacher right) bounds every member from above, not the ensemble: averaged logits
@@ -104,8 +104,8 @@ def test_dvc_repro_tiny_preset(tmp_path: Path) -> None:
     ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
     assert {"ensemble", "search", "train_student", "train_teacher@b"} <= set(ran)
     assert not {"prepare", "train_teacher@a"} & set(ran)
-    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "profile", "prune", "slim", "compare",
-                        "export", "engine", "handoff"}
+    assert set(ran) <= {"ensemble", "search", "train_student", "train_teacher@b", "precision", "profile", "prune",
+                        "slim", "compare", "export", "engine", "handoff"}
 
 
 def _ran(out: str) -> set[str]:
@@ -153,6 +153,42 @@ def test_compress_a_trained_model_given_as_a_weights_file(tmp_path: Path) -> Non
     torch.save({k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}, repo / "weights" / "own.pt")
     rerun = _ran(_sh(["dvc", "repro", "handoff", "ensemble"], repo))
     assert {"train_teacher@own", "prune", "handoff"} <= rerun and not {"prepare", "profile", "search"} & rerun
+
+
+def test_target_precision_auto_end_to_end(tmp_path: Path) -> None:
+    """target.precision auto through real DVC: the precision stage chooses on the trained student,
+    and the latency table and the engine are measured in its choice; a
+    change of engine.calibration_images re-runs the choice but, when it stays the same, nothing that
+    measures."""
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    _sh(["git", "init", "-q"], repo)
+    params = resolve("tiny")
+    params["target"] = {**params.get("target", {}), "precision": "auto"}
+    params["engine"] = {**params.get("engine", {}), "precision": "auto", "calibration_images": 64}
+    params["compare"] = {**params.get("compare", {}), "methods": []}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh(["dvc", "repro", "handoff"], repo)
+    assert {"precision", "profile", "prune", "engine", "handoff"} <= _ran(out)
+    choice = json.loads((repo / "artifacts" / "precision" / "precision.json").read_text())
+    why = json.loads((repo / "metrics" / "precision.json").read_text())
+    assert choice["requested"] == "auto" and choice["precision"] == why["precision"] in ("fp32", "int8")
+    assert why["readings"] == 5 and "int8_val_acc" in why
+    table = json.loads((repo / "artifacts" / "profile" / "latency_table.json").read_text())
+    assert table["fingerprint"]["precision"] == choice["precision"]
+    engine = json.loads((repo / "metrics" / "engine.json").read_text())
+    if choice["precision"] == "int8":  # the budget is in int8: the engine deploys int8 only
+        assert engine["precision"] == "int8" and engine["precision_choice"]["candidates"].keys() == {"int8"}
+
+    report = _sh([sys.executable, "-m", "pipeline.report"], repo)
+    assert f"precision {choice['precision']} (target.precision auto): {why['why']}" in report
+
+    params["engine"]["calibration_images"] = 65
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = _ran(_sh(["dvc", "repro", "handoff"], repo))
+    assert "precision" in rerun
+    if json.loads((repo / "artifacts" / "precision" / "precision.json").read_text()) == choice:
+        assert not {"profile", "prune", "slim"} & rerun
 
 
 def test_images_streamed_from_a_folder_end_to_end(tmp_path: Path) -> None:

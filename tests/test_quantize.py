@@ -266,7 +266,8 @@ def test_precision_candidates_follow_the_backend_and_the_target() -> None:
     cpu = TargetConfig(backend="onnxruntime", device="cpu")
     assert precision_candidates("onnxruntime", cpu, e) == ("fp32", "int8")
     assert precision_candidates("torch", cpu, e) == ("fp32",)
-    half = ("fp32", "fp16", "bf16") if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    half = ("fp32", "fp16", "bf16") if native_bf16 else ("fp32", "fp16")
     assert precision_candidates("torch", TargetConfig(backend="torch", device="cuda", precision="fp16"), e) == half
     gpu = TargetConfig(backend="torch", device="cuda")
     assert precision_candidates("tensorrt", gpu, e) == ("fp32", "fp16", "int8")
@@ -274,6 +275,26 @@ def test_precision_candidates_follow_the_backend_and_the_target() -> None:
         "fp32", "fp16")  # TensorRT's Q/DQ activations are symmetric int8
     assert precision_candidates("onnxruntime", TargetConfig(backend="onnxruntime", device="cpu", precision="int8"),
                                 e) == ("int8",)
+
+
+def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Turing GPU (7.5): torch reports bf16 "supported" by emulation; auto does not try it and an explicit
+    # bf16 engine is a DeployError naming the GPU, before anything is built
+    from argparse import Namespace
+
+    import stages.engine as se
+    from pipeline.config import EngineConfig, TargetConfig
+    from pipeline.deploy import DeployError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    gpu = TargetConfig(backend="torch", device="cuda")
+    assert se.precision_candidates("torch", gpu, EngineConfig(precision="auto")) == ("fp32", "fp16")
+    with pytest.raises(DeployError, match=r"engine.precision bf16 .*Tesla T4 \(compute capability 7.5\)"):
+        se._torch(Namespace(model="unused.pt"), EngineConfig(backend="torch", precision="bf16"), gpu,
+                  None, None, None, None, None)
 
 
 class _Outlier(torch.nn.Module):

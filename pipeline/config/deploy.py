@@ -51,17 +51,23 @@ class TimingConfig(Section):
     span_s: float = Field(0.5, ge=0.0, le=600.0, description="least wall time the windows of a few models spread over")
 
 
+# target.precision auto: what it chooses among, per (backend, device) (pipeline/precision.py)
+AUTO_PRECISIONS: dict[tuple[str, str], tuple[str, ...]] = {("onnxruntime", "cpu"): ("fp32", "int8")}
+
+
 class TargetConfig(Section):
     """`target`: the deployment runtime and device latency is measured on (profile, prune, engine)."""
 
     backend: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(1, ge=1, le=4096, description="deployment batch size")
-    precision: Literal["fp32", "fp16", "int8"] = Field(
+    precision: Literal["fp32", "fp16", "int8", "auto"] = Field(
         "fp32", description="precision every latency is measured in (profile's table, prune's closed loop, compare, "
         "the engine): fp16 on CUDA (torch, tensorrt); int8 with onnxruntime on a CPU: each network measured as its "
         "post-training Q/DQ model (pipeline/quantize.py), so pruning prices what quantization saves per layer; "
-        "needs engine.precision: int8")
+        "needs engine.precision: int8 or auto. auto (onnxruntime on a CPU): the precision stage chooses int8 when the "
+        "trained network loses at most engine.max_accuracy_drop in it on the validation split and it measures faster "
+        "than fp32 on the target, else fp32 (pipeline/precision.py); needs engine.precision: auto")
     int8_activations: Literal["uint8", "int8"] = Field(
         "uint8", description="precision int8: the activation type every latency is measured with (uint8: U8S8 "
         "kernels; int8: S8S8); which is faster depends on the CPU (python -m benchmarks.int8)")

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.config.base import Section, parse_section
 from pipeline.config.deploy import (
+    AUTO_PRECISIONS,
     CompareConfig,
     CompressConfig,
     EngineConfig,
@@ -102,8 +103,10 @@ def _int8_target(params: dict[str, Any]) -> list[str]:
         engine = parse_section(params, "engine", EngineConfig) if "engine" in params else None
     except ConfigError:
         return []  # listed with the sections' own problems
-    if target is None or target.precision != "int8":
+    if target is None or target.precision not in ("int8", "auto"):
         return []
+    if target.precision == "auto":
+        return _auto_target(target, engine or EngineConfig())
     out = []
     if (target.backend, target.device) != ("onnxruntime", "cpu"):
         out.append(f"  target.precision: int8 is measured with backend onnxruntime on device cpu (got {target.backend} "
@@ -113,6 +116,22 @@ def _int8_target(params: dict[str, Any]) -> list[str]:
                    "the engine pruning measured; set engine.precision: int8")
     if engine is not None and engine.int8_activations not in ("auto", target.int8_activations):
         out.append(f"  engine.int8_activations: {engine.int8_activations}, but every latency was measured with "
+                   f"target.int8_activations {target.int8_activations}; set them alike (or engine's to auto)")
+    return out
+
+
+def _auto_target(target: TargetConfig, engine: EngineConfig) -> list[str]:
+    """target.precision auto: a runtime it can choose on, and an engine that deploys what it chose."""
+    out = []
+    if (target.backend, target.device) not in AUTO_PRECISIONS:
+        where = ", ".join(f"backend {b} on device {d}" for b, d in AUTO_PRECISIONS)
+        out.append(f"  target.precision: auto chooses on {where} (got backend {target.backend} on {target.device}); "
+                   "set target.precision to fp32 or fp16")
+    if engine.precision != "auto":
+        out.append(f"  engine.precision: {engine.precision}, but target.precision is auto: the engine deploys the "
+                   "precision the precision stage chose; set engine.precision: auto")
+    if engine.int8_activations not in ("auto", target.int8_activations):
+        out.append(f"  engine.int8_activations: {engine.int8_activations}, but int8 latencies are measured with "
                    f"target.int8_activations {target.int8_activations}; set them alike (or engine's to auto)")
     return out
 

@@ -1,0 +1,101 @@
+"""``target.precision: auto``: the precision the target deploys in, chosen before anything is
+measured for pruning, so that the latency table, the channel step, the calibration, the closed loop,
+compare and the engine all measure the network in the precision it will run in.
+
+The candidates are what the target's runtime runs: fp32 and int8 (a post-training Q/DQ model,
+``pipeline.quantize``) with ONNX Runtime on a CPU. For the trained network to be compressed:
+
+* **accuracy**: its validation accuracy in fp32 (PyTorch) and as the Q/DQ model the engine would
+  build (the engine's calibration images, activation type and float fallback); int8 is eligible
+  when it loses at most ``engine.max_accuracy_drop``, the engine's own bound;
+* **latency**: the fp32 and the int8 model timed interleaved on the target, ``readings`` times;
+  int8 is kept when it is eligible and its median ratio to fp32 is under 1.
+
+The choice is taken on the unpruned network: pruning then spends the budget in the precision
+chosen. A CPU without VNNI can run int8 slower than fp32 (ONNX Runtime's docs warn of it; ENV.md
+measures it), which is why the ratio is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the choice is taken on: validation accuracies and the int8/fp32 latency ratios, one per
+    paired reading."""
+
+    fp32_val_acc: float
+    int8_val_acc: float
+    ratios: tuple[float, ...]
+    max_drop: float
+
+    @property
+    def drop(self) -> float:
+        return self.fp32_val_acc - self.int8_val_acc
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def decide(ev: Evidence) -> tuple[str, str]:
+    """(precision, why): int8 when it is within the accuracy bound and measures faster than fp32."""
+    within = ev.drop <= ev.max_drop + 1e-12
+    faster = ev.ratio < 1.0
+    if within and faster:
+        return "int8", (f"int8 loses {100 * ev.drop:.2f} points on the validation split (bound "
+                        f"{100 * ev.max_drop:.2f}) and measures {ev.ratio:.3f} of fp32")
+    reasons = []
+    if not within:
+        reasons.append(f"int8 loses {100 * ev.drop:.2f} points on the validation split, over the bound "
+                       f"{100 * ev.max_drop:.2f} (engine.max_accuracy_drop)")
+    if not faster:
+        reasons.append(f"int8 measures {ev.ratio:.3f} of fp32 on this target: not faster")
+    return "fp32", "; ".join(reasons)
+
+
+def measure_ratios(target: Any, model: nn.Module, shape: tuple[int, ...], readings: int) -> tuple[float, ...]:
+    """The int8 model's latency over the fp32 model's, each of ``readings`` readings timing the two
+    interleaved on the target (its runtime, threads, batch and timing protocol)."""
+    from pipeline.latency import target_backend
+
+    int8 = target_backend(target.model_copy(update={"precision": "int8"}))
+    fp32 = int8.at_precision("fp32")
+    reads = int8.measure_readings([model], shape, readings=readings, extra=[fp32.prepare(model, shape)])
+    return tuple(r[0].ms / r[1].ms for r in reads)
+
+
+def evidence(model: nn.Module, data: Any, target: Any, engine: Any, readings: int) -> Evidence:
+    """``Evidence`` for ``model`` (trained, eval mode) on ``data``'s validation split: int8 as the
+    engine stage would build it (``engine.calibration_images``, the target's activation type, the
+    float fallback ``engine.int8_fallback`` asks for)."""
+    from pipeline.data import Normalized
+    from pipeline.quantize import calibration_images, int8_accuracies
+    from pipeline.train import test_accuracy
+
+    shape = (data.channels, *data.meta["image_size"])
+    val = (Normalized(data.val, *data.norm()), torch.as_tensor(data.val.y))
+    fp32_acc = test_accuracy(model, data, torch.device("cpu"), split=data.val)
+    fallback = (val, engine.max_accuracy_drop) if engine.int8_fallback == "float_layers" else None
+    int8_acc = int8_accuracies(model, shape, calibration_images(data, engine.calibration_images),
+                               target.int8_activations, {"val": val}, target.threads, fallback)["val"]
+    return Evidence(fp32_acc, int8_acc, measure_ratios(target, model, shape, readings), engine.max_accuracy_drop)
+
+
+def record(requested: str, chosen: str, why: str, ev: Evidence | None) -> dict[str, Any]:
+    """metrics/precision.json."""
+    out: dict[str, Any] = {"requested": requested, "precision": chosen, "why": why}
+    if ev is not None:
+        out.update(fp32_val_acc=ev.fp32_val_acc, int8_val_acc=ev.int8_val_acc, int8_drop=ev.drop,
+                   max_accuracy_drop=ev.max_drop, int8_over_fp32=ev.ratio,
+                   int8_over_fp32_range=[min(ev.ratios), max(ev.ratios)], readings=len(ev.ratios))
+    return out
