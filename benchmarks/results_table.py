@@ -47,6 +47,7 @@ from benchmarks.tables.house import (
     joint_precision,
     make_run_summary,
     paired_readings,
+    precision_auto,
     streaming,
     tiny_margin,
     trained_model,
@@ -162,6 +163,11 @@ SECTIONS = (
      "with `target.timing`, the protocol the prune runs' closed loop read with); accuracy on the held-out test/ split "
      "(3,000 images) in the precision each is deployed in.",
      joint_precision),
+    ("The precision `target.precision: auto` chooses (CPU)",
+     "`benchmarks/precision_auto.py`: the real precision stage, run several times on trained networks: int8 is kept "
+     "when its validation accuracy (the engine's Q/DQ model) is within `engine.max_accuracy_drop` of fp32 and the "
+     "median of 5 paired int8 / fp32 readings on the target is under 1. Accuracies are the first run's (every run "
+     "computes the same).", precision_auto),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

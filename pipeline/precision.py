@@ -51,13 +51,13 @@ def decide(ev: Evidence) -> tuple[str, str]:
     """(precision, why): int8 when it is within the accuracy bound and measures faster than fp32."""
     within = ev.drop <= ev.max_drop + 1e-12
     faster = ev.ratio < 1.0
+    points = round(-100 * ev.drop, 2) + 0.0  # no "-0.00"
+    acc = f"int8 scores {points:+.2f} points against fp32 on the validation split"
     if within and faster:
-        return "int8", (f"int8 loses {100 * ev.drop:.2f} points on the validation split (bound "
-                        f"{100 * ev.max_drop:.2f}) and measures {ev.ratio:.3f} of fp32")
+        return "int8", f"{acc} (at most {100 * ev.max_drop:.2f} below allowed) and measures {ev.ratio:.3f} of fp32"
     reasons = []
     if not within:
-        reasons.append(f"int8 loses {100 * ev.drop:.2f} points on the validation split, over the bound "
-                       f"{100 * ev.max_drop:.2f} (engine.max_accuracy_drop)")
+        reasons.append(f"{acc}, more than the {100 * ev.max_drop:.2f} below that engine.max_accuracy_drop allows")
     if not faster:
         reasons.append(f"int8 measures {ev.ratio:.3f} of fp32 on this target: not faster")
     return "fp32", "; ".join(reasons)

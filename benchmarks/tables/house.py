@@ -163,6 +163,7 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
 INT8 = RESULTS / "int8/rows.json"
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
 JOINT_PRECISION = RESULTS / "joint_precision/rows.json"
+PRECISION_AUTO = RESULTS / "precision_auto/rows.json"
 
 
 def int8() -> tuple[list[str], list[list[str]], Refs]:
@@ -194,6 +195,24 @@ def paired_readings() -> tuple[list[str], list[list[str]], Refs]:
             for way, s in d["summary"].items()]
     rows.append(["the prune stage's own reading (earlier)", f"{m['prune_stage_ratio']:.3f}", "-", "-", k])
     return ["way", "ours / model, median", "range", "(max - min) / median", "src"], rows, refs
+
+
+def precision_auto() -> tuple[list[str], list[list[str]], Refs]:
+    """What target.precision auto chose, run after run, and on what evidence."""
+    d = read_json(PRECISION_AUTO)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(PRECISION_AUTO, m["command"], m["machine"])
+    rows = []
+    for r in d["rows"]:
+        rs = r["runs"]
+        chosen = ", ".join(f"{p} in {sum(x['precision'] == p for x in rs)}"
+                           for p in sorted({x["precision"] for x in rs}))
+        rows.append([r["case"], str(len(rs)), chosen, median_range([x["int8_over_fp32"] for x in rs], digits=3),
+                     f"{100 * rs[0]['fp32_val_acc']:.2f}", f"{100 * rs[0]['int8_val_acc']:.2f}",
+                     median_range([x["seconds"] for x in rs], digits=1), k])
+    return (["network", "runs", "chosen", "int8 / fp32 latency, median (range) over runs", "fp32 val acc %",
+             "int8 val acc %", "stage s", "src"], rows, refs)
 
 
 def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
