@@ -165,9 +165,9 @@ SECTIONS = (
      joint_precision),
     ("The precision `target.precision: auto` chooses (CPU)",
      "`benchmarks/precision_auto.py`: the real precision stage, run several times on trained networks: int8 is kept "
-     "when its validation accuracy (the engine's Q/DQ model) is within `engine.max_accuracy_drop` of fp32 and the "
-     "median of 5 paired int8 / fp32 readings on the target is under 1. Accuracies are the first run's (every run "
-     "computes the same).", precision_auto),
+     "when its validation accuracy (the Q/DQ model the engine would build, layers left in float included) is within "
+     "`engine.max_accuracy_drop` of the fp32 ONNX model's and the median of 5 paired readings of those two models on the "
+     "target is under 1. Accuracies are the first run's (every run computes the same).", precision_auto),
     ("The tiny preset against the chance guard",
      "`presets/tiny.yaml` (the end-to-end tests' pipeline) with every training seed shifted: each network's test "
      "accuracy against the limit `pipeline.train.check_above_chance` refuses below. The margin is what a CPU's "

@@ -5,11 +5,13 @@ compare and the engine all measure the network in the precision it will run in.
 The candidates are what the target's runtime runs: fp32 and int8 (a post-training Q/DQ model,
 ``pipeline.quantize``) with ONNX Runtime on a CPU. For the trained network to be compressed:
 
-* **accuracy**: its validation accuracy in fp32 (PyTorch) and as the Q/DQ model the engine would
-  build (the engine's calibration images, activation type and float fallback); int8 is eligible
-  when it loses at most ``engine.max_accuracy_drop``, the engine's own bound;
-* **latency**: the fp32 and the int8 model timed interleaved on the target, ``readings`` times;
-  int8 is kept when it is eligible and its median ratio to fp32 is under 1.
+* **accuracy**: its validation accuracy as its fp32 ONNX model and as the Q/DQ model the engine
+  would build (the engine's calibration images, activation type and float fallback), both run by
+  ONNX Runtime; int8 is eligible when it loses at most ``engine.max_accuracy_drop``, the engine's
+  own bound;
+* **latency**: those two models timed interleaved on the target, ``readings`` times; int8 is kept
+  when it is eligible and its median ratio to fp32 is under 1. The int8 model timed is the one
+  whose accuracy was read: with layers left in float it may be slower than an all-int8 model.
 
 The choice is taken on the unpruned network: pruning then spends the budget in the precision
 chosen. A CPU without VNNI can run int8 slower than fp32 (ONNX Runtime's docs warn of it; ENV.md
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ class Evidence:
     int8_val_acc: float
     ratios: tuple[float, ...]
     max_drop: float
+    float_layers: int = 0  # layers the int8 model keeps in float (engine.int8_fallback)
 
     @property
     def drop(self) -> float:
@@ -63,32 +68,43 @@ def decide(ev: Evidence) -> tuple[str, str]:
     return "fp32", "; ".join(reasons)
 
 
-def measure_ratios(target: Any, model: nn.Module, shape: tuple[int, ...], readings: int) -> tuple[float, ...]:
+def measure_ratios(target: Any, int8_onnx: bytes, fp32_onnx: bytes, shape: tuple[int, ...],
+                   readings: int) -> tuple[float, ...]:
     """The int8 model's latency over the fp32 model's, each of ``readings`` readings timing the two
-    interleaved on the target (its runtime, threads, batch and timing protocol)."""
+    ONNX models interleaved on the target (its runtime, threads, batch and timing protocol). Both are
+    timed as given (the int8 one is the Q/DQ model whose accuracy was read, layers left in float
+    included), by the runtime at fp32, which quantizes nothing itself."""
     from pipeline.latency import target_backend
 
-    int8 = target_backend(target.model_copy(update={"precision": "int8"}))
-    fp32 = int8.at_precision("fp32")
-    reads = int8.measure_readings([model], shape, readings=readings, extra=[fp32.prepare(model, shape)])
-    return tuple(r[0].ms / r[1].ms for r in reads)
+    runtime = target_backend(target.model_copy(update={"precision": "fp32"}))
+    calls = [runtime.prepare_onnx(int8_onnx, shape), runtime.prepare_onnx(fp32_onnx, shape)]
+    return tuple(r[0].ms / r[1].ms for r in runtime.measure_readings([], shape, readings=readings, extra=calls))
 
 
 def evidence(model: nn.Module, data: Any, target: Any, engine: Any, readings: int) -> Evidence:
-    """``Evidence`` for ``model`` (trained, eval mode) on ``data``'s validation split: int8 as the
-    engine stage would build it (``engine.calibration_images``, the target's activation type, the
-    float fallback ``engine.int8_fallback`` asks for)."""
+    """``Evidence`` for ``model`` (trained, eval mode) on ``data``'s validation split: its fp32 ONNX
+    model against the Q/DQ model the engine stage would build from it (``int8_within_bound``:
+    ``engine.calibration_images``, the target's activation type, the float fallback
+    ``engine.int8_fallback`` asks for), both scored by ONNX Runtime and both timed."""
     from pipeline.data import Normalized
-    from pipeline.quantize import calibration_images, int8_accuracies
-    from pipeline.train import test_accuracy
+    from pipeline.quantize import calibration_images, int8_within_bound
+    from pipeline.runtimes import export_onnx, ort_logits, ort_session
 
     shape = (data.channels, *data.meta["image_size"])
-    val = (Normalized(data.val, *data.norm()), torch.as_tensor(data.val.y))
-    fp32_acc = test_accuracy(model, data, torch.device("cpu"), split=data.val)
-    fallback = (val, engine.max_accuracy_drop) if engine.int8_fallback == "float_layers" else None
-    int8_acc = int8_accuracies(model, shape, calibration_images(data, engine.calibration_images),
-                               target.int8_activations, {"val": val}, target.threads, fallback)["val"]
-    return Evidence(fp32_acc, int8_acc, measure_ratios(target, model, shape, readings), engine.max_accuracy_drop)
+    x, y = Normalized(data.val, *data.norm()), torch.as_tensor(data.val.y)
+
+    def accuracy(path: Path) -> float:
+        return (ort_logits(ort_session(path, "cpu", target.threads, log_severity=3), x).argmax(1) == y).double().mean().item()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, shape, src, check=False)
+        fallback = (x, y) if engine.int8_fallback == "float_layers" else None
+        quant = int8_within_bound(src, dst, calibration_images(data, engine.calibration_images),
+                                  target.int8_activations, fallback, engine.max_accuracy_drop, target.threads)
+        ratios = measure_ratios(target, dst.read_bytes(), src.read_bytes(), shape, readings)
+        return Evidence(accuracy(src), accuracy(dst), ratios, engine.max_accuracy_drop,
+                        len(quant.get("float_nodes") or ()))
 
 
 def record(requested: str, chosen: str, why: str, ev: Evidence | None) -> dict[str, Any]:
@@ -97,5 +113,6 @@ def record(requested: str, chosen: str, why: str, ev: Evidence | None) -> dict[s
     if ev is not None:
         out.update(fp32_val_acc=ev.fp32_val_acc, int8_val_acc=ev.int8_val_acc, int8_drop=ev.drop,
                    max_accuracy_drop=ev.max_drop, int8_over_fp32=ev.ratio,
-                   int8_over_fp32_range=[min(ev.ratios), max(ev.ratios)], readings=len(ev.ratios))
+                   int8_over_fp32_range=[min(ev.ratios), max(ev.ratios)], readings=len(ev.ratios),
+                   int8_float_layers=ev.float_layers)
     return out

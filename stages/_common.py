@@ -106,10 +106,18 @@ def deployed_target(params: dict[str, Any], precision_file: str | Path | None) -
             raise ConfigError("target.precision auto is chosen by the precision stage: pass --precision with its "
                               "output (dvc.yaml does), or set target.precision to fp32, fp16 or int8")
         return target
+    from pipeline.config.deploy import AUTO_PRECISIONS
+
     choice = read_artifact(precision_file, ("requested", "precision"), "a precision choice", "precision")
     if choice["requested"] != target.precision:
         raise ConfigError(f"{precision_file} is the choice for target.precision {choice['requested']!r}, but the params "
                           f"say {target.precision!r}: run the precision stage again (dvc repro does)")
+    allowed = AUTO_PRECISIONS.get((target.backend, target.device), ()) if target.precision == "auto" else (
+        target.precision,)
+    if choice["precision"] not in allowed:
+        raise ConfigError(f"{precision_file} chose precision {choice['precision']!r}, which target.precision "
+                          f"{target.precision} on {target.backend}/{target.device} cannot choose (allowed: "
+                          f"{', '.join(allowed) or 'none'}): run the precision stage again (dvc repro does)")
     return target.model_copy(update={"precision": choice["precision"]})
 
 

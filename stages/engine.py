@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         cfg = parse_section(params, "engine", EngineConfig)
         target = deployed_target(params, args.precision)
+        if parse_section(params, "target", TargetConfig).precision == "auto":  # deploy what the precision stage chose
+            cfg = cfg.model_copy(update={"precision": target.precision})
         data = load_prepared(args.data)
         pruned = read_pruned(args.pruned, "budget_ms", "predicted_ms", "measured_ms")
         budget = Budget.from_masks(pruned)  # the prune stage's budget and measured noise

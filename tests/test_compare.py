@@ -21,18 +21,20 @@ from pipeline.train import epoch_steps
 from tests.conftest import randomise_bn
 
 
-def _cands(measured: list[float], predicted: list[float]) -> tuple[list[Candidate], dict[str, float]]:
+def _cands(measured: list[float], predicted: list[float],
+           widths: list[dict[str, int]] | None = None) -> tuple[list[Candidate], dict[str, float]]:
     cands, pred = [], {}
     for i, (m, p) in enumerate(zip(measured, predicted)):
         net = nn.Identity()
         net.true_ms = m  # what the target would measure
-        cands.append(Candidate(f"c{i}", net, {"g": len(measured) - i}))  # c0 the widest
+        cands.append(Candidate(f"c{i}", net, widths[i] if widths else {"g": len(measured) - i}))  # c0 the widest
         pred[f"c{i}"] = p
     return cands, pred
 
 
-def _match(measured: list[float], predicted: list[float], high: float, batch: int = 4) -> tuple[str, int]:
-    cands, pred = _cands(measured, predicted)
+def _match(measured: list[float], predicted: list[float], high: float, batch: int = 4,
+           widths: list[dict[str, int]] | None = None) -> tuple[str, int]:
+    cands, pred = _cands(measured, predicted, widths)
     m = match_budget(cands, lambda c: pred[c.label], lambda nets: [n.true_ms for n in nets], high, batch)
     return m.chosen.label, len(m.probes)
 
@@ -90,13 +92,14 @@ def test_nothing_fits_gives_the_smallest() -> None:
     assert _match([1.0, 0.9], [1.0, 0.9], 0.5)[0] == "c1"
 
 
-def _walk_one_at_a_time(measured: list[float], predicted: list[float], high: float) -> str:
+def _walk_one_at_a_time(measured: list[float], predicted: list[float], high: float,
+                        widths: list[dict[str, int]]) -> str:
     """The walk match_budget documents, written out one measurement at a time (the reference)."""
-    # c_i contains c_j for j >= i (its one width is larger): its key is the largest prediction from i on
-    keys = [max(predicted[i:]) for i in range(len(predicted))]
-    order = sorted(range(len(measured)), key=lambda i: (keys[i], -i), reverse=True)
-    predicted = keys
-    start = next((k for k, i in enumerate(order) if predicted[i] <= 1.1 * high), len(order) - 1)
+    n = len(measured)
+    contains = [[all(widths[i][g] >= widths[j][g] for g in widths[i]) for j in range(n)] for i in range(n)]
+    keys = [max(predicted[j] for j in range(n) if contains[i][j]) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (keys[i], sum(widths[i].values())), reverse=True)  # stable on ties
+    start = next((k for k, i in enumerate(order) if keys[i] <= 1.1 * high), len(order) - 1)
     best = next((k for k in range(start, len(order)) if measured[order[k]] <= high), None)
     if best is None:
         return f"c{order[-1]}"
@@ -109,14 +112,17 @@ def _walk_one_at_a_time(measured: list[float], predicted: list[float], high: flo
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.1, 2.0), st.floats(0.1, 2.0)), min_size=1, max_size=12),
+@given(st.lists(st.tuples(st.floats(0.1, 2.0), st.floats(0.1, 2.0), st.integers(1, 4), st.integers(1, 4)),
+                min_size=1, max_size=12),
        st.floats(0.2, 1.5), st.integers(1, 5))
-def test_measuring_several_at_a_time_decides_as_one_at_a_time(pairs: list[tuple[float, float]], high: float,
+def test_measuring_several_at_a_time_decides_as_one_at_a_time(rows: list[tuple[float, float, int, int]], high: float,
                                                                batch: int) -> None:
-    # measurements that need not follow the predictions (a noisy target, a wrong table): batching the
-    # walk's measurements must not change which network it takes
-    measured, predicted = [m for m, _ in pairs], [p for _, p in pairs]
-    assert _match(measured, predicted, high, batch)[0] == _walk_one_at_a_time(measured, predicted, high)
+    # measurements that need not follow the predictions (a noisy target, a wrong table), two channel
+    # groups (so some candidates contain others and some do not): batching the walk's measurements must
+    # not change which network it takes
+    measured, predicted = [r[0] for r in rows], [r[1] for r in rows]
+    widths = [{"a": r[2], "b": r[3]} for r in rows]
+    assert _match(measured, predicted, high, batch, widths)[0] == _walk_one_at_a_time(measured, predicted, high, widths)
 
 
 def test_epoch_steps_counts_what_the_training_loop_runs() -> None:

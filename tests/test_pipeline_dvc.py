@@ -177,8 +177,7 @@ def test_target_precision_auto_end_to_end(tmp_path: Path) -> None:
     table = json.loads((repo / "artifacts" / "profile" / "latency_table.json").read_text())
     assert table["fingerprint"]["precision"] == choice["precision"]
     engine = json.loads((repo / "metrics" / "engine.json").read_text())
-    if choice["precision"] == "int8":  # the budget is in int8: the engine deploys int8 only
-        assert engine["precision"] == "int8" and engine["precision_choice"]["candidates"].keys() == {"int8"}
+    assert engine["precision"] == choice["precision"]  # the engine deploys what was chosen, not a choice of its own
 
     report = _sh([sys.executable, "-m", "pipeline.report"], repo)
     assert f"precision {choice['precision']} (target.precision auto): {why['why']}" in report

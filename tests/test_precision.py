@@ -75,7 +75,8 @@ def test_auto_follows_the_target_s_ratio(trained: dict, tmp_path: Path, ratios: 
     assert out["precision"] == expected
 
 
-def test_every_later_stage_reads_the_choice(tmp_path: Path) -> None:
+def test_deployed_target_resolves_auto_and_refuses_a_foreign_choice(tmp_path: Path) -> None:
+    # what profile, prune, slim, compare, engine and handoff call (the DVC test runs them on a real choice)
     from stages._common import deployed_target
 
     params = {"target": {"precision": "auto"}, "engine": {"precision": "auto"}}
@@ -87,3 +88,6 @@ def test_every_later_stage_reads_the_choice(tmp_path: Path) -> None:
     assert deployed_target({"target": {"precision": "fp32"}}, None).precision == "fp32"  # benchmarks call stages so
     with pytest.raises(ConfigError, match="run the precision stage again"):
         deployed_target({"target": {"precision": "fp32"}}, choice)
+    choice.write_text(json.dumps({"requested": "auto", "precision": "fp16"}))  # edited by hand
+    with pytest.raises(ConfigError, match="chose precision 'fp16'.*allowed: fp32, int8"):
+        deployed_target(params, choice)

@@ -210,9 +210,9 @@ def precision_auto() -> tuple[list[str], list[list[str]], Refs]:
                            for p in sorted({x["precision"] for x in rs}))
         rows.append([r["case"], str(len(rs)), chosen, median_range([x["int8_over_fp32"] for x in rs], digits=3),
                      f"{100 * rs[0]['fp32_val_acc']:.2f}", f"{100 * rs[0]['int8_val_acc']:.2f}",
-                     median_range([x["seconds"] for x in rs], digits=1), k])
+                     str(rs[0].get("int8_float_layers", "-")), median_range([x["seconds"] for x in rs], digits=1), k])
     return (["network", "runs", "chosen", "int8 / fp32 latency, median (range) over runs", "fp32 val acc %",
-             "int8 val acc %", "stage s", "src"], rows, refs)
+             "int8 val acc %", "int8 layers left in float", "stage s", "src"], rows, refs)
 
 
 def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
