@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -86,25 +84,24 @@ def evidence(model: nn.Module, data: Any, target: Any, engine: Any, readings: in
     model against the Q/DQ model the engine stage would build from it (``int8_within_bound``:
     ``engine.calibration_images``, the target's activation type, the float fallback
     ``engine.int8_fallback`` asks for), both scored by ONNX Runtime and both timed."""
-    from pipeline.data import Normalized
-    from pipeline.quantize import calibration_images, int8_within_bound
-    from pipeline.runtimes import export_onnx, ort_logits, ort_session
+    from pipeline.quantize import calibration_images, fallback_split, quantized
+    from pipeline.runtimes import ort_logits, ort_session
 
     shape = (data.channels, *data.meta["image_size"])
-    x, y = Normalized(data.val, *data.norm()), torch.as_tensor(data.val.y)
+    val = fallback_split(data, "float_layers")  # scored on whether or not layers may stay in float
+    fallback = None if engine.int8_fallback == "none" else (val, engine.max_accuracy_drop)
 
     def accuracy(path: Path) -> float:
+        x, y = val
         return (ort_logits(ort_session(path, "cpu", target.threads, log_severity=3), x).argmax(1) == y).double().mean().item()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, shape, src, check=False)
-        fallback = (x, y) if engine.int8_fallback == "float_layers" else None
-        quant = int8_within_bound(src, dst, calibration_images(data, engine.calibration_images),
-                                  target.int8_activations, fallback, engine.max_accuracy_drop, target.threads)
+    with quantized(model, shape, calibration_images(data, engine.calibration_images), target.int8_activations,
+                   fallback, target.threads) as (src, dst, quant):
+        checked = quant.get("float_fallback") or {}  # the fallback scored both on the same split already
+        accs = ((checked["val_acc_fp32"], checked["val_acc"]) if "val_acc" in checked
+                else (accuracy(src), accuracy(dst)))
         ratios = measure_ratios(target, dst.read_bytes(), src.read_bytes(), shape, readings)
-        return Evidence(accuracy(src), accuracy(dst), ratios, engine.max_accuracy_drop,
-                        len(quant.get("float_nodes") or ()))
+        return Evidence(*accs, ratios, engine.max_accuracy_drop, len(quant.get("float_nodes") or ()))
 
 
 def record(requested: str, chosen: str, why: str, ev: Evidence | None) -> dict[str, Any]:

@@ -53,6 +53,14 @@ def calibration_images(data: Any, count: int, key: str = "engine.calibration_ima
     return Normalized(data.train, *data.norm())[calibration_rows(len(data.train), count, seed=0, key=key)]
 
 
+def fallback_split(data: Any, int8_fallback: str) -> tuple[Any, torch.Tensor] | None:
+    """The validation split (normalised rows, labels) ``int8_within_bound`` leaves layers in float
+    by, for ``engine.int8_fallback`` float_layers; None for none (every layer int8)."""
+    from pipeline.data import Normalized
+
+    return None if int8_fallback == "none" else (Normalized(data.val, *data.norm()), torch.as_tensor(data.val.y))
+
+
 def _batches(images: Any, batch_size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(images), batch_size):
         yield np.ascontiguousarray(images[i:i + batch_size].numpy().astype(np.float32))
@@ -238,11 +246,24 @@ def int8_accuracies(model: torch.nn.Module, input_shape: tuple[int, ...], calibr
     the layers most sensitive to quantization left in float as the engine stage leaves them
     (``int8_within_bound``). What a network deployed in int8 scores: the accuracy compare reports
     beside the fp32 one when the target measures int8."""
-    from pipeline.runtimes import export_onnx, ort_logits, ort_session
+    from pipeline.runtimes import ort_logits, ort_session
+
+    with quantized(model, input_shape, calibration, activation, fallback, threads) as (_, dst, _):
+        sess = ort_session(dst, "cpu", threads, log_severity=3)
+        return {name: (ort_logits(sess, x).argmax(1) == y).double().mean().item() for name, (x, y) in splits.items()}
+
+
+@contextmanager
+def quantized(model: torch.nn.Module, input_shape: tuple[int, ...], calibration: Any, activation: Activation,
+              fallback: tuple[tuple[Any, torch.Tensor], float] | None = None,
+              threads: int = 1) -> Iterator[tuple[Path, Path, dict[str, Any]]]:
+    """``model`` exported to ONNX and its Q/DQ model (``int8_within_bound`` with ``fallback``:
+    (validation split, max drop), or None for every layer int8), as (fp32 path, int8 path, record),
+    in a temporary directory that lives as long as the ``with`` block."""
+    from pipeline.runtimes import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, input_shape, src, check=False)
-        int8_within_bound(src, dst, calibration, activation, *(fallback or (None, 0.0)), threads)
-        sess = ort_session(dst, "cpu", threads, log_severity=3)
-        return {name: (ort_logits(sess, x).argmax(1) == y).double().mean().item() for name, (x, y) in splits.items()}
+        record = int8_within_bound(src, dst, calibration, activation, *(fallback or (None, 0.0)), threads)
+        yield src, dst, record

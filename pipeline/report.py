@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     pr = args.metrics_dir / "prune.json"
     prec = args.metrics_dir / "precision.json"
-    if prec.is_file() and read_json(prec).get("requested") == "auto":
-        m = read_json(prec)
+    m = read_json(prec) if prec.is_file() else {}
+    if m.get("requested") == "auto":
         print(f"\nprecision {m['precision']} (target.precision auto): {m['why']}")
     prof = args.metrics_dir / "profile.json"
     if prof.is_file():

@@ -42,13 +42,13 @@ from pipeline.flops import count_params
 from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend, timing_protocol
 from pipeline.prune import Budget, taylor_batches
-from pipeline.quantize import calibration_images, int8_accuracies
+from pipeline.quantize import calibration_images, fallback_split, int8_accuracies
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 from pipeline.train import epoch_steps, test_accuracy
 from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_pruned, run
 
-SECTIONS = (("compare", CompareConfig), ("prune", PruneConfig), ("target", TargetConfig), ("distill", DistillConfig),
+SECTIONS = (("compare", CompareConfig), ("prune", PruneConfig), ("distill", DistillConfig),  # target: deployed_target
             ("train", TrainConfig))
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         t0 = time.perf_counter()
         params = load_params(args.params)
-        cfg, prune_cfg, target, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
+        cfg, prune_cfg, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
         target = deployed_target(params, args.precision)
         data = load_prepared(args.data)
         holdout = load_split(args.holdout, data.meta) if args.holdout else None
@@ -147,11 +147,10 @@ def _int8_accuracies(params: dict, target: TargetConfig, data: PreparedData, hol
     splits = {"test_acc_int8": (Normalized(data.test, *norm), data.test.y)}
     if holdout is not None:
         splits["holdout_acc_int8"] = (Normalized(holdout, *norm), holdout.y)
-    fallback = None if engine.int8_fallback == "none" else ((Normalized(data.val, *norm), data.val.y),
-                                                             engine.max_accuracy_drop)
+    val = fallback_split(data, engine.int8_fallback)
     for name, model in models.items():
         result[name].update(int8_accuracies(model.eval(), shape, calib, target.int8_activations, splits, target.threads,
-                                            fallback))
+                                            None if val is None else (val, engine.max_accuracy_drop)))
     for m in (m for m in models if m not in ("student", "ours")):
         result[f"ours_minus_{m}_int8"] = result["ours"]["test_acc_int8"] - result[m]["test_acc_int8"]
     return {"activations": target.int8_activations, "calibration_images": engine.calibration_images,

@@ -191,10 +191,10 @@ def _quantize(args: Namespace, cfg: EngineConfig, data: PreparedData, out: Path,
     """The Q/DQ model of the ONNX model at ``out``: every layer int8, or (``engine.int8_fallback:
     float_layers``) with the layers whose quantization costs the most accuracy left in float until
     the validation accuracy is within ``engine.max_accuracy_drop`` (``pipeline.quantize.int8_within_bound``)."""
-    from pipeline.quantize import int8_within_bound
+    from pipeline.quantize import fallback_split, int8_within_bound
 
-    val = None if cfg.int8_fallback == "none" else (Normalized(data.val, *data.norm()), data.val.y)
-    record = int8_within_bound(args.onnx, out, calib, kind, val, cfg.max_accuracy_drop, threads)
+    record = int8_within_bound(args.onnx, out, calib, kind, fallback_split(data, cfg.int8_fallback),
+                               cfg.max_accuracy_drop, threads)
     if record["float_nodes"]:
         fb = record["float_fallback"]
         log.info("int8 (%s activations): %d of %d layers left in float, the most sensitive to quantization, for a "

@@ -22,7 +22,6 @@ from pipeline.config import (
     CompareConfig,
     DistillConfig,
     PruneConfig,
-    TargetConfig,
     TrainConfig,
     parse_section,
     parse_teachers,
@@ -64,7 +63,7 @@ from pipeline.slim import apply_masks
 from pipeline.train import test_accuracy
 from stages._common import add_precision_arg, deployed_target, digest, load_params, log, parser, run
 
-SECTIONS = (("prune", PruneConfig), ("target", TargetConfig), ("distill", DistillConfig), ("train", TrainConfig))
+SECTIONS = (("prune", PruneConfig), ("distill", DistillConfig), ("train", TrainConfig))  # target: deployed_target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         t_start = time.perf_counter()
         params = load_params(args.params)
-        cfg, target, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
+        cfg, kd, train_cfg = (parse_section(params, name, kind) for name, kind in SECTIONS)
         target = deployed_target(params, args.precision)
         names = list(parse_teachers(params))
         data = load_prepared(args.data)
