@@ -1,11 +1,16 @@
 """INT8 against FP32 on this CPU with ONNX Runtime: every quantization choice, latency and accuracy.
 
     python -m benchmarks.int8 --out benchmarks/results/int8 [--rounds 5 --work /tmp/slimdeploy_trained_model]
+        [--student /tmp/c10 --holdout-per-class 1000]
 
 Models (batch 1, one thread, ONNX Runtime's CPU provider):
 * the trained resnet18 of ``benchmarks/trained_model.py`` (torchvision architecture trained outside
   the pipeline on CIFAR-10 JPEGs at its size), with the accuracy of every variant on that folder's
   held-out test/ (when ``--work`` holds its upstream; skipped otherwise);
+* with ``--student DIR``: the searched student of a pipeline run (``python -m stages --preset
+  cifar10-cpu --workdir DIR --until student``), with the accuracy of every variant on its test split,
+  or with ``--holdout-per-class N`` on up to N images per class the run's prepare stage left out
+  (benchmarks/prune_protocol.py's ``make_holdout``, written to ``DIR/holdout.npz``);
 * torchvision ``resnet18`` and ``mobilenet_v2`` at 224 px, randomly initialised: latency only (no
   trained 224 px weights are available offline here, so no accuracy is claimed for them).
 
@@ -47,11 +52,34 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
 
 
-def _models(work: Path) -> list[dict[str, Any]]:
+def _student(run: Path, holdout_per_class: int, label: str) -> dict[str, Any]:
+    """The pipeline run ``run``'s student with 256 calibration images of its training split and the
+    test split (or the holdout) to score every variant on."""
+    from benchmarks.prune_protocol import make_holdout
+    from pipeline.checkpoint import load_model
+    from pipeline.data import Normalized, load_prepared, load_split
+    from pipeline.quantize import calibration_rows
+
+    data = load_prepared(run / "artifacts" / "prepare")
+    model, _ = load_model(run / "artifacts" / "student" / "model.pt")
+    mean, std = data.norm()
+    split, where = data.test, "test split"
+    if holdout_per_class:
+        split = load_split(make_holdout(run, run / "holdout.npz", holdout_per_class), data.meta)
+        where = "holdout"
+    return {"name": f"{label} ({data.meta['image_size'][0]} px; accuracy on its {where}, {len(split.y):,} images)",
+            "model": model.eval(),
+            "shape": (data.channels, *data.meta["image_size"]),
+            "calib": Normalized(data.train, mean, std)[calibration_rows(len(data.train), 256, seed=0)],
+            "test": (Normalized(split, mean, std), split.y)}
+
+
+def _models(work: Path, student: Path | None = None, holdout_per_class: int = 0,
+            label: str = "the searched student") -> list[dict[str, Any]]:
     from models.tvcompat import import_torchvision
 
     tv = import_torchvision()
-    out = []
+    out = [_student(student, holdout_per_class, label)] if student else []
     up = work / "upstream" / "artifacts"
     if (up / "teachers" / "mine.pt").is_file():
         from pipeline.checkpoint import load_student
@@ -79,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "int8")
     p.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--student", type=Path, default=None, help="a pipeline run's work directory: its student too")
+    p.add_argument("--holdout-per-class", type=int, default=0, metavar="N",
+                   help="score --student on up to N images per class its prepare stage left out")
+    p.add_argument("--student-label", default="the searched student", help="what --student is, for the table")
     args = p.parse_args(argv)
     import onnxruntime
 
@@ -90,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = TimingProtocol(passes=40, window_s=0.005, min_span_s=4.0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for m in _models(args.work):
+        for m in _models(args.work, args.student, args.holdout_per_class, args.student_label):
             d = Path(tmp) / str(len(rows))
             d.mkdir()
             export_onnx(m["model"], m["shape"], d / "fp32.onnx")

@@ -5,23 +5,34 @@ in fp32 and against INT8 alone, at budgets that are fractions of the model's fp3
         --fp32-runs /tmp/slimdeploy_trained_model/runs_at_9eaae79 --out benchmarks/results/joint_precision \\
         [--budgets 0.3 0.5 --seeds 0 1 2]
 
-The setting is benchmarks/trained_model.py's (run it first: ``--work`` holds its ``upstream/``): a
-torchvision resnet18 trained outside the pipeline on CIFAR-10 JPEGs at 32 px, its held-out
-``test/`` split never trained or selected on. ``--fp32-runs``: that benchmark's prune runs
-(``budget<B>_seed<S>/``, ``target.precision: fp32``), the pruned-fp32 column.
+    python -m stages --preset cifar10-cpu --workdir /tmp/c10 --until profile      # about 35 min
+    python -m benchmarks.joint_precision --upstream /tmp/c10 --work /tmp/c10_joint --holdout-per-class 1000 \\
+        --model "the CIFAR-10 CPU preset's student" --out benchmarks/results/joint_precision/cifar10-cpu
 
-1. ``upstream_int8/``: the same prepared data and model, profiled with ``target.precision: int8``
+``--upstream`` (default ``WORK/upstream``, benchmarks/trained_model.py's): a work directory with
+``artifacts/{prepare,teachers,student,profile}`` whose ``student/model.pt`` is the model to compress
+and whose ``params.yaml`` made them (``python -m stages ... --until profile`` gives one). The first
+form is that benchmark's setting: a torchvision resnet18 trained outside the pipeline on CIFAR-10
+JPEGs at 32 px, its held-out ``test/`` split never trained or selected on. ``--fp32-runs`` (default
+``WORK/runs_fp32``): the prune runs with ``target.precision: fp32`` (``budget<B>_seed<S>/``, as
+benchmarks/prune_protocol.py lays them out), the pruned-fp32 column; a run that is missing is made
+here with the upstream's params (ours only, no baselines).
+
+1. ``WORK/upstream_int8/``: the same prepared data and model, profiled with ``target.precision: int8``
    (every table unit and calibration sub-network measured as its Q/DQ model, U8S8).
 2. For every budget and seed, the real ``prune`` stage with ``target.precision: int8`` and
    ``prune.budget_reference: fp32`` (the fraction is of the fp32 model, measured paired with the
-   int8 one), with the fp32 runs' prune settings and seed (``prune.loop_timing: target``, as they ran).
+   int8 one), with the fp32 run's prune settings and seed (its closed-loop protocol included; a run
+   whose params predate ``prune.loop_timing`` / ``loop_readings`` ran with ``target`` / 3 readings).
 3. One judgement per (budget, seed), all in this process, one after the other: the fp32 model, the
    pruned-fp32 network, the model's Q/DQ model (INT8 alone) and the joint network's Q/DQ model, each
    read paired with the fp32 model (``compare.timing_passes`` windows over ``compare.timing_span_s``,
    the median of ``compare.timing_readings`` readings; ONNX Runtime, CPU, the target's threads and
    batch); the budget is the fraction times the fp32 model's latency. Test accuracy of each in the
    precision it is deployed in (Q/DQ models run by ONNX Runtime, calibrated on
-   ``engine.calibration_images`` training images as the engine stage does).
+   ``engine.calibration_images`` training images as the engine stage does), and with
+   ``--holdout-per-class N`` also on up to N images per class the upstream's prepare stage left out
+   (benchmarks/prune_protocol.py's ``make_holdout``: ``holdout_acc``).
 
 Writes ``rows.json`` and ``table.md`` (mean ± std over seeds) into ``--out``.
 """
@@ -36,18 +47,19 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from benchmarks._runner import machine, run_stage, write_params, write_results
-from benchmarks.prune_protocol import run_pair
+from benchmarks.prune_protocol import make_holdout, run_pair
 
 COLUMNS = (("fp32_pruned", "pruned in fp32"), ("int8_only", "INT8 alone (unpruned)"), ("joint", "ours: pruned in int8 (joint)"))
 
 
-def upstream_int8(work: Path, params: dict[str, Any]) -> Path:
-    """``work/upstream_int8``: the fp32 upstream's data and model, profiled in int8."""
-    src, up = work / "upstream", work / "upstream_int8"
+def upstream_int8(src: Path, work: Path, params: dict[str, Any]) -> Path:
+    """``work/upstream_int8``: the fp32 upstream ``src``'s data and model, profiled in int8."""
+    up = work / "upstream_int8"
     table = up / "artifacts" / "profile" / "latency_table.json"
     if table.is_file():
         return up
@@ -69,7 +81,10 @@ def int8_params(fp32_run: Path) -> dict[str, Any]:
     p["target"]["precision"] = "int8"
     p["target"]["int8_activations"] = "uint8"
     p["engine"].update(precision="int8")
-    p["prune"].update(budget_reference="fp32", loop_timing="target", loop_readings=3, progress=False)
+    p["prune"].update(budget_reference="fp32", progress=False)
+    # the fp32 run's closed loop; runs from before these keys existed ran with these
+    p["prune"].setdefault("loop_timing", "target")
+    p["prune"].setdefault("loop_readings", 3)
     p["compare"]["methods"] = []
     return p
 
@@ -87,11 +102,12 @@ def _networks(fp32_run: Path, joint_run: Path, shape: tuple[int, ...]) -> dict[s
     return out
 
 
-def judge(fp32_run: Path, joint_run: Path, budget: float) -> dict[str, Any]:
-    """Every network's test accuracy as deployed and its latency paired with the fp32 model."""
+def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None = None) -> dict[str, Any]:
+    """Every network's test (and ``holdout``) accuracy as deployed and its latency paired with the
+    fp32 model."""
     from pipeline.checkpoint import load_model
     from pipeline.config import CompareConfig, EngineConfig, TargetConfig, parse_section
-    from pipeline.data import Normalized, load_prepared
+    from pipeline.data import Normalized, load_prepared, load_split
     from pipeline.latency import median_paired, target_backend, timing_protocol
     from pipeline.quantize import calibration_images, int8_accuracies
     from pipeline.train import test_accuracy
@@ -106,13 +122,20 @@ def judge(fp32_run: Path, joint_run: Path, budget: float) -> dict[str, Any]:
     model.eval()
     nets = _networks(fp32_run, joint_run, shape)
     calib = calibration_images(data, engine.calibration_images)
-    test = {"test_acc": (Normalized(data.test, *data.norm()), data.test.y)}
+    splits = {"test_acc": data.test}
+    if holdout is not None:
+        splits["holdout_acc"] = load_split(holdout, data.meta)
+    test = {k: (Normalized(v, *data.norm()), v.y) for k, v in splits.items()}
+
+    def fp32_accuracies(net: torch.nn.Module) -> dict[str, float]:
+        return {k: test_accuracy(net, data, cpu, split=v) for k, v in splits.items()}
+
     int8 = target_backend(target)  # ONNX Runtime, CPU, int8 with target.int8_activations
     fp32 = int8.at_precision("fp32")
     protocol = timing_protocol(target, passes=cmp.timing_passes, min_span_s=cmp.timing_span_s)
     loop = timing_protocol(target)  # the prune runs' closed loop read with target.timing
     cpu = torch.device("cpu")
-    rows: dict[str, Any] = {"model_fp32": {"test_acc": test_accuracy(model, data, cpu)}}
+    rows: dict[str, Any] = {"model_fp32": fp32_accuracies(model)}
     ref = fp32.measure_readings([model], shape, protocol, cmp.timing_readings)
     model_ms = statistics.median(r[0].ms for r in ref)
     rows["model_fp32"]["ms"] = model_ms
@@ -122,12 +145,12 @@ def judge(fp32_run: Path, joint_run: Path, budget: float) -> dict[str, Any]:
         reads = fp32.measure_readings([model], shape, protocol, cmp.timing_readings, extra=[call])
         loop_reads = fp32.measure_readings([model], shape, loop, cmp.timing_readings, extra=[call])
         ms = median_paired(model_ms, reads, 1, 0)
-        acc = (test_accuracy(net, data, cpu) if backend is fp32 else
-               int8_accuracies(net, shape, calib, target.int8_activations, test, target.threads)["test_acc"])
-        rows[name] = {"test_acc": acc, "ms": ms, "over_budget": ms / (budget * model_ms),
+        acc = (fp32_accuracies(net) if backend is fp32 else
+               int8_accuracies(net, shape, calib, target.int8_activations, test, target.threads))
+        rows[name] = {**acc, "ms": ms, "over_budget": ms / (budget * model_ms),
                       "readings_over_budget": [r[1].ms / r[0].ms / budget for r in reads],
                       "over_budget_loop_protocol": median_paired(1.0, loop_reads, 1, 0) / budget}
-    rows["joint"]["test_acc_fp32"] = test_accuracy(nets["joint"], data, cpu)
+    rows["joint"].update({f"{k}_fp32": v for k, v in fp32_accuracies(nets["joint"]).items()})
     return rows
 
 
@@ -138,25 +161,28 @@ def pct(xs: list[float]) -> str:
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    key = "holdout_acc" if all("holdout_acc" in r["judge"]["model_fp32"] for r in rows) else "test_acc"
+    where = (f"the holdout ({meta['holdout_images']:,} images the prepare stage left out)" if key == "holdout_acc"
+             else "the test split")
     lines = [f"# Pruning and precision under one budget ({meta['date']}, {meta['machine']})", "",
              f"`{meta['command']}`", "",
-             "Budget: a fraction of the trained resnet18's fp32 latency (ONNX Runtime, CPU, 1 thread, batch 1), "
-             "every network read paired with the fp32 model in one process; test accuracy on the held-out "
-             "test/ split in the precision each network is deployed in. Mean ± std over seeds; "
+             f"Budget: a fraction of {meta.get('model', 'the model')}'s fp32 latency (ONNX Runtime, CPU, "
+             "1 thread, batch 1), every network read paired with the fp32 model in one process; accuracy on "
+             f"{where} in the precision each network is deployed in. Mean ± std over seeds; "
              "`/budget`: measured latency over the budget (median over seeds, range), read with compare's verdict "
              "protocol (in brackets: with `target.timing`, the protocol the prune runs' closed loop read with).", "",
              "| budget | seeds | fp32 model | " + " | ".join(f"{label} acc | /budget" for _, label in COLUMNS)
              + " | joint - pruned fp32 (per seed) |", "|" + "---|" * (3 + 2 * len(COLUMNS) + 1)]
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b]
-        cells = [f"{b:g}", ", ".join(str(r["seed"]) for r in rs), pct([r["judge"]["model_fp32"]["test_acc"] for r in rs])]
-        for key, _ in COLUMNS:
-            over = [r["judge"][key]["over_budget"] for r in rs]
-            looped = [r["judge"][key].get("over_budget_loop_protocol") for r in rs]
+        cells = [f"{b:g}", ", ".join(str(r["seed"]) for r in rs), pct([r["judge"]["model_fp32"][key] for r in rs])]
+        for col, _ in COLUMNS:
+            over = [r["judge"][col]["over_budget"] for r in rs]
+            looped = [r["judge"][col].get("over_budget_loop_protocol") for r in rs]
             tail = f" [{statistics.median(looped):.3f}]" if None not in looped else ""
-            cells += [pct([r["judge"][key]["test_acc"] for r in rs]),
+            cells += [pct([r["judge"][col][key] for r in rs]),
                       f"{statistics.median(over):.3f} ({min(over):.3f}-{max(over):.3f}){tail}"]
-        diffs = [r["judge"]["joint"]["test_acc"] - r["judge"]["fp32_pruned"]["test_acc"] for r in rs]
+        diffs = [r["judge"]["joint"][key] - r["judge"]["fp32_pruned"][key] for r in rs]
         cells.append(f"{pct(diffs)} ({', '.join(f'{100 * d:+.2f}' for d in diffs)})")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Prune stage in int8 (per run): " + "; ".join(
@@ -169,25 +195,42 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
-    ap.add_argument("--fp32-runs", type=Path, required=True)
+    ap.add_argument("--upstream", type=Path, default=None, help="the fp32 upstream (default: WORK/upstream)")
+    ap.add_argument("--fp32-runs", type=Path, default=None,
+                    help="the prune runs in fp32 (default: WORK/runs_fp32; missing ones are made)")
+    ap.add_argument("--holdout-per-class", type=int, default=0, metavar="N",
+                    help="also score every network on up to N images per class the prepare stage left out")
+    ap.add_argument("--model", default="the trained resnet18", help="what the model is, for the table")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/joint_precision"))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args(argv)
-    first = args.fp32_runs / f"budget{args.budgets[0]:g}_seed{args.seeds[0]}"
-    up = upstream_int8(args.work, int8_params(first))
+    src = args.upstream or args.work / "upstream"
+    fp32_runs = args.fp32_runs or args.work / "runs_fp32"
+    holdout = make_holdout(src, args.work / "holdout.npz", args.holdout_per_class) if args.holdout_per_class else None
+    up = None
     rows = []
     for seed in args.seeds:
         for b in args.budgets:
-            fp32_run = args.fp32_runs / f"budget{b:g}_seed{seed}"
+            fp32_run = fp32_runs / f"budget{b:g}_seed{seed}"
+            if not (fp32_run / "metrics" / "prune.json").is_file():
+                fp32 = run_pair(src, fp32_runs, yaml.safe_load((src / "params.yaml").read_text()), b, seed,
+                                baselines=False)
+                if "failed" in fp32:
+                    rows.append({**fp32, "failed": f"fp32 prune: {fp32['failed']}"})
+                    continue
+            up = up or upstream_int8(src, args.work, int8_params(fp32_run))
             row = run_pair(up, args.work / "runs_int8", int8_params(fp32_run), b, seed, baselines=False)
             if "failed" in row:
                 rows.append(row)
                 continue
-            row["judge"] = judge(fp32_run, args.work / "runs_int8" / f"budget{b:g}_seed{seed}", b)
+            row["judge"] = judge(fp32_run, args.work / "runs_int8" / f"budget{b:g}_seed{seed}", b, holdout)
             rows.append(row)
-            meta = {"date": str(date.today()), "machine": machine(),
+            meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
                     "command": "python -m benchmarks.joint_precision " + " ".join(argv or __import__("sys").argv[1:])}
+            if holdout is not None:
+                with np.load(holdout) as f:
+                    meta["holdout_images"] = int(f["y"].size)
             write_results(args.out, "rows.json", {"meta": meta, "rows": rows},
                           table([r for r in rows if "judge" in r], meta))
             print(json.dumps({k: {kk: round(v, 4) for kk, v in d.items() if isinstance(v, float)}

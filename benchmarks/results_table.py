@@ -115,10 +115,12 @@ SECTIONS = (
      "`git clone` of one commit into new directories, `make install`, then `make run` (every stage through "
      "`dvc repro`, the report), one clone after another on a quiet machine. Figures compared between runs: the "
      "accuracies (270 test images: one image is 0.37 points), the latency verdicts and a digest of the pruned "
-     "network's kept channels.", fresh_clone_runs),
+     "network's kept channels. The latest check first; then the same check on another kind of CPU (each source "
+     "names its machine): floating-point kernels differ between CPUs, so accuracies and digests need not agree "
+     "across them.", fresh_clone_runs),
     ("Time per stage of `make run`",
      "From each stage's `Running stage` line to the next (DVC's bookkeeping included), median (range) over the "
-     "clones above.", fresh_clone_stages),
+     "latest check's clones above.", fresh_clone_stages),
     ("Your own model (the README's walk-through)",
      "`benchmarks/your_model.py`: CIFAR-10 JPEGs laid out as train/ and test/ class folders (sizes in the source's "
      "title line), a torchvision resnet18 trained outside the pipeline and given as a weights file, the README's "
@@ -154,14 +156,17 @@ SECTIONS = (
      "interleaved in each round. Accuracy on the trained-model benchmark's held-out test/ (3,000 images); the 224 px "
      "torchvision models have random weights (no trained 224 px weights offline): latency only.", int8),
     ("Pruning and precision under one budget (INT8, CPU)",
-     "`benchmarks/joint_precision.py`: the trained-model benchmark's resnet18 (32 px, trained outside the pipeline) at "
-     "budgets that are fractions of its fp32 latency on ONNX Runtime (CPU, 1 thread, batch 1): the same model pruned "
-     "with `target.precision: fp32` (the trained-model benchmark's runs), quantized alone, and pruned with "
+     "`benchmarks/joint_precision.py`: a model at budgets that are fractions of its fp32 latency on ONNX Runtime "
+     "(CPU, 1 thread, batch 1), pruned with `target.precision: fp32`, quantized alone, and pruned with "
      "`target.precision: int8` (every latency of profile and prune read on the Q/DQ model; the budget a fraction of "
-     "the fp32 model, `prune.budget_reference: fp32`). All networks read in one process, each paired with the fp32 "
-     "model (latency / budget: compare's verdict protocol, median (range) over seeds; in brackets, the median read "
-     "with `target.timing`, the protocol the prune runs' closed loop read with); accuracy on the held-out test/ split "
-     "(3,000 images) in the precision each is deployed in.",
+     "the fp32 model, `prune.budget_reference: fp32`), the same seed and prune settings in both precisions. The "
+     "models: the trained-model benchmark's resnet18 (32 px, trained outside the pipeline; its pruned-fp32 column is "
+     "that benchmark's runs), and the CIFAR-10 CPU preset's searched student. All networks read in one process, each "
+     "paired with the fp32 model (latency / budget: compare's verdict protocol, median (range) over seeds; in "
+     "brackets, the median read with `target.timing`, the protocol the prune runs' closed loop read with); accuracy "
+     "in the precision each is deployed in, on the split named (the resnet18's held-out test/ of 3,000 images; the "
+     "preset's holdout of 10,000 images its prepare stage left out). Machines differ (see each source): INT8's gain "
+     "depends on the CPU (VNNI).",
      joint_precision),
     ("The precision `target.precision: auto` chooses (CPU)",
      "`benchmarks/precision_auto.py`: the real precision stage, run several times on trained networks: int8 is kept "

@@ -10,6 +10,8 @@ from typing import Any
 from benchmarks.tables.fmt import RESULTS, Refs, mean_std, median_range, read_json
 
 FRESH_CLONES = RESULTS / "fresh_clone/runs.json"
+# the same check on other machines than the one FRESH_CLONES ran on (one folder each)
+FRESH_CLONES_ELSEWHERE = (RESULTS / "fresh_clone/intel-vnni/runs.json",)
 TINY_MARGIN = RESULTS / "tiny_margin/runs.json"
 YOUR_MODEL = RESULTS / "your_model/result.json"
 
@@ -23,18 +25,23 @@ def _ratio(x: Any) -> str:
 
 
 def fresh_clone_runs() -> tuple[list[str], list[list[str]], Refs]:
-    """One row per clone: exit code, install and `make run` seconds, the figures compared between runs."""
-    d = read_json(FRESH_CLONES)
+    """One row per clone: exit code, install and `make run` seconds, the figures compared between runs;
+    the latest check first, then the same check on other machines."""
     refs = Refs()
-    k = refs.key(FRESH_CLONES, d["command"], d["machine"])
     rows = []
-    for r in d["runs"]:
-        h, c = r.get("metrics", {}), r.get("metrics", {}).get("compare", {})
-        rows.append([str(r["clone"]), r["commit"], str(r["exit"]), f"{r['install_s']:.0f}", f"{r['run_s']:.0f}",
-                     _pct(h.get("student")), _pct(h.get("pruned")), _pct(c.get("uniform")), _pct(c.get("l1")),
-                     _pct(c.get("unpruned")), _ratio(h.get("prune_measured_over_budget")),
-                     _ratio(h.get("engine_over_budget")), str(h.get("step", "-")), h.get("kept_digest", "-"), k])
-    header = ["clone", "commit", "exit", "install s", "make run s", "student %", "pruned %", "uniform %", "L1 %",
+    for path in (FRESH_CLONES, *FRESH_CLONES_ELSEWHERE):
+        if not path.is_file():
+            continue
+        d = read_json(path)
+        k = refs.key(path, d["command"], d["machine"])
+        for r in d["runs"]:
+            h, c = r.get("metrics", {}), r.get("metrics", {}).get("compare", {})
+            rows.append([d["machine"].split(",")[0], str(r["clone"]), r["commit"], str(r["exit"]),
+                         f"{r['install_s']:.0f}", f"{r['run_s']:.0f}",
+                         _pct(h.get("student")), _pct(h.get("pruned")), _pct(c.get("uniform")), _pct(c.get("l1")),
+                         _pct(c.get("unpruned")), _ratio(h.get("prune_measured_over_budget")),
+                         _ratio(h.get("engine_over_budget")), str(h.get("step", "-")), h.get("kept_digest", "-"), k])
+    header = ["CPU", "clone", "commit", "exit", "install s", "make run s", "student %", "pruned %", "uniform %", "L1 %",
               "unpruned %", "prune: measured / budget", "engine: measured / budget", "channel step",
               "kept channels (digest)", "src"]
     return header, rows, refs
@@ -160,28 +167,32 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
              "src"], rows, refs)
 
 
-INT8 = RESULTS / "int8/rows.json"
+INT8 = (RESULTS / "int8/rows.json", RESULTS / "int8/intel-vnni/rows.json")
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
-JOINT_PRECISION = RESULTS / "joint_precision/rows.json"
+JOINT_PRECISION = (RESULTS / "joint_precision/rows.json", RESULTS / "joint_precision/cifar10-cpu/rows.json")
 PRECISION_AUTO = RESULTS / "precision_auto/rows.json"
 
 
 def int8() -> tuple[list[str], list[list[str]], Refs]:
     """INT8 (U8S8, S8S8) against FP32 with ONNX Runtime on this CPU: latency per variant, speed-up, accuracy."""
-    d = read_json(INT8)
     refs = Refs()
-    m = d["meta"]
-    k = refs.key(INT8, m["command"], m["machine"])
-    vnni = "yes" if m["cpu_flags"].get("avx512_vnni") or m["cpu_flags"].get("avx_vnni") else "no"
     rows = []
-    for r in d["rows"]:
-        for v in r["variants"]:
-            c = r[v]
-            sp = c.get("speedup")
-            rows.append([r["model"], v, vnni, f"{c['median_ms']:.3f} ({c['min_ms']:.3f}-{c['max_ms']:.3f})",
-                         f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "1",
-                         f"{100 * c['test_acc']:.2f} ({-c['drop_points']:+.2f})" if "test_acc" in c else "-", k])
-    return (["model", "variant", "VNNI", "ms, median (min-max) over rounds", "fp32 / variant (above 1: faster)",
+    for path in INT8:  # one file per machine
+        if not path.is_file():
+            continue
+        d = read_json(path)
+        m = d["meta"]
+        k = refs.key(path, m["command"], m["machine"])
+        cpu = m["machine"].split(",")[0]
+        vnni = "yes" if m["cpu_flags"].get("avx512_vnni") or m["cpu_flags"].get("avx_vnni") else "no"
+        for r in d["rows"]:
+            for v in r["variants"]:
+                c = r[v]
+                sp = c.get("speedup")
+                rows.append([r["model"], v, cpu, vnni, f"{c['median_ms']:.3f} ({c['min_ms']:.3f}-{c['max_ms']:.3f})",
+                             f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "1",
+                             f"{100 * c['test_acc']:.2f} ({-c['drop_points']:+.2f})" if "test_acc" in c else "-", k])
+    return (["model", "variant", "CPU", "VNNI", "ms, median (min-max) over rounds", "fp32 / variant (above 1: faster)",
              "held-out acc % (points vs fp32)", "src"], rows, refs)
 
 
@@ -216,23 +227,29 @@ def precision_auto() -> tuple[list[str], list[list[str]], Refs]:
 
 
 def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
-    """Pruned in fp32, INT8 alone and pruned in int8 (joint) at fractions of the model's fp32 latency."""
-    d = read_json(JOINT_PRECISION)
+    """Pruned in fp32, INT8 alone and pruned in int8 (joint) at fractions of the model's fp32 latency,
+    per model (one result file each): accuracy on the holdout where the file has one, else the test split."""
     refs = Refs()
-    m = d["meta"]
-    k = refs.key(JOINT_PRECISION, m["command"], m["machine"])
     rows = []
-    for b in sorted({r["budget"] for r in d["rows"] if "judge" in r}, reverse=True):
-        rs = [r for r in d["rows"] if r["budget"] == b and "judge" in r]
-        j = [r["judge"] for r in rs]
-        rows.append([f"{b:g}", str(len(rs)), mean_std([x["model_fp32"]["test_acc"] for x in j], digits=2)]
-                    + [f"{mean_std([x[c]['test_acc'] for x in j], digits=2)}; "
-                       f"{median_range([x[c]['over_budget'] for x in j], digits=3)}"
-                       + (f" [{statistics.median(x[c]['over_budget_loop_protocol'] for x in j):.3f}]"
-                          if all("over_budget_loop_protocol" in x[c] for x in j) else "")
-                       for c in ("fp32_pruned", "int8_only", "joint")]
-                    + [mean_std([x["joint"]["test_acc"] - x["fp32_pruned"]["test_acc"] for x in j], digits=2,
-                                signed=True), k])
-    return (["budget (of the fp32 model)", "seeds", "fp32 model acc %", "pruned fp32: acc %; latency / budget",
-             "INT8 alone: acc %; latency / budget", "ours, pruned in int8: acc %; latency / budget",
-             "ours - pruned fp32 (points)", "src"], rows, refs)
+    for path in JOINT_PRECISION:
+        if not path.is_file():
+            continue
+        d = read_json(path)
+        m = d["meta"]
+        k = refs.key(path, m["command"], m["machine"])
+        judged = [r for r in d["rows"] if "judge" in r]
+        acc = "holdout_acc" if all("holdout_acc" in r["judge"]["model_fp32"] for r in judged) else "test_acc"
+        scored = f"holdout, {m['holdout_images']:,} images" if acc == "holdout_acc" else "test split"
+        for b in sorted({r["budget"] for r in judged}, reverse=True):
+            j = [r["judge"] for r in judged if r["budget"] == b]
+            rows.append([m.get("model", "the trained resnet18 (32 px)"), f"{b:g}", str(len(j)), scored,
+                         mean_std([x["model_fp32"][acc] for x in j], digits=2)]
+                        + [f"{mean_std([x[c][acc] for x in j], digits=2)}; "
+                           f"{median_range([x[c]['over_budget'] for x in j], digits=3)}"
+                           + (f" [{statistics.median(x[c]['over_budget_loop_protocol'] for x in j):.3f}]"
+                              if all("over_budget_loop_protocol" in x[c] for x in j) else "")
+                           for c in ("fp32_pruned", "int8_only", "joint")]
+                        + [mean_std([x["joint"][acc] - x["fp32_pruned"][acc] for x in j], digits=2, signed=True), k])
+    return (["model", "budget (of the fp32 model)", "seeds", "scored on", "fp32 model acc %",
+             "pruned fp32: acc %; latency / budget", "INT8 alone: acc %; latency / budget",
+             "ours, pruned in int8: acc %; latency / budget", "ours - pruned fp32 (points)", "src"], rows, refs)
