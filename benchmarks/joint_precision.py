@@ -34,7 +34,8 @@ here with the upstream's params (ours only, no baselines).
    ``--holdout-per-class N`` also on up to N images per class the upstream's prepare stage left out
    (benchmarks/prune_protocol.py's ``make_holdout``: ``holdout_acc``).
 
-Writes ``rows.json`` and ``table.md`` (mean ± std over seeds) into ``--out``.
+Writes ``rows.json`` and ``table.md`` (mean ± std over seeds) into ``--out``; each pair's judgement is
+kept in its int8 run (``judge.json``), so a re-run with more budgets or seeds reads the finished ones.
 """
 
 from __future__ import annotations
@@ -224,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             if "failed" in row:
                 rows.append(row)
                 continue
-            row["judge"] = judge(fp32_run, args.work / "runs_int8" / f"budget{b:g}_seed{seed}", b, holdout)
+            joint_run = args.work / "runs_int8" / f"budget{b:g}_seed{seed}"
+            judged = joint_run / "judge.json"  # a re-run with more budgets or seeds judges only the new pairs
+            if not judged.is_file():
+                judged.write_text(json.dumps(judge(fp32_run, joint_run, b, holdout), indent=1))
+            row["judge"] = json.loads(judged.read_text())
             rows.append(row)
             meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
                     "command": "python -m benchmarks.joint_precision " + " ".join(argv or __import__("sys").argv[1:])}

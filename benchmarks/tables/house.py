@@ -170,7 +170,7 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
 INT8 = (RESULTS / "int8/rows.json", RESULTS / "int8/intel-vnni/rows.json")
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
 JOINT_PRECISION = (RESULTS / "joint_precision/rows.json", RESULTS / "joint_precision/cifar10-cpu/rows.json")
-PRECISION_AUTO = RESULTS / "precision_auto/rows.json"
+PRECISION_AUTO = (RESULTS / "precision_auto/rows.json", RESULTS / "precision_auto/intel-vnni/rows.json")
 
 
 def int8() -> tuple[list[str], list[list[str]], Refs]:
@@ -210,19 +210,23 @@ def paired_readings() -> tuple[list[str], list[list[str]], Refs]:
 
 def precision_auto() -> tuple[list[str], list[list[str]], Refs]:
     """What target.precision auto chose, run after run, and on what evidence."""
-    d = read_json(PRECISION_AUTO)
     refs = Refs()
-    m = d["meta"]
-    k = refs.key(PRECISION_AUTO, m["command"], m["machine"])
     rows = []
-    for r in d["rows"]:
-        rs = r["runs"]
-        chosen = ", ".join(f"{p} in {sum(x['precision'] == p for x in rs)}"
-                           for p in sorted({x["precision"] for x in rs}))
-        rows.append([r["case"], str(len(rs)), chosen, median_range([x["int8_over_fp32"] for x in rs], digits=3),
-                     f"{100 * rs[0]['fp32_val_acc']:.2f}", f"{100 * rs[0]['int8_val_acc']:.2f}",
-                     str(rs[0].get("int8_float_layers", "-")), median_range([x["seconds"] for x in rs], digits=1), k])
-    return (["network", "runs", "chosen", "int8 / fp32 latency, median (range) over runs", "fp32 val acc %",
+    for path in PRECISION_AUTO:  # one file per machine
+        if not path.is_file():
+            continue
+        d = read_json(path)
+        m = d["meta"]
+        k = refs.key(path, m["command"], m["machine"])
+        for r in d["rows"]:
+            rs = r["runs"]
+            chosen = ", ".join(f"{p} in {sum(x['precision'] == p for x in rs)}"
+                               for p in sorted({x["precision"] for x in rs}))
+            rows.append([r["case"], m["machine"].split(",")[0], str(len(rs)), chosen,
+                         median_range([x["int8_over_fp32"] for x in rs], digits=3),
+                         f"{100 * rs[0]['fp32_val_acc']:.2f}", f"{100 * rs[0]['int8_val_acc']:.2f}",
+                         str(rs[0].get("int8_float_layers", "-")), median_range([x["seconds"] for x in rs], digits=1), k])
+    return (["network", "CPU", "runs", "chosen", "int8 / fp32 latency, median (range) over runs", "fp32 val acc %",
              "int8 val acc %", "int8 layers left in float", "stage s", "src"], rows, refs)
 
 
