@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +32,16 @@ def run_stage(module: str, *args: str, params: Path, launcher: list[str] | None 
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     return time.perf_counter() - t0
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """``python -m module argv...`` as a shell would take it back (what result files record)."""
+    def quoted(a: str) -> str:
+        if a and not any(c in a for c in " \t'\"$`\\*?[]{}()<>|&;!#~"):
+            return a
+        return f'"{a}"' if not any(c in a for c in '"$`\\!') else shlex.quote(a)
+
+    return " ".join(["python", "-m", module, *map(quoted, argv)])
 
 
 def machine() -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._runner import REPO, machine, write_results
+from benchmarks._runner import REPO, command_line, machine, write_results
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "cpu_flags": cpu_flags(),
             "onnxruntime": onnxruntime.__version__, "rounds": args.rounds,
-            "command": "python -m benchmarks.int8 " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command_line("benchmarks.int8", argv if argv is not None else sys.argv[1:])}
     text = table(meta, rows)
     write_results(args.out, "rows.json", {"meta": meta, "rows": rows}, text)
     print(text)

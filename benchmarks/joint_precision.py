@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks._runner import machine, run_stage, write_params, write_results
+from benchmarks._runner import command_line, machine, run_stage, write_params, write_results
 from benchmarks.prune_protocol import make_holdout, run_pair
 
 COLUMNS = (("fp32_pruned", "pruned in fp32"), ("int8_only", "INT8 alone (unpruned)"), ("joint", "ours: pruned in int8 (joint)"))
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             row["judge"] = json.loads(judged.read_text())
             rows.append(row)
             meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
-                    "command": "python -m benchmarks.joint_precision " + " ".join(argv or __import__("sys").argv[1:])}
+                    "command": command_line("benchmarks.joint_precision", argv or sys.argv[1:])}
             if holdout is not None:
                 with np.load(holdout) as f:
                     meta["holdout_images"] = int(f["y"].size)
