@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     holdout = make_holdout(src, args.work / "holdout.npz", args.holdout_per_class) if args.holdout_per_class else None
     up = None
     rows = []
-    for seed in args.seeds:
-        for b in args.budgets:
+    for b in args.budgets:  # every seed of a budget before the next budget
+        for seed in args.seeds:
             fp32_run = fp32_runs / f"budget{b:g}_seed{seed}"
             if not (fp32_run / "metrics" / "prune.json").is_file():
                 fp32 = run_pair(src, fp32_runs, yaml.safe_load((src / "params.yaml").read_text()), b, seed,
