@@ -5,6 +5,8 @@ walk-through, streaming from disk and pruning a trained model."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks.tables.fmt import RESULTS, Refs, mean_std, median_range, read_json
@@ -24,19 +26,25 @@ def _ratio(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
 
 
+def _files(paths: tuple[Path, ...], refs: Refs) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """Each result file of ``paths`` that exists (one per machine or model) as (its JSON, its source
+    key in ``refs``, the CPU it ran on)."""
+    for path in paths:
+        if path.is_file():
+            d = read_json(path)
+            m = d.get("meta", d)
+            yield d, refs.key(path, m["command"], m["machine"]), m["machine"].split(",")[0]
+
+
 def fresh_clone_runs() -> tuple[list[str], list[list[str]], Refs]:
     """One row per clone: exit code, install and `make run` seconds, the figures compared between runs;
     the latest check first, then the same check on other machines."""
     refs = Refs()
     rows = []
-    for path in (FRESH_CLONES, *FRESH_CLONES_ELSEWHERE):
-        if not path.is_file():
-            continue
-        d = read_json(path)
-        k = refs.key(path, d["command"], d["machine"])
+    for d, k, cpu in _files((FRESH_CLONES, *FRESH_CLONES_ELSEWHERE), refs):
         for r in d["runs"]:
             h, c = r.get("metrics", {}), r.get("metrics", {}).get("compare", {})
-            rows.append([d["machine"].split(",")[0], str(r["clone"]), r["commit"], str(r["exit"]),
+            rows.append([cpu, str(r["clone"]), r["commit"], str(r["exit"]),
                          f"{r['install_s']:.0f}", f"{r['run_s']:.0f}",
                          _pct(h.get("student")), _pct(h.get("pruned")), _pct(c.get("uniform")), _pct(c.get("l1")),
                          _pct(c.get("unpruned")), _ratio(h.get("prune_measured_over_budget")),
@@ -177,13 +185,8 @@ def int8() -> tuple[list[str], list[list[str]], Refs]:
     """INT8 (U8S8, S8S8) against FP32 with ONNX Runtime on this CPU: latency per variant, speed-up, accuracy."""
     refs = Refs()
     rows = []
-    for path in INT8:  # one file per machine
-        if not path.is_file():
-            continue
-        d = read_json(path)
+    for d, k, cpu in _files(INT8, refs):  # one file per machine
         m = d["meta"]
-        k = refs.key(path, m["command"], m["machine"])
-        cpu = m["machine"].split(",")[0]
         vnni = "yes" if m["cpu_flags"].get("avx512_vnni") or m["cpu_flags"].get("avx_vnni") else "no"
         for r in d["rows"]:
             for v in r["variants"]:
@@ -212,17 +215,12 @@ def precision_auto() -> tuple[list[str], list[list[str]], Refs]:
     """What target.precision auto chose, run after run, and on what evidence."""
     refs = Refs()
     rows = []
-    for path in PRECISION_AUTO:  # one file per machine
-        if not path.is_file():
-            continue
-        d = read_json(path)
-        m = d["meta"]
-        k = refs.key(path, m["command"], m["machine"])
+    for d, k, cpu in _files(PRECISION_AUTO, refs):  # one file per machine
         for r in d["rows"]:
             rs = r["runs"]
             chosen = ", ".join(f"{p} in {sum(x['precision'] == p for x in rs)}"
                                for p in sorted({x["precision"] for x in rs}))
-            rows.append([r["case"], m["machine"].split(",")[0], str(len(rs)), chosen,
+            rows.append([r["case"], cpu, str(len(rs)), chosen,
                          median_range([x["int8_over_fp32"] for x in rs], digits=3),
                          f"{100 * rs[0]['fp32_val_acc']:.2f}", f"{100 * rs[0]['int8_val_acc']:.2f}",
                          str(rs[0].get("int8_float_layers", "-")), median_range([x["seconds"] for x in rs], digits=1), k])
@@ -235,12 +233,8 @@ def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
     per model (one result file each): accuracy on the holdout where the file has one, else the test split."""
     refs = Refs()
     rows = []
-    for path in JOINT_PRECISION:
-        if not path.is_file():
-            continue
-        d = read_json(path)
+    for d, k, _ in _files(JOINT_PRECISION, refs):  # one file per model
         m = d["meta"]
-        k = refs.key(path, m["command"], m["machine"])
         judged = [r for r in d["rows"] if "judge" in r]
         acc = "holdout_acc" if all("holdout_acc" in r["judge"]["model_fp32"] for r in judged) else "test_acc"
         scored = f"holdout, {m['holdout_images']:,} images" if acc == "holdout_acc" else "test split"
