@@ -37,9 +37,9 @@ def run_stage(module: str, *args: str, params: Path, launcher: list[str] | None 
 def command_line(module: str, argv: list[str]) -> str:
     """``python -m module argv...`` as a shell would take it back (what result files record)."""
     def quoted(a: str) -> str:
-        if a and not any(c in a for c in " \t'\"$`\\*?[]{}()<>|&;!#~"):
+        if a and not any(c in a for c in " \t\n'\"$`\\*?[]{}()<>|&;!#~"):
             return a
-        return f'"{a}"' if not any(c in a for c in '"$`\\!') else shlex.quote(a)
+        return f'"{a}"' if not any(c in a for c in '"$`\\!\n') else shlex.quote(a)
 
     return " ".join(["python", "-m", module, *map(quoted, argv)])
 

@@ -55,7 +55,9 @@ import yaml
 
 from benchmarks._runner import command_line, machine, run_stage, write_params, write_results
 from benchmarks.prune_protocol import make_holdout, run_pair
+from pipeline.io import file_sha256
 
+MODEL = "the trained resnet18 (32 px)"  # the first form's model
 COLUMNS = (("fp32_pruned", "pruned in fp32"), ("int8_only", "INT8 alone (unpruned)"), ("joint", "ours: pruned in int8 (joint)"))
 
 
@@ -84,7 +86,13 @@ def int8_params(fp32_run: Path) -> dict[str, Any]:
     p["target"]["int8_activations"] = "uint8"
     p["engine"].update(precision="int8")
     p["prune"].update(budget_reference="fp32", progress=False)
-    # the fp32 run's closed loop; runs from before these keys existed ran with these
+    return loop_as_ran(p)
+
+
+def loop_as_ran(p: dict[str, Any]) -> dict[str, Any]:
+    """``p`` with the closed loop's protocol written out: params from before ``prune.loop_timing`` /
+    ``loop_readings`` existed ran with ``target`` and 3 readings (so an fp32 run made here from such an
+    upstream and its int8 partner read alike)."""
     p["prune"].setdefault("loop_timing", "target")
     p["prune"].setdefault("loop_readings", 3)
     p["compare"]["methods"] = []
@@ -163,7 +171,7 @@ def pct(xs: list[float]) -> str:
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    key = "holdout_acc" if all("holdout_acc" in r["judge"]["model_fp32"] for r in rows) else "test_acc"
+    key = "holdout_acc" if "holdout_images" in meta and rows else "test_acc"
     where = (f"the holdout ({meta['holdout_images']:,} images the prepare stage left out)" if key == "holdout_acc"
              else "the test split")
     lines = [f"# Pruning and precision under one budget ({meta['date']}, {meta['machine']})", "",
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the prune runs in fp32 (default: WORK/runs_fp32; missing ones are made)")
     ap.add_argument("--holdout-per-class", type=int, default=0, metavar="N",
                     help="also score every network on up to N images per class the prepare stage left out")
-    ap.add_argument("--model", default="the trained resnet18", help="what the model is, for the table")
+    ap.add_argument("--model", default=MODEL, help="what the model is, for the table")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/joint_precision"))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -216,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             fp32_run = fp32_runs / f"budget{b:g}_seed{seed}"
             if not (fp32_run / "metrics" / "prune.json").is_file():
-                fp32 = run_pair(src, fp32_runs, yaml.safe_load((src / "params.yaml").read_text()), b, seed,
-                                baselines=False)
+                fp32 = run_pair(src, fp32_runs, loop_as_ran(yaml.safe_load((src / "params.yaml").read_text())), b,
+                                seed, baselines=False)
                 if "failed" in fp32:
                     rows.append({**fp32, "failed": f"fp32 prune: {fp32['failed']}"})
                     continue
@@ -228,12 +236,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             joint_run = args.work / "runs_int8" / f"budget{b:g}_seed{seed}"
             judged = joint_run / "judge.json"  # a re-run with more budgets or seeds judges only the new pairs
-            if not judged.is_file():
-                judged.write_text(json.dumps(judge(fp32_run, joint_run, b, holdout), indent=1))
-            row["judge"] = json.loads(judged.read_text())
+            inputs = {"fp32_run": str(fp32_run.resolve()), "holdout": None if holdout is None else
+                      {"path": str(holdout.resolve()), "sha256": file_sha256(holdout)},
+                      "joint_model_sha256": file_sha256(joint_run / "artifacts" / "prune" / "model.pt")}
+            cached = json.loads(judged.read_text()) if judged.is_file() else {}
+            if cached.get("inputs") != inputs:
+                cached = {"inputs": inputs, "judge": judge(fp32_run, joint_run, b, holdout)}
+                judged.write_text(json.dumps(cached, indent=1))
+            row["judge"] = cached["judge"]
             rows.append(row)
             meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
-                    "command": command_line("benchmarks.joint_precision", argv or sys.argv[1:])}
+                    "command": command_line("benchmarks.joint_precision", argv if argv is not None else sys.argv[1:])}
             if holdout is not None:
                 with np.load(holdout) as f:
                     meta["holdout_images"] = int(f["y"].size)

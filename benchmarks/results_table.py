@@ -153,7 +153,8 @@ SECTIONS = (
     ("INT8 against FP32 on this CPU",
      "`benchmarks/int8.py`: ONNX Runtime's CPU provider, one thread, batch 1; `pipeline.quantize` (Q/DQ, int8 "
      "per-channel weights) with uint8 activations (U8S8) and int8 activations (S8S8); the three sessions timed "
-     "interleaved in each round. Accuracy on the trained-model benchmark's held-out test/ (3,000 images); the 224 px "
+     "interleaved in each round. Accuracy on held-out images as each model's name says (the trained-model benchmark's "
+     "test/ of 3,000 images; the CIFAR-10 preset's holdout of 10,000 images its prepare stage left out); the 224 px "
      "torchvision models have random weights (no trained 224 px weights offline): latency only.", int8),
     ("Pruning and precision under one budget (INT8, CPU)",
      "`benchmarks/joint_precision.py`: a model at budgets that are fractions of its fp32 latency on ONNX Runtime "

@@ -178,6 +178,7 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
 INT8 = (RESULTS / "int8/rows.json", RESULTS / "int8/intel-vnni/rows.json")
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
 JOINT_PRECISION = (RESULTS / "joint_precision/rows.json", RESULTS / "joint_precision/cifar10-cpu/rows.json")
+JOINT_MODEL = "the trained resnet18 (32 px)"  # benchmarks/joint_precision.py's default --model
 PRECISION_AUTO = (RESULTS / "precision_auto/rows.json", RESULTS / "precision_auto/intel-vnni/rows.json")
 
 
@@ -236,11 +237,11 @@ def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
     for d, k, _ in _files(JOINT_PRECISION, refs):  # one file per model
         m = d["meta"]
         judged = [r for r in d["rows"] if "judge" in r]
-        acc = "holdout_acc" if all("holdout_acc" in r["judge"]["model_fp32"] for r in judged) else "test_acc"
+        acc = "holdout_acc" if judged and "holdout_images" in m else "test_acc"
         scored = f"holdout, {m['holdout_images']:,} images" if acc == "holdout_acc" else "test split"
         for b in sorted({r["budget"] for r in judged}, reverse=True):
             j = [r["judge"] for r in judged if r["budget"] == b]
-            rows.append([m.get("model", "the trained resnet18 (32 px)"), f"{b:g}", str(len(j)), scored,
+            rows.append([m.get("model", JOINT_MODEL), f"{b:g}", str(len(j)), scored,
                          mean_std([x["model_fp32"][acc] for x in j], digits=2)]
                         + [f"{mean_std([x[c][acc] for x in j], digits=2)}; "
                            f"{median_range([x[c]['over_budget'] for x in j], digits=3)}"
