@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     src = args.upstream or args.work / "upstream"
     fp32_runs = args.fp32_runs or args.work / "runs_fp32"
     holdout = make_holdout(src, args.work / "holdout.npz", args.holdout_per_class) if args.holdout_per_class else None
+    if holdout is not None:  # read once, for every pair's record
+        with np.load(holdout) as f:
+            holdout_images = int(f["y"].size)
     up = None
     rows = []
     for b in args.budgets:  # every seed of a budget before the next budget
@@ -248,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
                     "command": command_line("benchmarks.joint_precision", argv if argv is not None else sys.argv[1:])}
             if holdout is not None:
-                with np.load(holdout) as f:
-                    meta["holdout_images"] = int(f["y"].size)
+                meta["holdout_images"] = holdout_images
             write_results(args.out, "rows.json", {"meta": meta, "rows": rows},
                           table([r for r in rows if "judge" in r], meta))
             print(json.dumps({k: {kk: round(v, 4) for kk, v in d.items() if isinstance(v, float)}
