@@ -52,26 +52,31 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
 
 
+def _scored(name: str, model: Any, data: Any, split: Any) -> dict[str, Any]:
+    """A trained ``model`` on ``data`` with 256 calibration images of its training split, scored on ``split``."""
+    from pipeline.data import Normalized
+    from pipeline.quantize import calibration_rows
+
+    mean, std = data.norm()
+    return {"name": name, "model": model.eval(), "shape": (data.channels, *data.meta["image_size"]),
+            "calib": Normalized(data.train, mean, std)[calibration_rows(len(data.train), 256, seed=0)],
+            "test": (Normalized(split, mean, std), split.y)}
+
+
 def _student(run: Path, holdout_per_class: int, label: str) -> dict[str, Any]:
-    """The pipeline run ``run``'s student with 256 calibration images of its training split and the
-    test split (or the holdout) to score every variant on."""
+    """The pipeline run ``run``'s student, scored on its test split (or the holdout)."""
     from benchmarks.prune_protocol import make_holdout
     from pipeline.checkpoint import load_model
-    from pipeline.data import Normalized, load_prepared, load_split
-    from pipeline.quantize import calibration_rows
+    from pipeline.data import load_prepared, load_split
 
     data = load_prepared(run / "artifacts" / "prepare")
     model, _ = load_model(run / "artifacts" / "student" / "model.pt")
-    mean, std = data.norm()
     split, where = data.test, "test split"
     if holdout_per_class:
         split = load_split(make_holdout(run, run / "holdout.npz", holdout_per_class), data.meta)
         where = "holdout"
-    return {"name": f"{label} ({data.meta['image_size'][0]} px; accuracy on its {where}, {len(split.y):,} images)",
-            "model": model.eval(),
-            "shape": (data.channels, *data.meta["image_size"]),
-            "calib": Normalized(data.train, mean, std)[calibration_rows(len(data.train), 256, seed=0)],
-            "test": (Normalized(split, mean, std), split.y)}
+    return _scored(f"{label} ({data.meta['image_size'][0]} px; accuracy on its {where}, {len(split.y):,} images)",
+                   model, data, split)
 
 
 def _models(work: Path, student: Path | None = None, holdout_per_class: int = 0,
@@ -83,16 +88,12 @@ def _models(work: Path, student: Path | None = None, holdout_per_class: int = 0,
     up = work / "upstream" / "artifacts"
     if (up / "teachers" / "mine.pt").is_file():
         from pipeline.checkpoint import load_student
-        from pipeline.data import Normalized, load_prepared
-        from pipeline.quantize import calibration_rows
+        from pipeline.data import load_prepared
 
         data = load_prepared(up / "prepare")
         model, _ = load_student(up / "teachers" / "mine.pt", data.meta)
-        mean, std = data.norm()
-        calib = Normalized(data.train, mean, std)[calibration_rows(len(data.train), 256, seed=0)]
-        out.append({"name": f"resnet18 trained (trained_model benchmark, {data.meta['image_size'][0]} px)",
-                    "model": model.eval(), "shape": (data.channels, *data.meta["image_size"]), "calib": calib,
-                    "test": (Normalized(data.test, mean, std), data.test.y)})
+        out.append(_scored(f"resnet18 trained (trained_model benchmark, {data.meta['image_size'][0]} px)",
+                           model, data, data.test))
     g = torch.Generator().manual_seed(0)
     for name in ("resnet18", "mobilenet_v2"):
         torch.manual_seed(0)
