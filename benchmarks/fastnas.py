@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import load_prepared
     from pipeline.distill import kd_criterion, training_ensemble
     from pipeline.latency import LatencyTable, target_backend, timing_protocol
-    from pipeline.prune import Budget
+    from pipeline.prune import Budget, BudgetReading
     from pipeline.slim import channel_groups, masks_from_kept, prune_structure
 
     up = args.work / "upstream"
@@ -145,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = target_backend(target)
     verdict = timing_protocol(target, passes=cmp_cfg.timing_passes, min_span_s=cmp_cfg.timing_span_s)
 
-    def readings(models: list[nn.Module]) -> list:
-        return backend.measure_readings(models, shape, verdict, cmp_cfg.timing_readings)
-
-    for s, ratio in zip(subnets, paired_measure(readings, student, 1.0)([s["model"] for s in subnets])):
+    ratios = BudgetReading(backend, student, shape, 1.0, protocol=verdict, readings=cmp_cfg.timing_readings)
+    for s, ratio in zip(subnets, paired_measure(ratios)([s["model"] for s in subnets])):
         s["ratio"] = ratio  # measured / the trained model's latency
     teachers = load_teachers(a / "teachers", ["mine"], data.meta)
     ensemble = training_ensemble(list(teachers.values()), data.train, *data.norm(), train_cfg.augment, cpu,
@@ -172,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             before, after = fine_tune(net, f"fastnas flops {100 * chosen['flops']:g}%")
             masked, _ = load_model(run / "artifacts" / "prune" / "model.pt")
             ours = prune_structure(masked, example, masks_from_kept(channel_groups(masked, example), pruned["kept"]))
-            verdicts = judge({"ours": ours, "fastnas": net}, student, budget, readings)
+            reading = BudgetReading.of(backend, student, shape, budget, verdict, cmp_cfg.timing_readings)
+            verdicts = judge({"ours": ours, "fastnas": net}, budget, reading)
             prune_m = json.loads((run / "metrics" / "prune.json").read_text())
             rows.append({"budget": b, "seed": seed, "flops": chosen["flops"], "fitted": bool(fitting),
                          "params": chosen["params"], "test_acc_before_finetune": before, "test_acc": after,

@@ -43,8 +43,8 @@ from torch import nn
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.flops import count_params
-from pipeline.latency import LatencyPredictor, Timing, median_paired, paired_ms
-from pipeline.prune import Budget, allowed_widths, filter_l1, top_mask
+from pipeline.latency import LatencyPredictor, paired_ms
+from pipeline.prune import Budget, BudgetReading, allowed_widths, filter_l1, top_mask
 from pipeline.slim import ChannelGraph, prune_structure
 from pipeline.train import Criterion, check_above_chance, test_accuracy, train_classifier
 
@@ -290,18 +290,14 @@ def table_predict(predictor: LatencyPredictor, groups: Sequence[str]) -> Callabl
     return lambda c: predictor({g: float(c.widths[g]) for g in groups}).item()
 
 
-def paired_measure(measure_readings: Callable[[list[nn.Module]], list[list[Timing]]], student: nn.Module,
-                   student_ms: float) -> Callable[[list[nn.Module]], list[float]]:
-    """models -> ms each: every model measured in a pair with ``student`` (interleaved windows,
-    rescaled by the student's reading, the median over the readings), one pair after another, as
-    the prune stage's closed loop measures ours. Pairs, not one run of them all: measured together
-    with four more networks, a pruned network read about 17% lower against the model than in a pair
-    (benchmarks/paired_readings.py), so a baseline matched in a crowd and ours decided in a pair
-    would not be at the same latency."""
-    def measure(models: list[nn.Module]) -> list[float]:
-        return [median_paired(student_ms, measure_readings([m, student]), 0, 1) for m in models]
-
-    return measure
+def paired_measure(reading: BudgetReading) -> Callable[[list[nn.Module]], list[float]]:
+    """models -> ms each: every model measured in a pair with the budget's reference (``reading``:
+    the student, or the student in fp32 when the budget is a fraction of it), one pair after
+    another, as the prune stage's closed loop measures ours. Pairs, not one run of them all:
+    measured together with four more networks, a pruned network read about 17% lower against the
+    model than in a pair (benchmarks/paired_readings.py), so a baseline matched in a crowd and ours
+    decided in a pair would not be at the same latency."""
+    return lambda models: [reading(m) for m in models]
 
 
 @dataclass(frozen=True)
@@ -355,19 +351,19 @@ def run_methods(methods: Sequence[str], space: BaselineSpace, budget: Budget, pr
     return records, finals
 
 
-def judge(finals: dict[str, nn.Module], student: nn.Module, budget: Budget,
-          measure_readings: Callable[[list[nn.Module]], list[list[Timing]]]) -> dict[str, dict[str, Any]]:
-    """Every final network measured in a pair with the student (the median over its readings), the
-    pairs one after another, as each network was chosen; each judged by ``budget.verdict`` on its
-    reading (the protocol's *same verdict*)."""
+def judge(finals: dict[str, nn.Module], budget: Budget, reading: BudgetReading) -> dict[str, dict[str, Any]]:
+    """Every final network measured in a pair with the budget's reference (``reading``; the median
+    over its readings), the pairs one after another, as each network was chosen; each judged by
+    ``budget.verdict`` on its reading (the protocol's *same verdict*)."""
     out = {}
     for name, model in finals.items():
-        reads = measure_readings([model, student])
-        ms = median_paired(budget.student_ms, reads, 0, 1)
+        pairs = reading.pairs(model)
+        values = [paired_ms(reading.scale_ms, s, r) for s, r in pairs]
+        ms = statistics.median(values)
         status, verdict = budget.verdict(ms)
-        spread = statistics.median(r[0].spread for r in reads)
-        out[name] = {"measured_ms": ms, "measured_spread": spread, "measured_over_budget": ms / budget.target_ms,
-                     "readings_over_budget": [paired_ms(budget.student_ms, r[0], r[1]) / budget.target_ms for r in reads],
+        out[name] = {"measured_ms": ms, "measured_spread": statistics.median(s.spread for s, _ in pairs),
+                     "measured_over_budget": ms / budget.target_ms, "paired_with": reading.reference,
+                     "readings_over_budget": [v / budget.target_ms for v in values],
                      "in_band": status == "in_band", "budget_status": status, "budget_verdict": verdict}
     return out
 

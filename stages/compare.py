@@ -2,7 +2,8 @@
 student to the same measured-latency band of the prune stage's budget (uniform width scaling, its
 width ratio swept; Torch-Pruning global L1 magnitude, its pruning ratio swept), trained with the
 same distillation loss for as many epochs as the prune stage trained, and measured at the end, each
-in a pair with the student as ours was decided, where every network, ours included, is judged by the
+in a pair with the budget's reference (the student, or the student in fp32 when the budget is a fraction
+of it) as ours was decided, where every network, ours included, is judged by the
 budget's one rule (``budget_status``). ``unpruned``: the student itself trained as many more epochs the same way,
 the equal-training reference every pruned network is judged against (the student's own accuracy
 had that many fewer epochs); it is not cut to the budget and is no baseline to beat."""
@@ -41,7 +42,7 @@ from pipeline.distill import kd_criterion, training_ensemble
 from pipeline.flops import count_params
 from pipeline.io import file_sha256, write_json
 from pipeline.latency import LatencyTable, target_backend, timing_protocol
-from pipeline.prune import Budget, taylor_batches
+from pipeline.prune import Budget, BudgetReading, taylor_batches
 from pipeline.quantize import calibration_images, fallback_split, int8_accuracies
 from pipeline.runtime import describe_device, resolve_device
 from pipeline.slim import channel_groups, masks_from_kept, prune_structure
@@ -88,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         # and a baseline's match and its final reading once disagreed by 26% (docs/history.md, section 37)
         verdict = timing_protocol(target, passes=cfg.timing_passes, min_span_s=cfg.timing_span_s)
 
-        def measure_readings(models: list[torch.nn.Module]) -> list:
-            return backend.measure_readings(models, shape, verdict, cfg.timing_readings)
-
+        reading = BudgetReading.of(backend, student, shape, budget, verdict, cfg.timing_readings)
         result: dict = {
             "protocol": protocol_record(budget, prune_cfg.epochs, f"distill ({kd.mode}, T={kd.temperature}, "
                                         f"alpha={kd.alpha})", cfg.seed, verdict.passes, verdict.min_span_s,
@@ -112,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda: taylor_batches(data, train_cfg.batch_size, used, cfg.seed, cpu))
             fine_tune = FineTune(data, train_cfg, prune_cfg.optimizer, prune_cfg.epochs, cfg.seed, device, criterion)
             records, models = run_methods(cfg.methods, space, budget, table_predict(table.predictor(), table.groups),
-                                          paired_measure(measure_readings, student, budget.student_ms), fine_tune)
+                                          paired_measure(reading), fine_tune)
             result.update(records)
             finals.update(models)
             result["train_device"] = describe_device(device)
-        for name, verdict_of in judge(finals, student, budget, measure_readings).items():  # one protocol, one rule
+        for name, verdict_of in judge(finals, budget, reading).items():  # one protocol, one rule
             result[name].update(verdict_of)
         if holdout is not None:
             result["holdout"] = {"path": str(args.holdout), "images": len(holdout), "sha256": file_sha256(args.holdout)}

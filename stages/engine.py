@@ -6,9 +6,9 @@ the prune stage's latency budget (``Budget.verdict``, the rule every stage judge
 above budget x (1 + measured noise)).
 
 The verdict is read on the scale the budget was set on: the slimmed network and the network it was
-pruned from (``--student``) measured together by the target's backend in interleaved windows, the
-ratio times the student latency the prune stage measured (``paired_ms``), as prune and compare
-judge. A slow spell of a shared machine then moves both and cancels out, where a reading of the
+pruned from (``--student``; in fp32 when the budget is a fraction of the fp32 student) measured
+together by the target's backend in interleaved windows, the ratio times that reference's latency
+the prune stage measured (``pipeline.prune.BudgetReading``), as prune and compare judge. A slow spell of a shared machine then moves both and cancels out, where a reading of the
 engine alone, minutes after the budget was measured, would fail the stage (a fresh clone of
 6404a5b read its engine alone at 1.205 of the budget while prune and compare had read the same
 network at 0.988 and 0.929). The engine's own latency, alone, is reported beside it: what the deploy
@@ -34,7 +34,7 @@ from pipeline.data import Normalized, PreparedData, load_prepared
 from pipeline.deploy import DeployError, engine_latency, parity, select_backend
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir, write_json
-from pipeline.latency import TimingProtocol, device_record, paired_ms, target_backend, timing_protocol
+from pipeline.latency import TimingProtocol, device_record, target_backend, timing_protocol
 from pipeline.latency.backends import cuda_timed, wall_timed
 from pipeline.latency.timing import TimedCall, measure_calls
 from pipeline.prune import Budget
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 "measured_over_budget": latency["ms"] / budget.target_ms,
                 "paired_ms": paired, "paired_over_budget": None if paired is None else paired / budget.target_ms,
                 "paired_readings_over_budget": [v / budget.target_ms for v in paired_all],
-                "verdict_on": "alone" if paired is None else "paired with the student",
+                "verdict_on": "alone" if paired is None else "paired with the student" + (" in fp32" if budget.reference_ms else ""),
                 "p50_over_budget": latency["p50_ms"] / budget.target_ms, "noise": budget.noise,
                 "within_budget": budget.meets(judged_ms), "budget_status": status, "verdict": how,
                 "budget": budget.to_dict(), "device": built.device,
@@ -163,26 +163,22 @@ def main(argv: list[str] | None = None) -> int:
 def _paired_reading(args: Namespace, cfg: EngineConfig, target: TargetConfig, data: PreparedData, budget: Budget,
                     protocol: TimingProtocol, engine: TimedCall | None = None) -> tuple[float | None, list[float]]:
     """The slimmed network's latency on the budget's scale: the median over ``engine.timing_readings``
-    readings of it measured interleaved with the student by the target's backend, each ratio times
-    the prune stage's student latency (one reading of a sub-millisecond network on a shared machine
-    can be 30% off: a fresh clone of d26ff0a read 1.299 where prune and compare had read 0.911 and
-    0.927). ``engine`` (int8, or a precision chosen by auto): the engine's own call is measured with
-    the student instead of the slimmed network. (None, []) without ``--model`` and ``--student``."""
+    readings of it measured interleaved with the budget's reference (the student, or the student in
+    fp32 when the budget is a fraction of it; ``pipeline.prune.BudgetReading``) by the target's
+    backend, each ratio times the reference's latency the prune stage measured (one reading of a
+    sub-millisecond network on a shared machine can be 30% off: a fresh clone of d26ff0a read 1.299
+    where prune and compare had read 0.911 and 0.927). ``engine`` (int8, or a precision chosen by
+    auto): the engine's own call is measured instead of the slimmed network. (None, []) without
+    ``--model`` and ``--student``."""
     if not (args.model and args.student):
         return None, []
+    from pipeline.prune import BudgetReading
     from pipeline.slim import load_slimmed_model
 
     student, _ = load_student(args.student, data.meta)
     shape = (data.channels, *data.meta["image_size"])
-    backend = target_backend(target)
-    n = cfg.timing_readings
-    if engine is not None:
-        readings = backend.measure_readings([student], shape, protocol, readings=n, extra=[engine])
-        values = [paired_ms(budget.student_ms, r[1], r[0]) for r in readings]
-    else:
-        net, _ = load_slimmed_model(args.model)
-        readings = backend.measure_readings([net.eval(), student], shape, protocol, readings=n)
-        values = [paired_ms(budget.student_ms, r[0], r[1]) for r in readings]
+    reading = BudgetReading.of(target_backend(target), student, shape, budget, protocol, cfg.timing_readings)
+    values = reading.values(engine if engine is not None else load_slimmed_model(args.model)[0].eval())
     return statistics.median(values), values
 
 

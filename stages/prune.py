@@ -34,6 +34,7 @@ from pipeline.plots import widths_png
 from pipeline.prune import (
     SETTLE_PHASES,
     BudgetError,
+    BudgetReading,
     Pruned,
     ResumeState,
     SoftMaskedNet,
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)  # at the expected masks
         importance, taylor_used = importance_for(cfg, space, data, train_cfg.batch_size, distil, device)
         plain = rebuild(arch, net.net.state_dict())
-        measure = measure_paired(backend, plain, student, ref.student_ms, space, cfg.loop_readings, loop_protocol)
+        reading = BudgetReading.of(backend, student, space.shape, budget, loop_protocol, cfg.loop_readings)
+        measure = measure_paired(plain, reading, space)
         loop = decide_widths(net, space, budget, cfg, importance, measure,
                              val_cost(plain, space, data, cfg.loop_val_samples), state,
                              digest(fingerprint, vars(loop_protocol)))  # a decision measured with this protocol

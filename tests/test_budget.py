@@ -131,3 +131,46 @@ def test_the_fp32_reference_is_read_paired_with_the_deployed_student() -> None:
     ref = Reference(0.4, 0.1, 0.01, 0.1, fp32_ms=fp32_ms)
     assert ref.budget(cfg).target_ms == pytest.approx(0.5)  # half of the fp32 student, 1.25x the int8 one
     assert ref.budget(PruneConfig(latency_budget=0.5, budget_reference="target")).target_ms == pytest.approx(0.2)
+
+
+def test_a_budget_of_the_fp32_student_is_read_against_the_fp32_student_itself() -> None:
+    """With ``prune.budget_reference: fp32`` every reading (the loop's, compare's, the engine's) pairs
+    the subject with the student in fp32 and scales by its latency, so the budget is a ratio to that
+    model and the fp32 / int8 ratio read at the start enters no verdict; otherwise the pair is the
+    student as deployed. A network or an engine's call may be the subject."""
+    from torch import nn
+
+    from pipeline.latency import Backend, TimingProtocol
+    from pipeline.prune.measure import BudgetReading
+
+    class Quantized(Backend):
+        """A call takes (output channels) ms in int8, 2.5x that in fp32; a separate clock per model."""
+
+        name = "fake"
+
+        def device(self) -> dict:
+            return {"type": "cpu", "name": "fake"}
+
+        def versions(self) -> dict:
+            return {}
+
+        def prepare(self, model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN201
+            ms = {"int8": 1.0, "fp32": 2.5}[self.precision] * model.out_channels
+            return lambda: ms
+
+    fast = TimingProtocol(passes=2, window_s=0.0, min_calls=2, warmup=1, min_span_s=0.0)
+    be = Quantized(batch_size=1, precision="int8", threads=1, protocol=fast)
+    student, net = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 2, 1)  # int8: 4 ms and 2 ms; fp32: 10 ms and 5 ms
+    # the budget derived from a once-read fp32 latency that is off (12 ms instead of 10: the ratio moved)
+    fp32_budget = Budget.derive(0.5, "fraction", (0.8, 1.0), 4.0, 0.0, 12.0)
+    deployed_budget = Budget.derive(0.5, "fraction", (0.8, 1.0), 4.0, 0.0)
+    on_fp32 = BudgetReading.of(be, student, (1, 4, 4), fp32_budget, readings=3)
+    assert on_fp32.reference == "the student in fp32" and on_fp32.scale_ms == 12.0
+    # net in int8 / the fp32 student = 2 / 10: 0.2 of the fp32 student whatever its once-read latency
+    assert on_fp32(net) / fp32_budget.target_ms == pytest.approx(0.2 / 0.5)
+    assert len(on_fp32.values(net)) == 3 and be.precision == "int8"
+    engine = be.prepare(net, (1, 4, 4))  # an engine's own call as the subject
+    assert on_fp32(engine) == pytest.approx(on_fp32(net))
+    on_student = BudgetReading.of(be, student, (1, 4, 4), deployed_budget, readings=1)
+    assert on_student.reference == "the student" and on_student.scale_ms == 4.0
+    assert on_student(net) == pytest.approx(2.0) and on_student(engine) == pytest.approx(2.0)  # 2/4 of 4 ms

@@ -16,7 +16,7 @@ from pipeline.compare import Candidate, containing_max, match_budget, uniform_wi
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.latency import Timing
-from pipeline.prune import Budget, allowed_widths
+from pipeline.prune import Budget, BudgetReading, allowed_widths
 from pipeline.train import epoch_steps
 from tests.conftest import randomise_bn
 
@@ -191,11 +191,15 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     budget = Budget.derive(0.6, "fraction", (0.8, 1.0), _ms(student), 0.02)
     calls: list[list[nn.Module]] = []
 
-    def measure_readings(models: list[nn.Module]) -> list[list[Timing]]:  # three readings, one of them off by 2x
-        calls.append(list(models))
-        one = [Timing(_ms(m), (_ms(m),), _ms(m), _ms(m), _ms(m), 5) for m in models]
-        off = [Timing(2 * t.ms, (2 * t.ms,), t.ms, t.ms, t.ms, 5) if i == 0 else t for i, t in enumerate(one)]
-        return [one, off, one]
+    class Target:
+        def measure_readings(self, models, shape, protocol, readings, extra=()):  # noqa: ANN001, ANN201
+            assert readings == 3 and not extra  # three readings, one of them off by 2x
+            calls.append(list(models))
+            one = [Timing(_ms(m), (_ms(m),), _ms(m), _ms(m), _ms(m), 5) for m in models]
+            off = [Timing(2 * t.ms, (2 * t.ms,), t.ms, t.ms, t.ms, 5) if i == 0 else t for i, t in enumerate(one)]
+            return [one, off, one]
+
+    reading = BudgetReading.of(Target(), student, (1, 8, 8), budget, readings=3)
 
     trained: list[dict] = []
     monkeypatch.setattr(pc, "train_classifier", lambda model, data, cfg, optim, **kw: trained.append(
@@ -209,7 +213,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     space = pc.baseline_space(student, torch.zeros(1, 1, 8, 8), 2, 0.25)
     methods = ("uniform", "l1", "unpruned")
     records, finals = pc.run_methods(methods, space, budget, lambda c: _ms(c.model),
-                                     pc.paired_measure(measure_readings, student, budget.student_ms), fine_tune)
+                                     pc.paired_measure(reading), fine_tune)
     # same training: one call per method, on its final network, with one loss, optimizer, epochs, seed
     assert [t["model"] for t in trained] == [finals[m] for m in methods]
     assert all(t["criterion"] is loss and t["optim"] is fine_tune.optimizer and t["data"] is digits
@@ -224,7 +228,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     ours = copy.deepcopy(finals["uniform"])  # at the budget, as the baseline it copies
     result = {"ours": {"test_acc": 0.5}, **{m: {"test_acc": 0.4} for m in methods}}
     before = len(calls)
-    for name, verdict in pc.judge({"ours": ours, **finals}, student, budget, measure_readings).items():
+    for name, verdict in pc.judge({"ours": ours, **finals}, budget, reading).items():
         result[name].update(verdict)
     final = calls[before:]
     assert [c[0] for c in final] == [ours, *finals.values()] and all(len(c) == 2 and c[1] is student for c in final)
@@ -237,7 +241,7 @@ def test_every_method_gets_the_same_training_measurement_band_and_verdict(monkey
     assert versus["ours_minus_uniform"] == pytest.approx(0.1)
     assert versus["at_equal_latency"]["uniform"] and not versus["at_equal_latency"]["unpruned"]
     # ours over the budget: reported as such, and compared at equal latency with nothing
-    result["ours"].update(pc.judge({"ours": student}, student, budget, measure_readings)["ours"])
+    result["ours"].update(pc.judge({"ours": student}, budget, reading)["ours"])
     assert result["ours"]["budget_status"] == "over"
     assert not any(pc.versus_ours(result, methods)["at_equal_latency"].values())
 

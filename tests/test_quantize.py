@@ -202,10 +202,15 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
         assert backend.precision == "int8" and readings == 3
         return 10 * student_ms
 
+    def ten_times_call(self):  # noqa: ANN001, ANN202  the loop's reference: the int8 student's call, read 10x
+        int8_call = self.backend.prepare(self.student, self.shape)
+        return lambda: 10 * int8_call()
+
     (tmp_path / "frac").mkdir()
     params2 = _params(tmp_path / "frac", target={"precision": "int8"}, compare={"methods": []},
                       prune={"epochs": 1, "progress": False, "latency_budget": 0.5}, engine={"precision": "int8"})
-    with mock.patch.object(pm, "measure_fp32_student", ten_times):
+    with (mock.patch.object(pm, "measure_fp32_student", ten_times),
+          mock.patch.object(pm.BudgetReading, "fp32_call", property(ten_times_call))):
         assert prune.main(["--params", str(params2), "--data", str(w / "prep"), "--teachers", str(tmp_path / "t"),
                            "--student", str(tmp_path / "t" / "a.pt"), "--table", str(tmp_path / "prof" / "table.json"),
                            "--out-dir", str(tmp_path / "pr3"), "--metrics", str(tmp_path / "m" / "prune3.json"),
@@ -214,6 +219,7 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
     assert m3["budget_reference"] == "fp32 student" and m3["student_fp32_ms"] == pytest.approx(10 * m3["student_ms"])
     assert m3["budget_ms"] == pytest.approx(5 * m3["student_ms"]) and m3["loop_status"] == "full"
     assert m3["loop_iterations"] == 1 and m3["removed_blocks"] == []
+    assert m3["measured_paired_with"] == "the student in fp32"
     # an fp32 table is refused by an int8 target (measured under another fingerprint)
     code = prune.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
                        str(w / "prof" / "table.json"), "--out-dir", str(tmp_path / "pr2"), "--metrics",

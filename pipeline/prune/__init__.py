@@ -51,7 +51,14 @@ from pipeline.prune.importance import (
 )
 from pipeline.prune.knapsack import allocate_widths
 from pipeline.prune.loop import LoopResult, closed_loop
-from pipeline.prune.measure import Reference, measure_alone, measure_paired, measure_reference_budget, share_reference
+from pipeline.prune.measure import (
+                                   BudgetReading,
+                                   Reference,
+                                   measure_alone,
+                                   measure_paired,
+                                   measure_reference_budget,
+                                   share_reference,
+)
 from pipeline.prune.records import (
                                    Pruned,
                                    Training,
@@ -69,7 +76,7 @@ from pipeline.prune.state import ResumeState
 from pipeline.prune.training import SETTLE_PHASES, joint_training, rebuild, schedule, settle
 
 __all__ = [
-    "SETTLE_PHASES", "Budget", "BudgetError", "BudgetPenalty", "Importance", "L1Importance", "LoopResult",
+    "SETTLE_PHASES", "Budget", "BudgetError", "BudgetPenalty", "BudgetReading", "Importance", "L1Importance", "LoopResult",
     "PruneGroup", "PruneSpace", "Pruned", "Ranking", "Reference", "ResumeState", "SoftMaskImportance",
     "SoftMaskedNet", "TaylorImportance", "Training", "allocate_widths", "allowed_for", "allowed_widths", "band_ms",
     "blocks_only", "closed_loop", "deactivation_prob", "decide_widths", "filter_l1", "gumbel_keep_mask", "harden",

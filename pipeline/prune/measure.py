@@ -5,8 +5,10 @@ search makes of sub-networks (alone, or paired with the student)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +17,8 @@ import torch.distributed
 from torch import nn
 
 from pipeline.config import PruneConfig
-from pipeline.latency import Backend, TimingProtocol, measure_reference, median_paired
+from pipeline.latency import Backend, Timing, TimingProtocol, measure_reference, median_paired, paired_ms
+from pipeline.latency.timing import TimedCall
 from pipeline.prune.budget import Budget, BudgetError
 from pipeline.prune.groups import smallest_masks, widths_of
 from pipeline.prune.space import PruneSpace
@@ -138,16 +141,71 @@ def measure_alone(backend: Backend, model: nn.Module, space: PruneSpace) -> Call
     return measure
 
 
-def measure_paired(backend: Backend, model: nn.Module, student: nn.Module, student_ms: float,
-                   space: PruneSpace, readings: int = 1, protocol: TimingProtocol | None = None
-                   ) -> Callable[[Masks], float]:
-    """masks -> ms of ``model`` slimmed to them, measured paired with ``student`` in interleaved
-    windows (a slow spell of the machine moves both): the ratio to the student times ``student_ms``,
-    the median over ``readings`` independent readings (``prune.loop_readings``), each with
-    ``protocol`` (the backend's own when None)."""
-    def measure(masks: Masks) -> float:
-        reads = backend.measure_readings([prune_structure(model, space.example, masks), student], space.shape,
-                                         protocol, readings=readings)
-        return median_paired(student_ms, reads, 0, 1)
+@dataclass
+class BudgetReading:
+    """How a latency judged against a budget is read on the target (the prune stage's closed loop,
+    compare's matching and verdicts, the engine's check): ``subject`` measured paired with the
+    budget's reference (interleaved windows, so a slow spell of the machine moves both), the ratio
+    times the reference's latency, the median over ``readings`` independent readings, each with
+    ``protocol`` (the backend's own when None).
 
-    return measure
+    The reference is ``student`` as deployed (scale ``student_ms``) or, when the budget is a
+    fraction of the student in fp32 (``fp32_ms``: ``prune.budget_reference: fp32`` while the target
+    deploys another precision), that fp32 student on the same runtime (scale ``fp32_ms``): the budget
+    is then a ratio to the very model it names, and the fp32 / deployed ratio read once at the start
+    enters no verdict. Read once, that ratio moved from 2.14x to 1.92x between two runs on an Intel
+    Xeon and put a network that its prune stage had read at 0.945 of the budget at 1.044
+    (docs/history.md, section 48)."""
+
+    backend: Backend
+    student: nn.Module
+    shape: tuple[int, ...]
+    student_ms: float
+    fp32_ms: float | None = None
+    protocol: TimingProtocol | None = None
+    readings: int = 1
+
+    @classmethod
+    def of(cls, backend: Backend, student: nn.Module, shape: tuple[int, ...], budget: Budget,
+           protocol: TimingProtocol | None = None, readings: int = 1) -> BudgetReading:
+        """Paired with ``budget``'s reference: the fp32 student when the budget was derived from it."""
+        return cls(backend, student, tuple(shape), budget.student_ms, budget.reference_ms, protocol, readings)
+
+    @property
+    def reference(self) -> str:
+        return "the student" if self.fp32_ms is None else "the student in fp32"
+
+    @property
+    def scale_ms(self) -> float:
+        return self.student_ms if self.fp32_ms is None else self.fp32_ms
+
+    @functools.cached_property
+    def fp32_call(self) -> TimedCall:
+        """The student in fp32 on the backend's runtime, prepared once."""
+        return self.backend.at_precision("fp32").prepare(self.student, self.shape)
+
+    def pairs(self, subject: nn.Module | TimedCall) -> list[tuple[Timing, Timing]]:
+        """(subject, reference) timings of every reading; ``subject``: a network (prepared by the
+        backend, in its precision) or a call prepared elsewhere (an engine)."""
+        net = isinstance(subject, nn.Module)
+        if self.fp32_ms is not None:
+            models, extra, order = ([subject], [self.fp32_call], (0, 1)) if net else ([], [subject, self.fp32_call], (0, 1))
+        elif net:
+            models, extra, order = [subject, self.student], [], (0, 1)
+        else:
+            models, extra, order = [self.student], [subject], (1, 0)
+        reads = self.backend.measure_readings(models, self.shape, self.protocol, self.readings, extra=extra)
+        return [(r[order[0]], r[order[1]]) for r in reads]
+
+    def values(self, subject: nn.Module | TimedCall) -> list[float]:
+        """``subject``'s ms in every reading, on the budget's scale."""
+        return [paired_ms(self.scale_ms, s, r) for s, r in self.pairs(subject)]
+
+    def __call__(self, subject: nn.Module | TimedCall) -> float:
+        """``subject``'s ms on the budget's scale: the median over the readings."""
+        return statistics.median(self.values(subject))
+
+
+def measure_paired(model: nn.Module, reading: BudgetReading, space: PruneSpace) -> Callable[[Masks], float]:
+    """masks -> ms of ``model`` slimmed to them, read paired with the budget's reference (``reading``)."""
+    return lambda masks: reading(prune_structure(model, space.example, masks))
