@@ -29,6 +29,9 @@ from typing import Any
 from torch import nn
 
 log = logging.getLogger(__name__)
+CHOICE_KEYS = ("backend", "device", "batch_size", "threads", "int8_activations")
+"""The ``target`` settings an auto choice was measured under: the choice records them (and the
+model's hash), and a stage whose params or model differ refuses it (``stages._common.deployed_target``)."""
 
 @dataclass(frozen=True)
 class Evidence:

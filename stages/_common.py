@@ -93,11 +93,13 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def deployed_target(params: dict[str, Any], precision_file: str | Path | None) -> Any:
+def deployed_target(params: dict[str, Any], precision_file: str | Path | None, model: str | Path | None = None) -> Any:
     """The params' ``target`` with the precision it deploys in: ``target.precision: auto`` is the
     precision stage's choice, read from ``precision_file`` (its output; dvc.yaml passes it to every
     stage that measures or deploys). A fixed precision is checked against the file when one is
-    given, so a choice made for other params is never used."""
+    given, so a choice made for other params is never used; an auto choice also records the target
+    settings it was measured under and the model's hash, checked against the params and ``model``
+    (the checkpoint the stage compresses) when given."""
     from pipeline.config import TargetConfig, parse_section
 
     target = parse_section(params, "target", TargetConfig)
@@ -109,15 +111,25 @@ def deployed_target(params: dict[str, Any], precision_file: str | Path | None) -
     from pipeline.config.deploy import AUTO_PRECISIONS
 
     choice = read_artifact(precision_file, ("requested", "precision"), "a precision choice", "precision")
+    again = "run the precision stage again (dvc repro does)"
     if choice["requested"] != target.precision:
         raise ConfigError(f"{precision_file} is the choice for target.precision {choice['requested']!r}, but the params "
-                          f"say {target.precision!r}: run the precision stage again (dvc repro does)")
+                          f"say {target.precision!r}: {again}")
     allowed = AUTO_PRECISIONS.get((target.backend, target.device), ()) if target.precision == "auto" else (
         target.precision,)
     if choice["precision"] not in allowed:
         raise ConfigError(f"{precision_file} chose precision {choice['precision']!r}, which target.precision "
                           f"{target.precision} on {target.backend}/{target.device} cannot choose (allowed: "
-                          f"{', '.join(allowed) or 'none'}): run the precision stage again (dvc repro does)")
+                          f"{', '.join(allowed) or 'none'}): {again}")
+    measured = choice.get("target") or {}
+    differ = [f"target.{k} {v!r} (the params say {getattr(target, k)!r})" for k, v in measured.items()
+              if hasattr(target, k) and getattr(target, k) != v]
+    if differ:
+        raise ConfigError(f"{precision_file} was measured with {', '.join(differ)}: {again}")
+    from pipeline.io import file_sha256
+
+    if model is not None and choice.get("model_sha256") not in (None, file_sha256(model)):
+        raise ConfigError(f"{precision_file} was chosen on another model than {model} (its sha256 differs): {again}")
     return target.model_copy(update={"precision": choice["precision"]})
 
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         params = load_params(args.params)
         cfg = parse_section(params, "engine", EngineConfig)
-        target = deployed_target(params, args.precision)
+        target = deployed_target(params, args.precision, args.student)
         if parse_section(params, "target", TargetConfig).precision == "auto":  # deploy what the precision stage chose
             cfg = cfg.model_copy(update={"precision": target.precision})
         data = load_prepared(args.data)

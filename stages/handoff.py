@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         params = load_params(args.params)
         cfg = parse_section(params, "handoff", HandoffConfig)
-        target = deployed_target(params, args.precision)
+        target = deployed_target(params, args.precision, args.student)
         names = list(parse_teachers(params))
         source = parse_section(params, "compress", CompressConfig) if "compress" in params else CompressConfig()
         data = load_prepared(args.data)

@@ -12,8 +12,8 @@ from pipeline.checkpoint import load_student
 from pipeline.config import EngineConfig, TargetConfig, parse_section
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError
-from pipeline.io import write_json
-from pipeline.precision import decide, evidence, record
+from pipeline.io import file_sha256, write_json
+from pipeline.precision import CHOICE_KEYS, decide, evidence, record
 from stages._common import load_params, log, parser, run
 
 READINGS = 5  # paired readings of fp32 against int8: the choice is the median ratio's
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             ev = evidence(model.eval(), data, target, engine, READINGS)
             chosen, why = decide(ev)
         log.info("precision %s (target.precision %s): %s", chosen, target.precision, why)
-        out = {"requested": target.precision, "precision": chosen}
+        out: dict = {"requested": target.precision, "precision": chosen}
+        if ev is not None:  # measured: on this model, under these target settings
+            out.update(target={k: getattr(target, k) for k in CHOICE_KEYS}, model_sha256=file_sha256(args.student))
         write_json(args.metrics, record(target.precision, chosen, why, ev))
         write_json(args.out, out)  # last: only a finished choice is an output
 

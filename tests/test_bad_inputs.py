@@ -546,6 +546,20 @@ def c_precision_stale_choice(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     return code, [tmp / "prof" / "table.json", tmp / "pm.json"]
 
 
+def c_precision_other_target(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # an auto choice measured with 1 thread; the params now deploy on 2
+    from stages import profile
+
+    measured = {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1, "int8_activations": "uint8"}
+    (tmp / "precision.json").write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured}))
+    params = _params(tmp, target={"precision": "auto", "threads": 2}, engine={"precision": "auto"})
+    code = profile.main(["--params", str(params), "--data", str(world["dir"] / "prep"), "--arch",
+                         str(tmp / "none.json"), "--precision", str(tmp / "precision.json"),
+                         "--out", str(tmp / "prof" / "table.json"), "--metrics", str(tmp / "pm.json"),
+                         "--plots-dir", str(tmp / "pp")])
+    return code, [tmp / "prof" / "table.json", tmp / "pm.json"]
+
+
 def c_masks_not_json(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     (tmp / "masks.json").write_text("{not json")
     return _slim(world, tmp, tmp / "masks.json")
@@ -848,6 +862,8 @@ CASES = [
          c_precision_auto_empty_val),
     Case("precision-stale-choice", "profile given the precision stage's choice for `auto` while the params say fp32",
          "run the precision stage again", c_precision_stale_choice),
+    Case("precision-other-target", "profile given an `auto` choice measured with 1 thread while the params say 2",
+         "target.threads 1 (the params say 2)", c_precision_other_target),
 ]
 
 

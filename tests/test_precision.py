@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.io import file_sha256
 from pipeline.precision import Evidence, decide
 
 
@@ -91,3 +92,15 @@ def test_deployed_target_resolves_auto_and_refuses_a_foreign_choice(tmp_path: Pa
     choice.write_text(json.dumps({"requested": "auto", "precision": "fp16"}))  # edited by hand
     with pytest.raises(ConfigError, match="chose precision 'fp16'.*allowed: fp32, int8"):
         deployed_target(params, choice)
+    # an auto choice measured under other target settings, or on another model, is refused
+    model, other = tmp_path / "model.pt", tmp_path / "other.pt"
+    model.write_bytes(b"the model")
+    other.write_bytes(b"another model")
+    measured = {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1, "int8_activations": "uint8"}
+    choice.write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured,
+                                  "model_sha256": file_sha256(model)}))
+    assert deployed_target(params, choice, model).precision == "int8"
+    with pytest.raises(ConfigError, match=r"target.threads 1 \(the params say 4\).*precision stage again"):
+        deployed_target({**params, "target": {"precision": "auto", "threads": 4}}, choice, model)
+    with pytest.raises(ConfigError, match="chosen on another model than .*other.pt"):
+        deployed_target(params, choice, other)
