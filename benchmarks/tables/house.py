@@ -182,6 +182,11 @@ JOINT_MODEL = "the trained resnet18 (32 px)"  # benchmarks/joint_precision.py's 
 PRECISION_AUTO = (RESULTS / "precision_auto/rows.json", RESULTS / "precision_auto/intel-vnni/rows.json")
 
 
+def _read_again(over: list[float]) -> str:
+    """benchmarks/joint_precision.py --reread: the pairs' latencies read once more, median (range)."""
+    return f"; read again {median_range(over, digits=3)}" if over else ""
+
+
 def int8() -> tuple[list[str], list[list[str]], Refs]:
     """INT8 (U8S8, S8S8) against FP32 with ONNX Runtime on this CPU: latency per variant, speed-up, accuracy."""
     refs = Refs()
@@ -247,6 +252,8 @@ def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
                            f"{median_range([x[c]['over_budget'] for x in j], digits=3)}"
                            + (f" [{statistics.median(x[c]['over_budget_loop_protocol'] for x in j):.3f}]"
                               if all("over_budget_loop_protocol" in x[c] for x in j) else "")
+                           + _read_again([x[c]["over_budget"] for r in judged if r["budget"] == b
+                                          for x in r.get("rereads", [])])
                            for c in ("fp32_pruned", "int8_only", "joint")]
                         + [mean_std([x["joint"][acc] - x["fp32_pruned"][acc] for x in j], digits=2, signed=True), k])
     return (["model", "budget (of the fp32 model)", "seeds", "scored on", "fp32 model acc %",
