@@ -38,7 +38,9 @@ Writes ``rows.json`` and ``table.md`` (mean ± std over seeds) into ``--out``; e
 kept in its int8 run (``judge.json``), so a re-run with more budgets or seeds reads the finished ones.
 ``--reread``: every pair already judged has its three latencies read once more (compare's protocol),
 kept beside the first judgement: on a shared machine the int8 / fp32 ratio moves with the machine's
-state, and one judgement is one moment.
+state, and one judgement is one moment. ``--unpruned-reference B ...``: at those budgets the student
+is also trained as long as the pruned networks (compare's ``unpruned`` method, run in the int8 run)
+and scored in int8: the reference a budget near the student's own latency is judged against.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "protocol (in brackets: with `target.timing`, the protocol the prune runs' closed loop read with; "
              "`read again`: every pair read once more after all were judged, `--reread`).", "",
              "| budget | seeds | fp32 model | " + " | ".join(f"{label} acc | /budget" for _, label in COLUMNS)
-             + " | joint - pruned fp32 (per seed) |", "|" + "---|" * (3 + 2 * len(COLUMNS) + 1)]
+             + " | unpruned, trained as long (int8) acc | joint - pruned fp32 (per seed) |",
+             "|" + "---|" * (3 + 2 * len(COLUMNS) + 2)]
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b]
         cells = [f"{b:g}", ", ".join(str(r["seed"]) for r in rs), pct([r["judge"]["model_fp32"][key] for r in rs])]
@@ -222,6 +225,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             tail += f"; read again {statistics.median(again):.3f} ({min(again):.3f}-{max(again):.3f})" if again else ""
             cells += [pct([r["judge"][col][key] for r in rs]),
                       f"{statistics.median(over):.3f} ({min(over):.3f}-{max(over):.3f}){tail}"]
+        trained = [r["unpruned_trained"].get(f"{key}_int8") for r in rs if "unpruned_trained" in r]
+        cells.append(pct(trained) if trained and None not in trained else "-")
         diffs = [r["judge"]["joint"][key] - r["judge"]["fp32_pruned"][key] for r in rs]
         cells.append(f"{pct(diffs)} ({', '.join(f'{100 * d:+.2f}' for d in diffs)})")
         lines.append("| " + " | ".join(cells) + " |")
@@ -230,6 +235,27 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"the budget, int8 model {r['prune']['student_ms']:.3f} ms, fp32 {r['prune']['student_fp32_ms']:.3f} ms"
         for r in rows)]
     return "\n".join(lines)
+
+
+def unpruned_reference(joint_run: Path, holdout: Path | None) -> dict[str, Any]:
+    """The student trained as long as every pruned network (compare's ``unpruned`` method: the same
+    distillation, epochs and seed, not cut to the budget), in int8 as the target deploys it: what
+    pruning is judged against at a budget the student nearly meets. Kept in the int8 run's
+    ``metrics/compare_unpruned.json``."""
+    out = joint_run / "metrics" / "compare_unpruned.json"
+    if not out.is_file():
+        p = yaml.safe_load((joint_run / "params.yaml").read_text())
+        p["compare"]["methods"] = ["unpruned"]
+        pfile = joint_run / "params_unpruned.yaml"
+        pfile.write_text(yaml.safe_dump(p, sort_keys=False))
+        a = joint_run / "artifacts"
+        run_stage("compare", "--data", str(a / "prepare"), "--teachers", str(a / "teachers"), "--student",
+                  str(a / "student" / "model.pt"), "--table", str(a / "profile" / "latency_table.json"),
+                  "--pruned", str(a / "prune" / "masks.json"), "--model", str(a / "prune" / "model.pt"),
+                  "--metrics", str(out), *(["--holdout", str(holdout.resolve())] if holdout else []), params=pfile)
+    u = json.loads(out.read_text())["unpruned"]
+    return {k: u[k] for k in ("test_acc", "test_acc_int8", "holdout_acc", "holdout_acc_int8", "measured_over_budget",
+                              "params") if k in u}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reread", action="store_true",
                     help="read every judged pair's latencies once more (compare's protocol), kept beside the first "
                          "judgement in its judge.json: how far a reading moves with the machine's state")
+    ap.add_argument("--unpruned-reference", type=float, nargs="*", default=[], metavar="BUDGET",
+                    help="at these budgets, also train the unpruned student as long as the pruned networks "
+                         "(compare's unpruned method, in the int8 run) and score it in int8: what pruning to a "
+                         "budget near the student's own latency is judged against")
     args = ap.parse_args(argv)
     src = args.upstream or args.work / "upstream"
     fp32_runs = args.fp32_runs or args.work / "runs_fp32"
@@ -286,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 judged.write_text(json.dumps(cached, indent=1))
             row["judge"] = cached["judge"]
             row["rereads"] = cached.get("rereads", [])
+            if b in args.unpruned_reference:
+                row["unpruned_trained"] = unpruned_reference(joint_run, holdout)
             rows.append(row)
             meta = {"date": str(date.today()), "machine": machine(), "model": args.model,
                     "command": command_line("benchmarks.joint_precision", argv if argv is not None else sys.argv[1:])}

@@ -165,7 +165,9 @@ SECTIONS = (
      "that benchmark's runs), and the CIFAR-10 CPU preset's searched student. All networks read in one process, each "
      "paired with the fp32 model (latency / budget: compare's verdict protocol, median (range) over seeds; in "
      "brackets, the median read with `target.timing`, the protocol the prune runs' closed loop read with; "
-     "`read again`: every pair read once more after all were judged, median (range) over seeds and readings); "
+     "`read again`: every pair read once more after all were judged, median (range) over seeds and readings; "
+     "`unpruned, trained as long`: the student given the pruned networks' training, not cut, in int8, "
+     "`--unpruned-reference`); "
      "accuracy in the precision each is deployed in, on the split named (the resnet18's held-out test/ of 3,000 images; the "
      "preset's holdout of 10,000 images its prepare stage left out). Machines differ (see each source): INT8's gain "
      "depends on the CPU (VNNI).",

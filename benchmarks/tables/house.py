@@ -182,6 +182,12 @@ JOINT_MODEL = "the trained resnet18 (32 px)"  # benchmarks/joint_precision.py's 
 PRECISION_AUTO = (RESULTS / "precision_auto/rows.json", RESULTS / "precision_auto/intel-vnni/rows.json")
 
 
+def _trained_as_long(rows: list[dict], acc: str) -> str:
+    """benchmarks/joint_precision.py --unpruned-reference: the student trained as long, in int8."""
+    xs = [r["unpruned_trained"].get(f"{acc}_int8") for r in rows if "unpruned_trained" in r]
+    return mean_std(xs, digits=2) if xs and len(xs) == len(rows) and None not in xs else "-"
+
+
 def _read_again(over: list[float]) -> str:
     """benchmarks/joint_precision.py --reread: the pairs' latencies read once more, median (range)."""
     return f"; read again {median_range(over, digits=3)}" if over else ""
@@ -255,7 +261,9 @@ def joint_precision() -> tuple[list[str], list[list[str]], Refs]:
                            + _read_again([x[c]["over_budget"] for r in judged if r["budget"] == b
                                           for x in r.get("rereads", [])])
                            for c in ("fp32_pruned", "int8_only", "joint")]
-                        + [mean_std([x["joint"][acc] - x["fp32_pruned"][acc] for x in j], digits=2, signed=True), k])
+                        + [_trained_as_long([r for r in judged if r["budget"] == b], acc),
+                           mean_std([x["joint"][acc] - x["fp32_pruned"][acc] for x in j], digits=2, signed=True), k])
     return (["model", "budget (of the fp32 model)", "seeds", "scored on", "fp32 model acc %",
              "pruned fp32: acc %; latency / budget", "INT8 alone: acc %; latency / budget",
-             "ours, pruned in int8: acc %; latency / budget", "ours - pruned fp32 (points)", "src"], rows, refs)
+             "ours, pruned in int8: acc %; latency / budget", "unpruned, trained as long, int8: acc %",
+             "ours - pruned fp32 (points)", "src"], rows, refs)
