@@ -105,6 +105,19 @@ def loop_as_ran(p: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
+def _setting(fp32_run: Path, joint_run: Path) -> tuple[dict[str, Any], Any, tuple[int, ...], dict[str, torch.nn.Module]]:
+    """The int8 run's params, prepared data and input shape, and the networks judged: the two pruned
+    ones (``_networks``) and the model itself (``int8_only``, deployed as its Q/DQ model)."""
+    from pipeline.checkpoint import load_model
+    from pipeline.data import load_prepared
+
+    params = yaml.safe_load((joint_run / "params.yaml").read_text())
+    data = load_prepared(joint_run / "artifacts" / "prepare")
+    shape = (data.channels, *data.meta["image_size"])
+    model, _ = load_model(joint_run / "artifacts" / "student" / "model.pt")
+    return params, data, shape, {**_networks(fp32_run, joint_run, shape), "int8_only": model.eval()}
+
+
 def _networks(fp32_run: Path, joint_run: Path, shape: tuple[int, ...]) -> dict[str, torch.nn.Module]:
     from pipeline.checkpoint import load_model
     from pipeline.slim import channel_groups, masks_from_kept, prune_structure
@@ -121,20 +134,15 @@ def _networks(fp32_run: Path, joint_run: Path, shape: tuple[int, ...]) -> dict[s
 def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None = None) -> dict[str, Any]:
     """Every network's test (and ``holdout``) accuracy as deployed and its latency paired with the
     fp32 model."""
-    from pipeline.checkpoint import load_model
     from pipeline.config import EngineConfig, TargetConfig, parse_section
-    from pipeline.data import Normalized, load_prepared, load_split
+    from pipeline.data import Normalized, load_split
     from pipeline.quantize import calibration_images, int8_accuracies
     from pipeline.train import test_accuracy
 
-    params = yaml.safe_load((joint_run / "params.yaml").read_text())
+    params, data, shape, nets = _setting(fp32_run, joint_run)
     target = parse_section(params, "target", TargetConfig)
     engine = parse_section(params, "engine", EngineConfig)
-    data = load_prepared(joint_run / "artifacts" / "prepare")
-    shape = (data.channels, *data.meta["image_size"])
-    model, _ = load_model(joint_run / "artifacts" / "student" / "model.pt")
-    model.eval()
-    nets = _networks(fp32_run, joint_run, shape)
+    model = nets["int8_only"]
     calib = calibration_images(data, engine.calibration_images)
     splits = {"test_acc": data.test}
     if holdout is not None:
@@ -148,7 +156,7 @@ def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None =
     rows: dict[str, Any] = {"model_fp32": fp32_accuracies(model)}
     rows["model_fp32"]["ms"], latency = latencies(fp32_run, joint_run, budget, loop_protocol=True)
     for name in COLUMN_KEYS:
-        net = model if name == "int8_only" else nets[name]
+        net = nets[name]
         acc = (fp32_accuracies(net) if name == "fp32_pruned" else
                int8_accuracies(net, shape, calib, target.int8_activations, test, target.threads))
         rows[name] = {**acc, **latency[name]}
@@ -161,19 +169,13 @@ def latencies(fp32_run: Path, joint_run: Path, budget: float, loop_protocol: boo
     """The fp32 model's ms and, for the pruned-fp32 network, the model's Q/DQ model (INT8 alone) and
     the joint network's Q/DQ model, the latency read paired with the fp32 model with compare's
     verdict protocol (and, ``loop_protocol``, with ``target.timing``), over the budget."""
-    from pipeline.checkpoint import load_model
     from pipeline.config import CompareConfig, TargetConfig, parse_section
-    from pipeline.data import load_prepared
     from pipeline.latency import median_paired, target_backend, timing_protocol
 
-    params = yaml.safe_load((joint_run / "params.yaml").read_text())
+    params, _, shape, nets = _setting(fp32_run, joint_run)
     target = parse_section(params, "target", TargetConfig)
     cmp = parse_section(params, "compare", CompareConfig)
-    data = load_prepared(joint_run / "artifacts" / "prepare")
-    shape = (data.channels, *data.meta["image_size"])
-    model, _ = load_model(joint_run / "artifacts" / "student" / "model.pt")
-    model.eval()
-    nets = {**_networks(fp32_run, joint_run, shape), "int8_only": model}
+    model = nets["int8_only"]
     int8 = target_backend(target)  # ONNX Runtime, CPU, int8 with target.int8_activations
     fp32 = int8.at_precision("fp32")
     protocol = timing_protocol(target, passes=cmp.timing_passes, min_span_s=cmp.timing_span_s)

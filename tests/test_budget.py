@@ -97,16 +97,13 @@ def test_a_fraction_of_the_fp32_student_when_the_target_deploys_int8() -> None:
         Budget(0.1, (0.9, 1.0), 0.0, "ms", 0.1, 0.2, 0.0)
 
 
-def test_the_fp32_reference_is_read_paired_with_the_deployed_student() -> None:
+def _quantized_backend():  # noqa: ANN202
+    """A fake int8 backend: a model's call takes (output channels) ms in int8, 2.5x that in fp32."""
     from torch import nn
 
-    from pipeline.config import PruneConfig
     from pipeline.latency import Backend, TimingProtocol
-    from pipeline.prune.measure import Reference, measure_fp32_student, needs_fp32_reference
 
     class Quantized(Backend):
-        """Every call of a model prepared in int8 takes 1 ms, in fp32 2.5 ms."""
-
         name = "fake"
 
         def device(self) -> dict:
@@ -116,11 +113,20 @@ def test_the_fp32_reference_is_read_paired_with_the_deployed_student() -> None:
             return {}
 
         def prepare(self, model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN201
-            ms = {"int8": 1.0, "fp32": 2.5}[self.precision]
+            ms = {"int8": 1.0, "fp32": 2.5}[self.precision] * model.out_channels
             return lambda: ms
 
     fast = TimingProtocol(passes=2, window_s=0.0, min_calls=2, warmup=1, min_span_s=0.0)
-    be = Quantized(batch_size=1, precision="int8", threads=1, protocol=fast)
+    return Quantized(batch_size=1, precision="int8", threads=1, protocol=fast)
+
+
+def test_the_fp32_reference_is_read_paired_with_the_deployed_student() -> None:
+    from torch import nn
+
+    from pipeline.config import PruneConfig
+    from pipeline.prune.measure import Reference, measure_fp32_student, needs_fp32_reference
+
+    be = _quantized_backend()
     fp32_ms = measure_fp32_student(be, nn.Conv2d(1, 2, 1), 0.4, (1, 4, 4), readings=3)
     assert fp32_ms == pytest.approx(1.0) and be.precision == "int8"  # 0.4 ms x 2.5; the backend itself unchanged
     cfg = PruneConfig(latency_budget=0.5)
@@ -140,26 +146,9 @@ def test_a_budget_of_the_fp32_student_is_read_against_the_fp32_student_itself() 
     student as deployed. A network or an engine's call may be the subject."""
     from torch import nn
 
-    from pipeline.latency import Backend, TimingProtocol
     from pipeline.prune.measure import BudgetReading
 
-    class Quantized(Backend):
-        """A call takes (output channels) ms in int8, 2.5x that in fp32; a separate clock per model."""
-
-        name = "fake"
-
-        def device(self) -> dict:
-            return {"type": "cpu", "name": "fake"}
-
-        def versions(self) -> dict:
-            return {}
-
-        def prepare(self, model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN201
-            ms = {"int8": 1.0, "fp32": 2.5}[self.precision] * model.out_channels
-            return lambda: ms
-
-    fast = TimingProtocol(passes=2, window_s=0.0, min_calls=2, warmup=1, min_span_s=0.0)
-    be = Quantized(batch_size=1, precision="int8", threads=1, protocol=fast)
+    be = _quantized_backend()
     student, net = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 2, 1)  # int8: 4 ms and 2 ms; fp32: 10 ms and 5 ms
     # the budget derived from a once-read fp32 latency that is off (12 ms instead of 10: the ratio moved)
     fp32_budget = Budget.derive(0.5, "fraction", (0.8, 1.0), 4.0, 0.0, 12.0)
