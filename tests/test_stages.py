@@ -252,9 +252,9 @@ def test_prune_slim_compare_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     protocols: list = []  # every measurement compare makes decides a match or a verdict: compare's own protocol
     measure_readings = Backend.measure_readings
 
-    def recording(self, models, shapes, protocol=None, readings=1, on_pass=None):  # type: ignore[no-untyped-def]
+    def recording(self, models, shapes, protocol=None, readings=1, on_pass=None, extra=()):  # type: ignore[no-untyped-def]
         protocols.append((protocol, readings))
-        return measure_readings(self, models, shapes, protocol, readings, on_pass)
+        return measure_readings(self, models, shapes, protocol, readings, on_pass, extra)
 
     monkeypatch.setattr(Backend, "measure_readings", recording)
     code = compare.main(["--params", str(params), "--data", str(tmp_path / "prep"), "--teachers", str(tmp_path / "t"),
