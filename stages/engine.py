@@ -8,8 +8,9 @@ above budget x (1 + measured noise)).
 The verdict is read on the scale the budget was set on: the slimmed network and the network it was
 pruned from (``--student``; in fp32 when the budget is a fraction of the fp32 student) measured
 together by the target's backend in interleaved windows, the ratio times that reference's latency
-the prune stage measured (``pipeline.prune.BudgetReading``), as prune and compare judge. A slow spell of a shared machine then moves both and cancels out, where a reading of the
-engine alone, minutes after the budget was measured, would fail the stage (a fresh clone of
+the prune stage measured (``pipeline.prune.BudgetReading``), as prune and compare judge. A slow
+spell of a shared machine then moves both and cancels out, where a reading of the engine alone,
+minutes after the budget was measured, would fail the stage (a fresh clone of
 6404a5b read its engine alone at 1.205 of the budget while prune and compare had read the same
 network at 0.988 and 0.929). The engine's own latency, alone, is reported beside it: what the deploy
 team gets."""

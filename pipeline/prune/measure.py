@@ -153,9 +153,9 @@ class BudgetReading:
     fraction of the student in fp32 (``fp32_ms``: ``prune.budget_reference: fp32`` while the target
     deploys another precision), that fp32 student on the same runtime (scale ``fp32_ms``): the budget
     is then a ratio to the very model it names, and the fp32 / deployed ratio read once at the start
-    enters no verdict. Read once, that ratio moved from 2.14x to 1.92x between two runs on an Intel
-    Xeon and put a network that its prune stage had read at 0.945 of the budget at 1.044
-    (docs/history.md, section 48)."""
+    enters no verdict (read with one reading, it was 2.14x in a prune run and 1.92x in a later
+    judgement on an Intel Xeon). On a shared machine that ratio also moves with the machine's
+    state, which no reading at one moment removes (docs/history.md, sections 47 and 48)."""
 
     backend: Backend
     student: nn.Module
@@ -189,7 +189,8 @@ class BudgetReading:
         backend, in its precision) or a call prepared elsewhere (an engine)."""
         net = isinstance(subject, nn.Module)
         if self.fp32_ms is not None:
-            models, extra, order = ([subject], [self.fp32_call], (0, 1)) if net else ([], [subject, self.fp32_call], (0, 1))
+            models, extra = ([subject], [self.fp32_call]) if net else ([], [subject, self.fp32_call])
+            order = (0, 1)
         elif net:
             models, extra, order = [subject, self.student], [], (0, 1)
         else:
