@@ -43,7 +43,7 @@ from torch import nn
 from pipeline.config import OptimizerConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.flops import count_params
-from pipeline.latency import LatencyPredictor, paired_ms
+from pipeline.latency import LatencyPredictor
 from pipeline.prune import Budget, BudgetReading, allowed_widths, filter_l1, top_mask
 from pipeline.slim import ChannelGraph, prune_structure
 from pipeline.train import Criterion, check_above_chance, test_accuracy, train_classifier
@@ -358,7 +358,7 @@ def judge(finals: dict[str, nn.Module], budget: Budget, reading: BudgetReading) 
     out = {}
     for name, model in finals.items():
         pairs = reading.pairs(model)
-        values = [paired_ms(reading.scale_ms, s, r) for s, r in pairs]
+        values = reading.scaled(pairs)
         ms = statistics.median(values)
         status, verdict = budget.verdict(ms)
         out[name] = {"measured_ms": ms, "measured_spread": statistics.median(s.spread for s, _ in pairs),

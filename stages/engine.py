@@ -38,7 +38,8 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.latency import TimingProtocol, device_record, target_backend, timing_protocol
 from pipeline.latency.backends import cuda_timed, wall_timed
 from pipeline.latency.timing import TimedCall, measure_calls
-from pipeline.prune import Budget
+from pipeline.prune.budget import Budget
+from pipeline.prune.measure import paired_with
 from pipeline.quantize import calibration_images
 from pipeline.runtimes import TensorRTRunner, build_tensorrt_plan, ort_logits, ort_session
 from stages._common import add_precision_arg, deployed_target, load_params, log, parser, read_pruned, run
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 "measured_over_budget": latency["ms"] / budget.target_ms,
                 "paired_ms": paired, "paired_over_budget": None if paired is None else paired / budget.target_ms,
                 "paired_readings_over_budget": [v / budget.target_ms for v in paired_all],
-                "verdict_on": "alone" if paired is None else "paired with the student" + (" in fp32" if budget.reference_ms else ""),
+                "verdict_on": "alone" if paired is None else "paired with " + paired_with(budget.reference_ms is not None),
                 "p50_over_budget": latency["p50_ms"] / budget.target_ms, "noise": budget.noise,
                 "within_budget": budget.meets(judged_ms), "budget_status": status, "verdict": how,
                 "budget": budget.to_dict(), "device": built.device,

@@ -141,6 +141,11 @@ def measure_alone(backend: Backend, model: nn.Module, space: PruneSpace) -> Call
     return measure
 
 
+def paired_with(fp32: bool) -> str:
+    """What a reading on a budget's scale is paired with (``fp32``: the budget is a fraction of the fp32 student)."""
+    return "the student in fp32" if fp32 else "the student"
+
+
 @dataclass
 class BudgetReading:
     """How a latency judged against a budget is read on the target (the prune stage's closed loop,
@@ -173,7 +178,7 @@ class BudgetReading:
 
     @property
     def reference(self) -> str:
-        return "the student" if self.fp32_ms is None else "the student in fp32"
+        return paired_with(self.fp32_ms is not None)
 
     @property
     def scale_ms(self) -> float:
@@ -200,7 +205,11 @@ class BudgetReading:
 
     def values(self, subject: nn.Module | TimedCall) -> list[float]:
         """``subject``'s ms in every reading, on the budget's scale."""
-        return [paired_ms(self.scale_ms, s, r) for s, r in self.pairs(subject)]
+        return self.scaled(self.pairs(subject))
+
+    def scaled(self, pairs: list[tuple[Timing, Timing]]) -> list[float]:
+        """The subject's ms of every (subject, reference) pair, on the budget's scale."""
+        return [paired_ms(self.scale_ms, s, r) for s, r in pairs]
 
     def __call__(self, subject: nn.Module | TimedCall) -> float:
         """``subject``'s ms on the budget's scale: the median over the readings."""

@@ -17,7 +17,7 @@ from pipeline.flops import count_flops, count_params
 from pipeline.prune.budget import Budget
 from pipeline.prune.groups import kept_indices, widths_of
 from pipeline.prune.loop import LoopResult
-from pipeline.prune.measure import Reference
+from pipeline.prune.measure import Reference, paired_with
 from pipeline.prune.soft import BudgetPenalty
 from pipeline.prune.space import PruneSpace
 from pipeline.prune.state import ResumeState
@@ -117,7 +117,7 @@ def prune_metrics(cfg: PruneConfig, budget: Budget, ref: Reference, loop: LoopRe
         "predicted_ms": predicted_ms, "measured_ms": ms,
         "measured_over_budget": ms / budget.target_ms, "predicted_over_measured": predicted_ms / ms,
         "measured_over_student": ms / ref.student_ms,
-        "measured_paired_with": "the student in fp32" if budget.reference_ms is not None else "the student",
+        "measured_paired_with": paired_with(budget.reference_ms is not None),
         "within_budget": budget.meets(ms), "in_band": status == "in_band", "budget_status": status,
         "budget_verdict": verdict, "band": list(budget.band), "band_effective": list(budget.band_effective),
         "noise": budget.noise, "budget_limit_ms": budget.limit_ms,
