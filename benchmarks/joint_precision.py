@@ -22,12 +22,16 @@ here with the upstream's params (ours only, no baselines).
    (every table unit and calibration sub-network measured as its Q/DQ model, U8S8).
 2. For every budget and seed, the real ``prune`` stage with ``target.precision: int8`` and
    ``prune.budget_reference: fp32`` (the fraction is of the fp32 model; the closed loop reads every
-   candidate paired with it), with the fp32 run's prune settings and seed (its closed-loop protocol included; a run
-   whose params predate ``prune.loop_timing`` / ``loop_readings`` ran with ``target`` / 3 readings).
+   candidate paired with it), with the fp32 run's prune settings and seed, except the closed loop's
+   protocol: ``loop_timing: verdict`` (compare's, as the judgement reads), each measurement the median
+   of at least ``prune.reference_readings`` readings. One int8 network's ratio to the fp32 model moved
+   16% between single readings of ``target.timing`` on a shared Xeon, 6% of compare's protocol
+   (docs/history.md, section 49). The fp32 runs read in one precision and keep their protocol.
 3. One judgement per (budget, seed), all in this process, one after the other: the fp32 model, the
    pruned-fp32 network, the model's Q/DQ model (INT8 alone) and the joint network's Q/DQ model, each
    read paired with the fp32 model (``compare.timing_passes`` windows over ``compare.timing_span_s``,
-   the median of ``compare.timing_readings`` readings; ONNX Runtime, CPU, the target's threads and
+   the median of as many readings as the joint run's budget asks (``budget.readings``), at least
+   ``compare.timing_readings`` and ``--judge-readings``; ONNX Runtime, CPU, the target's threads and
    batch); the budget is the fraction times the fp32 model's latency. Test accuracy of each in the
    precision it is deployed in (Q/DQ models run by ONNX Runtime, calibrated on
    ``engine.calibration_images`` training images as the engine stage does), and with
@@ -92,7 +96,9 @@ def int8_params(fp32_run: Path) -> dict[str, Any]:
     p["target"]["int8_activations"] = "uint8"
     p["engine"].update(precision="int8")
     p["prune"].update(budget_reference="fp32", progress=False)
-    return loop_as_ran(p)
+    p = loop_as_ran(p)
+    p["prune"]["loop_timing"] = "verdict"  # a reading across precisions: module docstring, step 2
+    return p
 
 
 def loop_as_ran(p: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +137,8 @@ def _networks(fp32_run: Path, joint_run: Path, shape: tuple[int, ...]) -> dict[s
     return out
 
 
-def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None = None) -> dict[str, Any]:
+def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None = None, readings: int = 1
+          ) -> dict[str, Any]:
     """Every network's test (and ``holdout``) accuracy as deployed and its latency paired with the
     fp32 model."""
     from pipeline.config import EngineConfig, TargetConfig, parse_section
@@ -154,7 +161,7 @@ def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None =
 
     cpu = torch.device("cpu")
     rows: dict[str, Any] = {"model_fp32": fp32_accuracies(model)}
-    rows["model_fp32"]["ms"], latency = latencies(fp32_run, joint_run, budget, loop_protocol=True)
+    rows["model_fp32"]["ms"], latency = latencies(fp32_run, joint_run, budget, loop_protocol=True, readings=readings)
     for name in COLUMN_KEYS:
         net = nets[name]
         acc = (fp32_accuracies(net) if name == "fp32_pruned" else
@@ -164,35 +171,46 @@ def judge(fp32_run: Path, joint_run: Path, budget: float, holdout: Path | None =
     return rows
 
 
-def latencies(fp32_run: Path, joint_run: Path, budget: float, loop_protocol: bool = False
+def latencies(fp32_run: Path, joint_run: Path, budget: float, loop_protocol: bool = False, readings: int = 1
               ) -> tuple[float, dict[str, dict[str, Any]]]:
     """The fp32 model's ms and, for the pruned-fp32 network, the model's Q/DQ model (INT8 alone) and
     the joint network's Q/DQ model, the latency read paired with the fp32 model with compare's
-    verdict protocol (and, ``loop_protocol``, with ``target.timing``), over the budget."""
+    verdict protocol (and, ``loop_protocol``, with ``target.timing``), over the budget: the median of
+    ``judge_readings`` readings (the run's budget's, ``compare.timing_readings`` or ``readings``)."""
     from pipeline.config import CompareConfig, TargetConfig, parse_section
     from pipeline.latency import median_paired, target_backend, timing_protocol
 
     params, _, shape, nets = _setting(fp32_run, joint_run)
     target = parse_section(params, "target", TargetConfig)
     cmp = parse_section(params, "compare", CompareConfig)
+    n = judge_readings(joint_run, cmp.timing_readings, readings)
     model = nets["int8_only"]
     int8 = target_backend(target)  # ONNX Runtime, CPU, int8 with target.int8_activations
     fp32 = int8.at_precision("fp32")
     protocol = timing_protocol(target, passes=cmp.timing_passes, min_span_s=cmp.timing_span_s)
     loop = timing_protocol(target)  # the prune runs' closed loop read with target.timing
-    ref = fp32.measure_readings([model], shape, protocol, cmp.timing_readings)
+    ref = fp32.measure_readings([model], shape, protocol, n)
     model_ms = statistics.median(r[0].ms for r in ref)
     out: dict[str, dict[str, Any]] = {}
     for name in COLUMN_KEYS:
         call = (fp32 if name == "fp32_pruned" else int8).prepare(nets[name], shape)
-        reads = fp32.measure_readings([model], shape, protocol, cmp.timing_readings, extra=[call])
+        reads = fp32.measure_readings([model], shape, protocol, n, extra=[call])
         ms = median_paired(model_ms, reads, 1, 0)
-        out[name] = {"ms": ms, "over_budget": ms / (budget * model_ms),
+        out[name] = {"ms": ms, "over_budget": ms / (budget * model_ms), "readings": n,
                      "readings_over_budget": [r[1].ms / r[0].ms / budget for r in reads]}
         if loop_protocol:
-            loop_reads = fp32.measure_readings([model], shape, loop, cmp.timing_readings, extra=[call])
+            loop_reads = fp32.measure_readings([model], shape, loop, n, extra=[call])
             out[name]["over_budget_loop_protocol"] = median_paired(1.0, loop_reads, 1, 0) / budget
     return model_ms, out
+
+
+def judge_readings(joint_run: Path, timing_readings: int, at_least: int = 1) -> int:
+    """Readings per judged latency: the joint run's budget's (``Budget.readings``: more than one
+    when it reads across precisions), ``compare.timing_readings`` or ``at_least``, the most."""
+    from pipeline.prune import Budget
+
+    masks = json.loads((joint_run / "artifacts" / "prune" / "masks.json").read_text())
+    return max(Budget.from_masks(masks).readings, timing_readings, at_least)
 
 
 def pct(xs: list[float]) -> str:
@@ -275,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reread", action="store_true",
                     help="read every judged pair's latencies once more (compare's protocol), kept beside the first "
                          "judgement in its judge.json: how far a reading moves with the machine's state")
+    ap.add_argument("--judge-readings", type=int, default=1, metavar="N",
+                    help="judge every latency as the median of at least N readings (more when the joint run's "
+                         "budget asks for more); a pair judged with fewer is judged again")
     ap.add_argument("--unpruned-reference", type=float, nargs="*", default=[], metavar="BUDGET",
                     help="at these budgets, also train the unpruned student as long as the pruned networks "
                          "(compare's unpruned method, in the int8 run) and score it in int8: what pruning to a "
@@ -307,12 +328,14 @@ def main(argv: list[str] | None = None) -> int:
             inputs = {"fp32_run": str(fp32_run.resolve()), "holdout": None if holdout is None else
                       {"path": str(holdout.resolve()), "sha256": file_sha256(holdout)},
                       "joint_model_sha256": file_sha256(joint_run / "artifacts" / "prune" / "model.pt")}
+            if args.judge_readings > 1:  # absent from the judgements made before the option existed
+                inputs["judge_readings"] = args.judge_readings
             cached = json.loads(judged.read_text()) if judged.is_file() else {}
             if cached.get("inputs") != inputs:
-                cached = {"inputs": inputs, "judge": judge(fp32_run, joint_run, b, holdout)}
+                cached = {"inputs": inputs, "judge": judge(fp32_run, joint_run, b, holdout, args.judge_readings)}
                 judged.write_text(json.dumps(cached, indent=1))
             elif args.reread:
-                model_ms, again = latencies(fp32_run, joint_run, b)
+                model_ms, again = latencies(fp32_run, joint_run, b, readings=args.judge_readings)
                 cached.setdefault("rereads", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                                          "model_fp32_ms": model_ms, **again})
                 judged.write_text(json.dumps(cached, indent=1))

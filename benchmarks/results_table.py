@@ -48,6 +48,7 @@ from benchmarks.tables.house import (
     make_run_summary,
     paired_readings,
     precision_auto,
+    precision_ratio,
     streaming,
     tiny_margin,
     trained_model,
@@ -150,6 +151,13 @@ SECTIONS = (
      "reading of compare's protocol in a pair, and one in a run with four other networks of its size. The crowd reads "
      "it lower against the model than a pair does, which is why compare measures every network in a pair.",
      paired_readings),
+    ("How a reading across precisions strays (INT8 against the FP32 model)",
+     "`benchmarks/precision_ratio.py`: the CIFAR-10 CPU preset's student and one network pruned from it, each as its "
+     "Q/DQ model read paired with the student in fp32 (as every reading against a budget of the fp32 student is), "
+     "once per round with `target.timing` and once with compare's protocol, rounds one after the other over a few "
+     "minutes. `± 90%`: half the 5-95% interval of one reading, and of the median of 3 and of 5 (resampled from the "
+     "readings), over the median. It sizes `prune.reference_readings` (5): two networks in one precision read within "
+     "5% of each other on the same machine.", precision_ratio),
     ("INT8 against FP32 on this CPU",
      "`benchmarks/int8.py`: ONNX Runtime's CPU provider, one thread, batch 1; `pipeline.quantize` (Q/DQ, int8 "
      "per-channel weights) with uint8 activations (U8S8) and int8 activations (S8S8); the three sessions timed "

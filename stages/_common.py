@@ -121,6 +121,11 @@ def deployed_target(params: dict[str, Any], precision_file: str | Path | None, m
         raise ConfigError(f"{precision_file} chose precision {choice['precision']!r}, which target.precision "
                           f"{target.precision} on {target.backend}/{target.device} cannot choose (allowed: "
                           f"{', '.join(allowed) or 'none'}): {again}")
+    lacking = [k for k in ("target", "model_sha256") if target.precision == "auto" and k not in choice]
+    if lacking:  # an auto choice is a measurement: one that does not say of what cannot be checked
+        raise ConfigError(f"{precision_file} is an auto choice without {' and '.join(lacking)} (the target settings "
+                          f"and the model it was measured on; written by hand or by an older precision stage), so it "
+                          f"cannot be checked against these params: {again}")
     measured = choice.get("target") or {}
     differ = [f"target.{k} {v!r} (the params say {getattr(target, k)!r})" for k, v in measured.items()
               if hasattr(target, k) and getattr(target, k) != v]

@@ -551,8 +551,22 @@ def c_precision_other_target(world: dict, tmp: Path) -> tuple[int, list[Path]]:
     from stages import profile
 
     measured = {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1, "int8_activations": "uint8"}
-    (tmp / "precision.json").write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured}))
+    (tmp / "precision.json").write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured,
+                                                    "model_sha256": "0"}))
     params = _params(tmp, target={"precision": "auto", "threads": 2}, engine={"precision": "auto"})
+    code = profile.main(["--params", str(params), "--data", str(world["dir"] / "prep"), "--arch",
+                         str(tmp / "none.json"), "--precision", str(tmp / "precision.json"),
+                         "--out", str(tmp / "prof" / "table.json"), "--metrics", str(tmp / "pm.json"),
+                         "--plots-dir", str(tmp / "pp")])
+    return code, [tmp / "prof" / "table.json", tmp / "pm.json"]
+
+
+def c_precision_unrecorded(world: dict, tmp: Path) -> tuple[int, list[Path]]:
+    # an auto choice that says neither what target settings nor what model it was measured on
+    from stages import profile
+
+    (tmp / "precision.json").write_text(json.dumps({"requested": "auto", "precision": "int8"}))
+    params = _params(tmp, target={"precision": "auto"}, engine={"precision": "auto"})
     code = profile.main(["--params", str(params), "--data", str(world["dir"] / "prep"), "--arch",
                          str(tmp / "none.json"), "--precision", str(tmp / "precision.json"),
                          "--out", str(tmp / "prof" / "table.json"), "--metrics", str(tmp / "pm.json"),
@@ -864,6 +878,9 @@ CASES = [
          "run the precision stage again", c_precision_stale_choice),
     Case("precision-other-target", "profile given an `auto` choice measured with 1 thread while the params say 2",
          "target.threads 1 (the params say 2)", c_precision_other_target),
+    Case("precision-unrecorded", "profile given an `auto` choice that records neither the target settings nor the "
+         "model it was measured on (hand-written, or an older precision stage's)",
+         "auto choice without target and model_sha256", c_precision_unrecorded),
 ]
 
 

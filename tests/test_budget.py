@@ -163,3 +163,33 @@ def test_a_budget_of_the_fp32_student_is_read_against_the_fp32_student_itself() 
     on_student = BudgetReading.of(be, student, (1, 4, 4), deployed_budget, readings=1)
     assert on_student.reference == "the student" and on_student.scale_ms == 4.0
     assert on_student(net) == pytest.approx(2.0) and on_student(engine) == pytest.approx(2.0)  # 2/4 of 4 ms
+
+
+def test_a_reading_across_precisions_takes_the_budgets_readings_at_least() -> None:
+    """A budget with an fp32 reference records ``prune.reference_readings``; every BudgetReading of
+    it takes at least that many readings (the int8 / fp32 ratio moves more between readings than two
+    networks in one precision do), and a judge asking for more gets more. A budget in one precision
+    asks for no floor: each judge's own count holds."""
+    from torch import nn
+
+    from pipeline.config import PruneConfig
+    from pipeline.prune.measure import BudgetReading, Reference
+
+    cross = Budget.derive(0.5, "fraction", (0.8, 1.0), 4.0, 0.0, 10.0, reference_readings=5)
+    same = Budget.derive(0.5, "fraction", (0.8, 1.0), 4.0, 0.0, reference_readings=5)
+    assert cross.readings == 5 and same.readings == 1
+    d = json.loads(json.dumps(cross.to_dict()))
+    assert d["readings"] == 5 and Budget.from_dict(d) == cross
+    d.pop("readings")  # a record of a prune stage before the key existed
+    assert Budget.from_dict(d).readings == 1
+    with pytest.raises(ValueError, match="readings"):
+        Budget(0.1, (0.9, 1.0), 0.0, "ms", 0.1, 0.2, 0.5, 0)
+    ref = Reference(0.4, 0.1, 0.01, 0.1, fp32_ms=1.0)
+    assert ref.budget(PruneConfig(latency_budget=0.5)).readings == 5  # the default
+    assert ref.budget(PruneConfig(latency_budget=0.5, reference_readings=2)).readings == 2
+    assert ref.budget(PruneConfig(latency_budget=0.5, budget_reference="target")).readings == 1
+    be = _quantized_backend()
+    student, net = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 2, 1)
+    assert len(BudgetReading.of(be, student, (1, 4, 4), cross, readings=1).values(net)) == 5
+    assert len(BudgetReading.of(be, student, (1, 4, 4), cross, readings=7).values(net)) == 7
+    assert len(BudgetReading.of(be, student, (1, 4, 4), same, readings=1).values(net)) == 1

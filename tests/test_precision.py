@@ -82,21 +82,28 @@ def test_deployed_target_resolves_auto_and_refuses_a_foreign_choice(tmp_path: Pa
 
     params = {"target": {"precision": "auto"}, "engine": {"precision": "auto"}}
     choice = tmp_path / "precision.json"
-    choice.write_text(json.dumps({"requested": "auto", "precision": "int8"}))
+    measured = {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1, "int8_activations": "uint8"}
+    choice.write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured, "model_sha256": "0"}))
     assert deployed_target(params, choice).precision == "int8"
     with pytest.raises(ConfigError, match="pass --precision"):
         deployed_target(params, None)
     assert deployed_target({"target": {"precision": "fp32"}}, None).precision == "fp32"  # benchmarks call stages so
     with pytest.raises(ConfigError, match="run the precision stage again"):
         deployed_target({"target": {"precision": "fp32"}}, choice)
-    choice.write_text(json.dumps({"requested": "auto", "precision": "fp16"}))  # edited by hand
+    choice.write_text(json.dumps({"requested": "auto", "precision": "fp16", "target": measured,
+                                  "model_sha256": "0"}))  # edited by hand
     with pytest.raises(ConfigError, match="chose precision 'fp16'.*allowed: fp32, int8"):
         deployed_target(params, choice)
     # an auto choice measured under other target settings, or on another model, is refused
     model, other = tmp_path / "model.pt", tmp_path / "other.pt"
     model.write_bytes(b"the model")
     other.write_bytes(b"another model")
-    measured = {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1, "int8_activations": "uint8"}
+    for lacks in ("target", "model_sha256"):  # an auto choice that does not say what it was measured on
+        bare = {"requested": "auto", "precision": "int8", "target": measured, "model_sha256": file_sha256(model)}
+        bare.pop(lacks)
+        choice.write_text(json.dumps(bare))
+        with pytest.raises(ConfigError, match=f"auto choice without {lacks}.*precision stage again"):
+            deployed_target(params, choice, model)
     choice.write_text(json.dumps({"requested": "auto", "precision": "int8", "target": measured,
                                   "model_sha256": file_sha256(model)}))
     assert deployed_target(params, choice, model).precision == "int8"

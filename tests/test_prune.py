@@ -468,3 +468,22 @@ def test_growing_stops_short_of_a_network_already_measured() -> None:
     assert widths_of(grown) == {"a": 33}  # not back to a network measured before
     grown, _ = _grow(here, keep, allowed, predict, {}, seen={(("a", 31),)})
     assert widths_of(grown) == {"a": 31}  # the one step, as before: the loop then says it oscillates
+
+
+def test_a_move_that_saves_only_a_rounding_residue_is_not_priced_per_ms() -> None:
+    # measured / predicted times an unchanged prediction can differ from the measurement in the last
+    # bits: a "saving" of 1e-13 ms once priced a block at -1e16 val loss per ms and came first
+    from pipeline.prune.loop import _Here, _shrink
+
+    masks, keep, allowed, _, _ = _loop_setup()
+
+    def predict(widths: dict) -> float:
+        return float(widths["a"])  # b costs nothing on this target
+
+    def cost(m: dict) -> float:
+        return float(m["b"].sum())  # shrinking b lowers the loss a little
+
+    here = _Here(masks, widths_of(masks), 1.1 * 64 + 1e-13, cost(masks), 1.1, 10.0, 12.0)  # every move lands over it
+    state, why = _shrink(here, keep, allowed, predict, cost, {})
+    assert widths_of(state)["b"] == 48 and widths_of(state)["a"] < 64
+    assert "per ms saved" in why and "e+" not in why

@@ -199,7 +199,7 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
     import pipeline.prune.measure as pm
 
     def ten_times(backend, student, student_ms, shape, readings):  # noqa: ANN001, ANN202
-        assert backend.precision == "int8" and readings == 3
+        assert backend.precision == "int8" and readings == 5  # prune.reference_readings over loop_readings' 3
         return 10 * student_ms
 
     def ten_times_call(self):  # noqa: ANN001, ANN202  the loop's reference: the int8 student's call, read 10x
@@ -219,7 +219,9 @@ def test_int8_target_profiles_prunes_and_deploys_int8(world: dict, tmp_path: Pat
     assert m3["budget_reference"] == "fp32 student" and m3["student_fp32_ms"] == pytest.approx(10 * m3["student_ms"])
     assert m3["budget_ms"] == pytest.approx(5 * m3["student_ms"]) and m3["loop_status"] == "full"
     assert m3["loop_iterations"] == 1 and m3["removed_blocks"] == []
-    assert m3["measured_paired_with"] == "the student in fp32"
+    assert m3["measured_paired_with"] == "the student in fp32" and m3["measured_readings"] == 5
+    masks3 = json.loads((tmp_path / "pr3" / "masks.json").read_text())
+    assert masks3["budget"]["readings"] == 5  # what compare and the engine read it with, at least
     # an fp32 table is refused by an int8 target (measured under another fingerprint)
     code = prune.main([*p, "--teachers", str(tmp_path / "t"), "--student", str(tmp_path / "t" / "a.pt"), "--table",
                        str(w / "prof" / "table.json"), "--out-dir", str(tmp_path / "pr2"), "--metrics",

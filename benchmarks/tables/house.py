@@ -177,6 +177,7 @@ def fastnas() -> tuple[list[str], list[list[str]], Refs]:
 
 INT8 = (RESULTS / "int8/rows.json", RESULTS / "int8/intel-vnni/rows.json")
 PAIRED_READINGS = RESULTS / "paired_readings/rows.json"
+PRECISION_RATIO = RESULTS / "precision_ratio/cifar10-cpu/rows.json"
 JOINT_PRECISION = (RESULTS / "joint_precision/rows.json", RESULTS / "joint_precision/cifar10-cpu/rows.json")
 JOINT_MODEL = "the trained resnet18 (32 px)"  # benchmarks/joint_precision.py's default --model
 PRECISION_AUTO = (RESULTS / "precision_auto/rows.json", RESULTS / "precision_auto/intel-vnni/rows.json")
@@ -221,6 +222,18 @@ def paired_readings() -> tuple[list[str], list[list[str]], Refs]:
             for way, s in d["summary"].items()]
     rows.append(["the prune stage's own reading (earlier)", f"{m['prune_stage_ratio']:.3f}", "-", "-", k])
     return ["way", "ours / model, median", "range", "(max - min) / median", "src"], rows, refs
+
+
+def precision_ratio() -> tuple[list[str], list[list[str]], Refs]:
+    """One int8 network's ratio to the fp32 model, read many times: what prune.reference_readings is sized by."""
+    d = read_json(PRECISION_RATIO)
+    refs = Refs()
+    m = d["meta"]
+    k = refs.key(PRECISION_RATIO, m["command"], m["machine"])
+    rows = [[s["network"], s["protocol"], str(s["readings"]), f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})",
+             *(f"{100 * s[f'half_width_median_of_{n}']:.1f}%" for n in (1, 3, 5)), k] for s in d["summary"]]
+    return (["network", "protocol", "readings", "fp32 / int8, median (range)", "± 90%, one reading", "median of 3",
+             "median of 5", "src"], rows, refs)
 
 
 def precision_auto() -> tuple[list[str], list[list[str]], Refs]:

@@ -182,6 +182,11 @@ class PruneConfig(Section):
     loop_readings: int = Field(3, ge=1, le=100, description="closed loop: independent paired readings of each "
                                "network, the median taken (one reading of a small network on a shared machine can "
                                "be 20% off, and stopping on the first reading in the band keeps the lucky ones)")
+    reference_readings: int = Field(5, ge=1, le=100, description="budget_reference fp32 with a target in another "
+                                    "precision: the fewest readings (median kept) of every measurement paired with "
+                                    "the fp32 student, in the closed loop, compare's verdicts and the engine's check "
+                                    "(the int8 / fp32 ratio of one network moves more between readings than two "
+                                    "networks in one precision do); recorded in the budget")
     finetune_epochs: int = Field(0, ge=0, le=100000, description="optional recovery fine-tune after hardening")
     progress: bool = True
 

@@ -10,6 +10,12 @@ One rule, everywhere a latency is judged against the budget:
   the same network cost whatever the precision, and quantization spends its saving on width.
   ``student_ms`` stays the student in the deployed precision: the scale every paired reading
   (a network against that student) is converted to ms with.
+* ``readings``: the fewest independent paired readings a measurement against the budget takes,
+  the median kept: ``prune.reference_readings`` when the reading pairs two precisions (the
+  fp32 reference), else 1 (each judge's own count applies above it). On a shared 2-core Xeon one
+  int8 network's ratio to the fp32 model moved by 6% (compare's protocol) to 16% (target.timing)
+  between readings a few seconds apart, the median of 5 by 2.6% and 8% (90% intervals;
+  docs/history.md, section 49), where two networks in one precision read within 5%.
 * The band, ``band_effective``: ``prune.band`` (fractions of the target) with its top lowered by
   ``noise``, the relative repeatability of one measurement on this machine (measured by the prune
   stage), so that a network measured inside the band stays under the band's top when measured
@@ -69,6 +75,7 @@ class Budget:
     value: float
     student_ms: float
     reference_ms: float | None = None
+    readings: int = 1
 
     def __post_init__(self) -> None:
         if not self.target_ms > 0:
@@ -81,17 +88,21 @@ class Budget:
             raise ValueError(f"budget unit must be fraction or ms, got {self.unit!r}")
         if self.reference_ms is not None and not self.reference_ms > 0:
             raise ValueError(f"budget reference_ms must be > 0 or None, got {self.reference_ms}")
+        if not (isinstance(self.readings, int) and self.readings >= 1):
+            raise ValueError(f"budget readings must be an integer >= 1, got {self.readings!r}")
 
     @classmethod
     def derive(cls, value: float, unit: Literal["fraction", "ms"], band: tuple[float, float], student_ms: float,
-               noise: float, reference_ms: float | None = None) -> Budget:
+               noise: float, reference_ms: float | None = None, reference_readings: int = 1) -> Budget:
         """The budget of ``prune.latency_budget`` ``value`` in ``unit`` for a student measured at
         ``student_ms`` with relative measurement ``noise``; a fraction is of ``reference_ms`` when
-        given (the student in fp32; module docstring), else of ``student_ms``."""
+        given (the student in fp32; module docstring), else of ``student_ms``. ``reference_readings``:
+        the budget's ``readings`` when it has an fp32 reference (1 otherwise)."""
         base = student_ms if reference_ms is None else reference_ms
         target = value * base if unit == "fraction" else value
         return cls(float(target), (float(band[0]), float(band[1])), float(noise), unit, float(value), float(student_ms),
-                   None if reference_ms is None else float(reference_ms))
+                   None if reference_ms is None else float(reference_ms),
+                   1 if reference_ms is None else int(reference_readings))
 
     @property
     def band_effective(self) -> tuple[float, float]:
@@ -146,6 +157,7 @@ class Budget:
         """JSON-ready: the fields, and the derived band, bounds and limit for a reader's eyes."""
         return {"target_ms": self.target_ms, "band": list(self.band), "noise": self.noise, "unit": self.unit,
                 "value": self.value, "student_ms": self.student_ms, "reference_ms": self.reference_ms,
+                "readings": self.readings,
                 "band_effective": list(self.band_effective),
                 "bounds_ms": list(self.bounds_ms()), "limit_ms": self.limit_ms}
 
@@ -155,9 +167,10 @@ class Budget:
         missing = [k for k in ("target_ms", "band", "noise", "unit", "value", "student_ms") if k not in d]
         if missing:
             raise ValueError(f"a budget record lacks {missing}")
-        ref = d.get("reference_ms")  # absent from the records of a prune stage before it existed
+        ref = d.get("reference_ms")  # absent (as readings) from the records of a prune stage before it existed
         return cls(float(d["target_ms"]), (float(d["band"][0]), float(d["band"][1])), float(d["noise"]), d["unit"],
-                   float(d["value"]), float(d["student_ms"]), None if ref is None else float(ref))
+                   float(d["value"]), float(d["student_ms"]), None if ref is None else float(ref),
+                   int(d.get("readings", 1)))
 
     @classmethod
     def from_masks(cls, record: dict[str, Any]) -> Budget:

@@ -20,6 +20,8 @@ from pipeline.prune.budget import band_ms
 from pipeline.prune.groups import is_live, top_mask, widths_of
 
 Masks = dict[str, torch.Tensor]
+SAVES_NOTHING = 1e-9  # of the network's latency: a move predicted to save less is taken to save nothing (a
+                      # float difference of two equal predictions once priced a block at -1e16 val loss per ms)
 
 
 @dataclass
@@ -66,23 +68,24 @@ def _shrink(here: _Here, keep_probs: Mapping[str, torch.Tensor], allowed: Mappin
         for w in {max(smaller), min(smaller, key=lambda v: (abs(landing_of[v] - mid), -v))}:
             landing = landing_of[w]
             saving = here.ms - landing  # on the staircase a narrower layer can be predicted no faster
+            saves_nothing = saving <= SAVES_NOTHING * here.ms  # rounding, not a saving: not priced per ms
             # prefer moves predicted to land in the band, then moves still over it, then those
             # overshooting below it (the least); moves predicted to save nothing last
             where = 0 if here.lo <= landing <= here.hi else (1 if landing > here.hi else 2)
-            moves.append((saving <= 0, where, landing, saving, g, w, _step(here.state, keep_probs, g, w)))
+            moves.append((saves_nothing, where, landing, saving, g, w, _step(here.state, keep_probs, g, w)))
     if not moves:
         return None
 
     def per_ms(move: tuple) -> float:  # validation loss added per ms saved (one forward pass of the val images)
-        return (cost(move[6]) - here.cost) / move[3] if move[3] > 0 else float("nan")
+        return (cost(move[6]) - here.cost) / move[3] if not move[0] else float("nan")
 
     # within the best class, the cheapest in validation loss per ms saved (overshooting moves: the one
     # landing highest); only that class's moves are priced
     best = min(m[:2] for m in moves)
-    options = [(*m[:2], per_ms(m) if m[1] < 2 and m[3] > 0 else -m[2], m[4], -m[5], m) for m in moves if m[:2] == best]
+    options = [(*m[:2], per_ms(m) if m[1] < 2 and not m[0] else -m[2], m[4], -m[5], m) for m in moves if m[:2] == best]
     chosen = min(options, key=lambda o: o[:5])
     move = chosen[5]
-    price = chosen[2] if move[1] < 2 and move[3] > 0 else per_ms(move)
+    price = chosen[2] if move[1] < 2 and not move[0] else per_ms(move)
     why = "predicted to save nothing" if math.isnan(price) else f"val loss {price:+.3g} per ms saved"
     return move[6], f"shrink {move[4]} to {widths_of(move[6])[move[4]]} ({why})"
 

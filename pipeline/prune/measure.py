@@ -47,7 +47,7 @@ class Reference:
 
     def budget(self, cfg: PruneConfig) -> Budget:
         return Budget.derive(cfg.latency_budget, cfg.budget_unit, cfg.band, self.student_ms, self.noise,
-                             self.fp32_ms if cfg.budget_reference == "fp32" else None)
+                             self.fp32_ms if cfg.budget_reference == "fp32" else None, cfg.reference_readings)
 
 
 def needs_fp32_reference(backend: Backend, cfg: PruneConfig) -> bool:
@@ -81,7 +81,8 @@ def measure_reference_budget(backend: Backend, student: nn.Module, space: PruneS
     else:
         floor_net = prune_structure(student, space.example, floor_masks)
         student_ms, floor_ms, noise = measure_reference(backend, student, floor_net, space.shape)
-        fp32_ms = (measure_fp32_student(backend, student, student_ms, space.shape, cfg.loop_readings)
+        fp32_ms = (measure_fp32_student(backend, student, student_ms, space.shape,
+                                        max(cfg.loop_readings, cfg.reference_readings))
                    if needs_fp32_reference(backend, cfg) else None)
         ref = Reference(student_ms, floor_ms, noise, floor_pred, fp32_ms=fp32_ms)
     if ref.fp32_ms is not None:
@@ -159,8 +160,9 @@ class BudgetReading:
     deploys another precision), that fp32 student on the same runtime (scale ``fp32_ms``): the budget
     is then a ratio to the very model it names, and the fp32 / deployed ratio read once at the start
     enters no verdict (read with one reading, it was 2.14x in a prune run and 1.92x in a later
-    judgement on an Intel Xeon). On a shared machine that ratio also moves with the machine's
-    state, which no reading at one moment removes (docs/history.md, sections 47 and 48)."""
+    judgement on an Intel Xeon). On a shared machine that ratio also moves between readings (6-16%
+    on a 2-core Xeon, more than two networks in one precision move), so such a reading takes at
+    least the budget's ``readings`` (``Budget.readings``; docs/history.md, sections 47-49)."""
 
     backend: Backend
     student: nn.Module
@@ -173,8 +175,10 @@ class BudgetReading:
     @classmethod
     def of(cls, backend: Backend, student: nn.Module, shape: tuple[int, ...], budget: Budget,
            protocol: TimingProtocol | None = None, readings: int = 1) -> BudgetReading:
-        """Paired with ``budget``'s reference: the fp32 student when the budget was derived from it."""
-        return cls(backend, student, tuple(shape), budget.student_ms, budget.reference_ms, protocol, readings)
+        """Paired with ``budget``'s reference (the fp32 student when the budget was derived from
+        it), the median of ``readings`` readings and at least the budget's own ``readings``."""
+        return cls(backend, student, tuple(shape), budget.student_ms, budget.reference_ms, protocol,
+                   max(readings, budget.readings))
 
     @property
     def reference(self) -> str:
