@@ -25,7 +25,7 @@ here with the upstream's params (ours only, no baselines).
    candidate paired with it), with the fp32 run's prune settings and seed, except the closed loop's
    protocol: ``loop_timing: verdict`` (compare's, as the judgement reads), each measurement the median
    of at least ``prune.reference_readings`` readings. One int8 network's ratio to the fp32 model moved
-   16% between single readings of ``target.timing`` on a shared Xeon, 6% of compare's protocol
+   ±14-17% between single readings of ``target.timing`` on a shared Xeon, ±10-11% of compare's protocol
    (docs/history.md, section 49). The fp32 runs read in one precision and keep their protocol.
 3. One judgement per (budget, seed), all in this process, one after the other: the fp32 model, the
    pruned-fp32 network, the model's Q/DQ model (INT8 alone) and the joint network's Q/DQ model, each

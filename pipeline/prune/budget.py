@@ -13,9 +13,9 @@ One rule, everywhere a latency is judged against the budget:
 * ``readings``: the fewest independent paired readings a measurement against the budget takes,
   the median kept: ``prune.reference_readings`` when the reading pairs two precisions (the
   fp32 reference), else 1 (each judge's own count applies above it). On a shared 2-core Xeon one
-  int8 network's ratio to the fp32 model moved by 6% (compare's protocol) to 16% (target.timing)
-  between readings a few seconds apart, the median of 5 by 2.6% and 8% (90% intervals;
-  docs/history.md, section 49), where two networks in one precision read within 5%.
+  int8 network's ratio to the fp32 model moved by ±10-11% (compare's protocol) to ±14-17%
+  (target.timing) between readings a few seconds apart, the median of 5 by ±4-5% and ±7-8% (90%
+  intervals; benchmarks/precision_ratio.py), where two networks in one precision read within 5%.
 * The band, ``band_effective``: ``prune.band`` (fractions of the target) with its top lowered by
   ``noise``, the relative repeatability of one measurement on this machine (measured by the prune
   stage), so that a network measured inside the band stays under the band's top when measured

@@ -160,7 +160,7 @@ class BudgetReading:
     deploys another precision), that fp32 student on the same runtime (scale ``fp32_ms``): the budget
     is then a ratio to the very model it names, and the fp32 / deployed ratio read once at the start
     enters no verdict (read with one reading, it was 2.14x in a prune run and 1.92x in a later
-    judgement on an Intel Xeon). On a shared machine that ratio also moves between readings (6-16%
+    judgement on an Intel Xeon). On a shared machine that ratio also moves between readings (±10-17%
     on a 2-core Xeon, more than two networks in one precision move), so such a reading takes at
     least the budget's ``readings`` (``Budget.readings``; docs/history.md, sections 47-49)."""
 
