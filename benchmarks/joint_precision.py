@@ -210,7 +210,7 @@ def judge_readings(joint_run: Path, timing_readings: int, at_least: int = 1) -> 
     from pipeline.prune import Budget
 
     masks = json.loads((joint_run / "artifacts" / "prune" / "masks.json").read_text())
-    return max(Budget.from_masks(masks).readings, timing_readings, at_least)
+    return Budget.from_masks(masks).reading_count(max(timing_readings, at_least))
 
 
 def pct(xs: list[float]) -> str:

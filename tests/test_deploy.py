@@ -342,7 +342,9 @@ def test_the_engine_budget_verdict_is_the_median_of_paired_readings(monkeypatch:
     monkeypatch.setattr("pipeline.slim.load_slimmed_model", lambda path: (torch.nn.Identity(), {}))
     args = SimpleNamespace(model="slim.pt", student="student.pt")
     data = SimpleNamespace(meta={"image_size": [8, 8]}, channels=1)
-    budget = SimpleNamespace(student_ms=2.0, reference_ms=None, readings=1)
+    from pipeline.prune import Budget
+
+    budget = Budget.derive(0.5, "fraction", (0.9, 1.0), 2.0, 0.0)  # the student at 2 ms, no fp32 reference
     median, values = se._paired_reading(args, EngineConfig(), TargetConfig(), data, budget, None)
     assert values == pytest.approx([1.0, 1.8, 1.2]) and median == pytest.approx(1.2)
     median, values = se._paired_reading(args, EngineConfig(timing_readings=1), TargetConfig(), data, budget, None)

@@ -104,6 +104,11 @@ class Budget:
                    None if reference_ms is None else float(reference_ms),
                    1 if reference_ms is None else int(reference_readings))
 
+    def reading_count(self, requested: int) -> int:
+        """Readings a measurement against the budget takes when ``requested`` are asked for: at
+        least the budget's own ``readings``."""
+        return max(requested, self.readings)
+
     @property
     def band_effective(self) -> tuple[float, float]:
         """The band searches aim at, fractions of the target (module docstring)."""

@@ -178,7 +178,7 @@ class BudgetReading:
         """Paired with ``budget``'s reference (the fp32 student when the budget was derived from
         it), the median of ``readings`` readings and at least the budget's own ``readings``."""
         return cls(backend, student, tuple(shape), budget.student_ms, budget.reference_ms, protocol,
-                   max(readings, budget.readings))
+                   budget.reading_count(readings))
 
     @property
     def reference(self) -> str:

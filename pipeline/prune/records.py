@@ -118,7 +118,7 @@ def prune_metrics(cfg: PruneConfig, budget: Budget, ref: Reference, loop: LoopRe
         "measured_over_budget": ms / budget.target_ms, "predicted_over_measured": predicted_ms / ms,
         "measured_over_student": ms / ref.student_ms,
         "measured_paired_with": paired_with(budget.reference_ms is not None),
-        "measured_readings": max(cfg.loop_readings, budget.readings),
+        "measured_readings": budget.reading_count(cfg.loop_readings),
         "within_budget": budget.meets(ms), "in_band": status == "in_band", "budget_status": status,
         "budget_verdict": verdict, "band": list(budget.band), "band_effective": list(budget.band_effective),
         "noise": budget.noise, "budget_limit_ms": budget.limit_ms,
