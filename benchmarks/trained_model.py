@@ -17,7 +17,7 @@
    model, with the same distillation from it and the same ``prune.epochs`` of training:
    uniform width scaling, Torch-Pruning group L2 norm (``tp_norm``) and group Taylor
    (``tp_taylor``), both global with ``round_to`` the latency table's channel step. Every network
-   is judged on compare's final joint measurement with the unpruned model. The seed's soft-mask
+   is judged by compare's verdict: read in pairs with the unpruned model, the median of the readings. The seed's soft-mask
    method (``prune.method: scp``) runs as ours with that one key changed (its latency: the prune
    stage's own reading).
 
@@ -104,7 +104,7 @@ def pct_mean_std(xs: list[float]) -> str:
 
 def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]]) -> dict[str, Any]:
     """Per budget: each method's test accuracies and measured / budget per seed, and ours minus the
-    best peer that met the budget (compare's joint run: not over it), per seed."""
+    best peer that met the budget (compare's verdict: not over it), per seed."""
     out: dict[str, Any] = {}
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b and "failed" not in r]
@@ -156,8 +156,9 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                          f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
                      f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
-    lines += ["", "Measured / budget: compare's final joint run (every network with the unpruned model, interleaved); "
-              "scp: the prune stage's own reading." + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
+    lines += ["", "Measured / budget: compare's verdict (every network read in a pair with the unpruned model, "
+              "the median of `compare.timing_readings` such readings); scp: the prune stage's own reading."
+              + (" scp not run (`--skip-scp`)." if meta.get("scp_skipped") else "") + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
               "TensorRT Model Optimizer's FastNAS: " + meta["fastnas"]]
     return "\n".join(lines)
 
@@ -178,9 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-epochs", type=int, default=6, help="prune.epochs: every method's training")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget-seeds", nargs="+", default=[], metavar="BUDGET:SEED,SEED",
+                   help="other seeds for one budget (e.g. 0.5:0,1,2,3,4), in place of --seeds there")
+    p.add_argument("--skip-scp", action="store_true",
+                   help="run ours and the peers only (a later run without it adds the scp rows to the finished pairs)")
     p.add_argument("--scp-from", type=Path, default=None,
                    help="take the scp rows from this earlier runs directory instead of running them (the table says so)")
     args = p.parse_args(argv)
+    try:
+        budget_seeds = {float(b): [int(x) for x in ss.split(",")]
+                        for b, ss in (item.split(":") for item in args.budget_seeds)}
+    except ValueError:
+        p.error(f"--budget-seeds: expected BUDGET:SEED,SEED,... such as 0.5:0,1,2,3,4, got {args.budget_seeds}")
     if not ARCHIVE.is_file():
         print(f"error: needs {ARCHIVE} (CIFAR-10 JPEGs)", file=sys.stderr)
         return 2
@@ -191,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     scp_params["prune"]["method"] = "scp"
     rows, scp = [], []
     for b in args.budgets:
-        for s in args.seeds:
+        for s in budget_seeds.get(b, args.seeds):
             rows.append(run_pair(up, args.work / "runs", params, b, s, baselines=True))
+            if args.skip_scp:
+                continue
             if args.scp_from is None:
                 scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
             elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
             "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE,
-            "scp_from": None if args.scp_from is None else (
+            "scp_skipped": args.skip_scp, "scp_from": None if args.scp_from is None else (
                 f"scp rows read from {args.scp_from.name} (an earlier run of this benchmark, not re-run for time; its "
                 "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
