@@ -136,14 +136,15 @@ SECTIONS = (
      "`benchmarks/trained_model.py`: torchvision resnet18 trained outside the pipeline (plain torch, train/ only) on "
      "CIFAR-10 JPEGs, pruned to a fraction of its own measured latency by the real prune and compare stages; every "
      "method from the same weights, distilled from the unpruned model, the same `prune.epochs`. Held-out accuracy: "
-     "the folder's test/ (3,000 images, which no stage trains or selects on; val/ is a folder of its own). "
-     "Measured / budget: compare's final joint run, as compare judged at the file's commit (since 678f8f4 it reads every network in a pair with the model); scp: the prune stage's reading. A peer over the budget there "
+     "the folder's test/, which no stage trains or selects on (val/ is a folder of its own). "
+     "Measured / budget: compare's verdict at the file's commit (since 678f8f4: every network read in a pair with the "
+     "model, the median of the readings); scp: the prune stage's reading. A peer over the budget there "
      "does not count as the best peer.", trained_model),
     ("FastNAS (TensorRT Model Optimizer) from the same trained model",
      "`benchmarks/fastnas.py` (nvidia-modelopt installed beside the project, not a dependency): one FastNAS search per "
      "FLOPs constraint from the trained model above (one sensitivity map, scored on val/), each subnet measured paired "
      "with the model, the largest under each run's budget band taken, then trained as every method above (same "
-     "distillation, epochs, seed) and judged in one joint run with ours. FastNAS constrains FLOPs, not latency: the "
+     "distillation, epochs, seed) and judged with ours, each in pairs with the model. FastNAS constrains FLOPs, not latency: the "
      "FLOPs constraint taken is the largest whose measured latency fits.", fastnas),
     ("How one latency reading strays (paired with the model, or in a crowd)",
      "`benchmarks/paired_readings.py`: one pruned network (a run of the trained-model benchmark) against its model, "
@@ -255,12 +256,15 @@ def readme_table() -> str:
                  f"**{100 * ym['compressed_test_acc']:.1f}**", f"{100 * base.get('uniform', float('nan')):.1f}",
                  f"{100 * base.get('l1', float('nan')):.1f}", "-",
                  f"{100 * (ym['compressed_test_acc'] - max(base.values())):+.1f} (one run: noise)", k])
-    tm = read_json(TRAINED_MODEL)["summary"]
+    tmd = read_json(TRAINED_MODEL)
+    tm, tmeta = tmd["summary"], tmd["meta"]
     k = refs.key(TRAINED_MODEL, "", "")
     cells = [tm[b] for b in ("0.5", "0.3")]
     best_tp = [max(("tp_norm", "tp_taylor"), key=lambda m: statistics.mean(c[m]["test_acc"])) for c in cells]
-    rows.append(["a trained resnet18 (outside the pipeline, 32 px), pruned to 0.5 / 0.3 of its latency, 3 seeds, "
-                 "held-out acc %",
+    rows.append([f"a trained resnet18 (outside the pipeline, {tmeta['size']} px, "
+                 f"{100 * tmeta['outside']['test_acc_outside']:.1f}% held out), pruned to 0.5 / 0.3 of its latency, "
+                 f"{' / '.join(str(len(c['seeds'])) for c in cells)} seeds, held-out acc %; last column: ours - the best of "
+                 "uniform, Torch-Pruning and FastNAS per seed",
                  " / ".join(f"**{mean_std(c['ours']['test_acc'], 100, 1)}**" for c in cells),
                  " / ".join(mean_std(c["uniform"]["test_acc"], 100, 1) for c in cells),
                  " / ".join(f"{mean_std(c[m]['test_acc'], 100, 1)} (group {'L2' if m == 'tp_norm' else 'Taylor'})"

@@ -47,7 +47,8 @@ from benchmarks.your_model import ARCHIVE, make_folder, train_outside
 
 PEERS = ("uniform", "tp_norm", "tp_taylor")
 LABELS = {"ours": "ours (taylor)", "scp": "ours with prune.method scp", "uniform": "uniform width scaling",
-          "tp_norm": "Torch-Pruning group L2 norm", "tp_taylor": "Torch-Pruning group Taylor"}
+          "tp_norm": "Torch-Pruning group L2 norm", "tp_taylor": "Torch-Pruning group Taylor",
+          "fastnas": "TensorRT Model Optimizer FastNAS (benchmarks/fastnas.py)"}
 
 
 def upstream(work: Path, size: int, per_class: int, val_per_class: int, test_per_class: int, epochs: int,
@@ -102,9 +103,12 @@ def pct_mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
-def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
+              fastnas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per budget: each method's test accuracies and measured / budget per seed, and ours minus the
-    best peer that met the budget (compare's verdict: not over it), per seed."""
+    best peer that met the budget (compare's verdict: not over it), per seed. ``fastnas``: the rows
+    of benchmarks/fastnas.py from the same runs; FastNAS then counts as a peer in the seeds it ran
+    (judged by its own verdict, read in a pair with the model)."""
     out: dict[str, Any] = {}
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["budget"] == b and "failed" not in r]
@@ -124,13 +128,24 @@ def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]]) -> dict[str
         cell["scp"] = {"test_acc": [r["prune"]["test_acc"] for r in s],
                        "over_budget": [r["prune"]["measured_over_budget"] for r in s],
                        "status": [r["prune"].get("budget_status", "prune stage") for r in s]}
-        diffs = []
+        fn = {f["seed"]: f for f in fastnas or [] if f["budget"] == b}
+        cell["fastnas"] = {"seeds": [r["seed"] for r in rs if r["seed"] in fn],
+                           "test_acc": [fn[r["seed"]]["test_acc"] for r in rs if r["seed"] in fn],
+                           "over_budget": [fn[r["seed"]]["verdicts"]["fastnas"]["measured_over_budget"]
+                                           for r in rs if r["seed"] in fn],
+                           "status": [fn[r["seed"]]["verdicts"]["fastnas"]["budget_status"] for r in rs if r["seed"] in fn]}
+        diffs, best = [], []
         for r in rs:
             ours = judged(r, "ours")
-            peers = [r["compare"][m]["test_acc"] for m in PEERS if (j := judged(r, m)) and j[2] != "over"]
+            peers = {m: r["compare"][m]["test_acc"] for m in PEERS if (j := judged(r, m)) and j[2] != "over"}
+            if (f := fn.get(r["seed"])) and f["verdicts"]["fastnas"]["budget_status"] != "over":
+                peers["fastnas"] = f["test_acc"]
             if ours is not None and ours[2] != "over" and peers:
-                diffs.append(r["prune"]["test_acc"] - max(peers))
+                m = max(peers, key=peers.__getitem__)
+                diffs.append(r["prune"]["test_acc"] - peers[m])
+                best.append(m)
         cell["ours_minus_best_peer"] = diffs
+        cell["best_peer"] = best
         cell["unpruned_test_acc"] = rs[0]["compare"]["student"]["test_acc"] if rs else None
         out[f"{b:g}"] = cell
     return out
@@ -148,14 +163,17 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for b, cell in summary.items():
         unp = cell["unpruned_test_acc"]
         lines.append(f"| {b} | the trained model, unpruned | {pct_mean_std([unp] if unp is not None else [])} | - | - |")
-        for m in ("ours", "scp", *PEERS):
+        for m in ("ours", "scp", *PEERS, "fastnas"):
             c = cell[m]
+            if m == "fastnas" and not c["test_acc"]:
+                continue
             land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
             bad = [s for s in c["status"] if s == "over"]
             lines.append(f"| {b} | {LABELS[m]} | {pct_mean_std(c['test_acc'])} | {land or '-'} | "
                          f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
-                     f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | |")
+                     f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | "
+                     f"best peer: {', '.join(cell['best_peer'])} |")
     lines += ["", "Measured / budget: compare's verdict (every network read in a pair with the unpruned model, "
               "the median of `compare.timing_readings` such readings); scp: the prune stage's own reading."
               + (" scp not run (`--skip-scp`)." if meta.get("scp_skipped") else "") + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
@@ -181,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget-seeds", nargs="+", default=[], metavar="BUDGET:SEED,SEED",
                    help="other seeds for one budget (e.g. 0.5:0,1,2,3,4), in place of --seeds there")
+    p.add_argument("--fastnas", type=Path, nargs="+", default=[],
+                   help="rows.json files of benchmarks/fastnas.py from these runs: FastNAS counts as a peer where it ran")
     p.add_argument("--skip-scp", action="store_true",
                    help="run ours and the peers only (a later run without it adds the scp rows to the finished pairs)")
     p.add_argument("--scp-from", type=Path, default=None,
@@ -209,14 +229,17 @@ def main(argv: list[str] | None = None) -> int:
                 scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
             elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
                 scp.append(run_pair(up, args.scp_from, scp_params, b, s, baselines=False))  # finished: read, not run
+    fastnas = [f for path in args.fastnas for f in json.loads(path.read_text())["rows"]] if args.fastnas else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
-            "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE,
+            "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE if fastnas is None else (
+                f"its rows (from {', '.join(map(str, args.fastnas))}, written by benchmarks/fastnas.py from these runs) are in the table and "
+                "count as a peer in the seeds it ran"),
             "scp_skipped": args.skip_scp, "scp_from": None if args.scp_from is None else (
                 f"scp rows read from {args.scp_from.name} (an earlier run of this benchmark, not re-run for time; its "
                 "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
-    summary = summarise(rows, scp)
+    summary = summarise(rows, scp, fastnas)
     write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp},
                   table(summary, meta))
     print(table(summary, meta))

@@ -137,18 +137,26 @@ def trained_model() -> tuple[list[str], list[list[str]], Refs]:
     refs = Refs()
     m = d["meta"]
     k = refs.key(TRAINED_MODEL, m["command"], m["machine"])
+    o = m["outside"]
+    unpruned = (f"the trained model, unpruned ({o['train_images']:,} training images, {o['epochs']} epochs outside; "
+                f"held out: {o['test_images']:,})")
     rows = []
     for b, cell in d["summary"].items():
         if cell["unpruned_test_acc"] is not None:
-            rows.append([b, "the trained model, unpruned", _pct(cell["unpruned_test_acc"]), "-", k])
+            rows.append([b, unpruned, _pct(cell["unpruned_test_acc"]), "-", k])
         for name, label in (("ours", "ours (taylor)"), ("scp", "ours, prune.method scp"),
                             ("uniform", "uniform width scaling"), ("tp_norm", "Torch-Pruning group L2 norm"),
-                            ("tp_taylor", "Torch-Pruning group Taylor")):
+                            ("tp_taylor", "Torch-Pruning group Taylor"),
+                            ("fastnas", "TensorRT Model Optimizer FastNAS")):
             c = cell.get(name, {})
+            if name == "fastnas" and not c.get("test_acc"):
+                continue
             rows.append([b, label, mean_std(c.get("test_acc", []), 100, 2),
                          ", ".join(f"{x:.3f}" for x in c.get("over_budget", [])) or "-", k])
-        rows.append([b, "ours - best peer at the budget (points)",
-                     mean_std(cell["ours_minus_best_peer"], 100, 2, signed=True), "-", k])
+        best = cell.get("best_peer")
+        rows.append([b, "ours - best peer at the budget (points)" + (f"; best peer per seed: {', '.join(best)}" if best else ""),
+                     mean_std(cell["ours_minus_best_peer"], 100, 2, signed=True),
+                     ", ".join(f"{100 * x:+.2f}" for x in cell["ours_minus_best_peer"]), k])
     return ["budget", "method", "held-out acc % (mean ± std, seeds)", "measured / budget per seed", "src"], rows, refs
 
 
