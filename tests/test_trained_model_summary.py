@@ -1,0 +1,35 @@
+"""benchmarks/trained_model.py's summary: ours minus the best peer per seed, FastNAS counted as a peer
+only where it ran and did not read over the budget. Built on the committed result rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.tables.house import TRAINED_MODEL
+from benchmarks.trained_model import PEERS, summarise
+
+
+def _fastnas(budget: float, seed: int, acc: float, status: str) -> dict:
+    return {"budget": budget, "seed": seed, "test_acc": acc,
+            "verdicts": {"fastnas": {"measured_over_budget": 1.2 if status == "over" else 0.9, "budget_status": status}}}
+
+
+def test_fastnas_is_a_peer_where_it_ran_and_met_the_budget() -> None:
+    rows = [r for r in json.loads(TRAINED_MODEL.read_text())["rows"] if r["budget"] == 0.3]
+    assert len(rows) >= 3
+    without = summarise(rows, [])["0.3"]
+    assert "fastnas" not in without["best_peer"] and without["fastnas"]["test_acc"] == []
+    first, second = rows[0], rows[1]
+    top = max(first["compare"][m]["test_acc"] for m in PEERS)
+    fastnas = [_fastnas(0.3, first["seed"], top + 0.05, "in_band"),        # ahead of every peer: the best one
+               _fastnas(0.3, second["seed"], 0.99, "over"),                 # over the budget: not a peer
+               _fastnas(0.5, rows[2]["seed"], 0.99, "in_band")]             # another budget: not this one's
+    cell = summarise(rows, [], fastnas)["0.3"]
+    assert cell["best_peer"][0] == "fastnas"
+    assert cell["ours_minus_best_peer"][0] == pytest.approx(first["prune"]["test_acc"] - (top + 0.05))
+    assert cell["best_peer"][1:] == without["best_peer"][1:]
+    assert cell["ours_minus_best_peer"][1:] == pytest.approx(without["ours_minus_best_peer"][1:])
+    assert cell["fastnas"]["seeds"] == [first["seed"], second["seed"]]
+    assert cell["fastnas"]["status"] == ["in_band", "over"]
