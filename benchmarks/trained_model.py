@@ -134,7 +134,7 @@ def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
                            "over_budget": [fn[r["seed"]]["verdicts"]["fastnas"]["measured_over_budget"]
                                            for r in rs if r["seed"] in fn],
                            "status": [fn[r["seed"]]["verdicts"]["fastnas"]["budget_status"] for r in rs if r["seed"] in fn]}
-        diffs, best = [], []
+        diffs, best, best_acc = [], [], {}
         for r in rs:
             ours = judged(r, "ours")
             peers = {m: r["compare"][m]["test_acc"] for m in PEERS if (j := judged(r, m)) and j[2] != "over"}
@@ -144,11 +144,32 @@ def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
                 m = max(peers, key=peers.__getitem__)
                 diffs.append(r["prune"]["test_acc"] - peers[m])
                 best.append(m)
+                best_acc[r["seed"]] = peers[m]
         cell["ours_minus_best_peer"] = diffs
         cell["best_peer"] = best
+        cell["best_peer_test_acc"] = best_acc  # seed -> the best peer's accuracy
         cell["unpruned_test_acc"] = rs[0]["compare"]["student"]["test_acc"] if rs else None
         out[f"{b:g}"] = cell
     return out
+
+
+def add_variant(summary: dict[str, Any], variant: list[dict[str, Any]], label: str) -> None:
+    """Ours run again with one setting changed (``variant``: pairs whose compare judged ours alone), per
+    budget: its test accuracies, verdicts, and its difference from the best peer of the same seed in
+    the summary (the peers are not re-run: same weights, same seed)."""
+    for b, cell in summary.items():
+        best = cell["best_peer_test_acc"]
+        vs = [v for v in variant if f"{v['budget']:g}" == b and "failed" not in v]
+        acc, land, status, diffs = [], [], [], []
+        for v in vs:
+            j = judged(v, "ours")
+            acc.append(v["prune"]["test_acc"])
+            land.append(j[1])
+            status.append(j[2])
+            if v["seed"] in best and j[2] != "over":
+                diffs.append(v["prune"]["test_acc"] - best[v["seed"]])
+        cell["variant"] = {"label": label, "seeds": [v["seed"] for v in vs], "test_acc": acc, "over_budget": land,
+                           "status": status, "minus_best_peer": diffs}
 
 
 def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -174,6 +195,13 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
                      f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | "
                      f"best peer: {', '.join(cell['best_peer'])} |")
+        if v := cell.get("variant"):
+            bad = [x for x in v["status"] if x == "over"]
+            lines.append(f"| {b} | {v['label']} (seeds {', '.join(map(str, v['seeds']))}) | {pct_mean_std(v['test_acc'])} | "
+                         f"{', '.join(f'{x:.3f}' for x in v['over_budget']) or '-'} | "
+                         f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
+            lines.append(f"| {b} | **{v['label']} - best peer of the same seed** (points) | {pct_mean_std(v['minus_best_peer'])} | "
+                         f"{', '.join(f'{100 * d:+.2f}' for d in v['minus_best_peer'])} | |")
     lines += ["", "Measured / budget: compare's verdict (every network read in a pair with the unpruned model, "
               "the median of `compare.timing_readings` such readings); scp: the prune stage's own reading."
               + (" scp not run (`--skip-scp`)." if meta.get("scp_skipped") else "") + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
@@ -201,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="other seeds for one budget (e.g. 0.5:0,1,2,3,4), in place of --seeds there")
     p.add_argument("--fastnas", type=Path, nargs="+", default=[],
                    help="rows.json files of benchmarks/fastnas.py from these runs: FastNAS counts as a peer where it ran")
+    p.add_argument("--aim", type=float, default=None,
+                   help="also run ours with prune.aim set to this (where in the band the allocation aims), judged by "
+                        "compare alone (no peers re-run), compared per seed with the same peers")
     p.add_argument("--skip-scp", action="store_true",
                    help="run ours and the peers only (a later run without it adds the scp rows to the finished pairs)")
     p.add_argument("--scp-from", type=Path, default=None,
@@ -219,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     params = yaml.safe_load((up / "params.yaml").read_text())
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
+    aim_params = json.loads(json.dumps(params))
+    aim_params["prune"]["aim"] = args.aim
+    aim_params["compare"]["methods"] = []  # compare judges ours alone, with the budget's protocol
+    aimed = []
     rows, scp = [], []
     for b in args.budgets:
         for s in budget_seeds.get(b, args.seeds):
             rows.append(run_pair(up, args.work / "runs", params, b, s, baselines=True))
+            if args.aim is not None:
+                aimed.append(run_pair(up, args.work / f"runs_aim{args.aim:g}", aim_params, b, s, baselines=True))
             if args.skip_scp:
                 continue
             if args.scp_from is None:
@@ -240,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
     summary = summarise(rows, scp, fastnas)
+    if args.aim is not None:
+        add_variant(summary, aimed, f"ours, prune.aim {args.aim:g}")
     write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp},
                   table(summary, meta))
     print(table(summary, meta))

@@ -33,3 +33,17 @@ def test_fastnas_is_a_peer_where_it_ran_and_met_the_budget() -> None:
     assert cell["ours_minus_best_peer"][1:] == pytest.approx(without["ours_minus_best_peer"][1:])
     assert cell["fastnas"]["seeds"] == [first["seed"], second["seed"]]
     assert cell["fastnas"]["status"] == ["in_band", "over"]
+
+
+def test_a_variant_of_ours_is_compared_with_the_best_peer_of_its_own_seed() -> None:
+    from benchmarks.trained_model import add_variant
+
+    rows = [r for r in json.loads(TRAINED_MODEL.read_text())["rows"] if r["budget"] == 0.3]
+    summary = summarise(rows, [])
+    worse = json.loads(json.dumps(rows[:2]))  # the same networks, 1 point worse, in two seeds only
+    for v in worse:
+        v["prune"]["test_acc"] -= 0.01
+    add_variant(summary, worse, "ours, worse")
+    v = summary["0.3"]["variant"]
+    assert v["seeds"] == [r["seed"] for r in rows[:2]]
+    assert v["minus_best_peer"] == pytest.approx([d - 0.01 for d in summary["0.3"]["ours_minus_best_peer"][:2]])
