@@ -103,6 +103,18 @@ def pct_mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
+def method_cell(rs: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """A method's test accuracies, measured / budget and ``Budget`` status, per run of ``rs`` it ran in
+    (compare's verdict; ours' accuracy from the prune stage)."""
+    cell: dict[str, Any] = {"test_acc": [], "over_budget": [], "status": []}
+    for r in rs:
+        if (j := judged(r, method)) is not None:
+            cell["test_acc"].append(r["prune"]["test_acc"] if method == "ours" else r["compare"][method]["test_acc"])
+            cell["over_budget"].append(j[1])
+            cell["status"].append(j[2])
+    return cell
+
+
 def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
               fastnas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per budget: each method's test accuracies and measured / budget per seed, and ours minus the
@@ -115,25 +127,16 @@ def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
         cell: dict[str, Any] = {"seeds": [r["seed"] for r in rs],
                                 "failed": [r for r in rows if r["budget"] == b and "failed" in r]}
         for m in ("ours", *PEERS):
-            acc, land, status = [], [], []
-            for r in rs:
-                j = judged(r, m)
-                if j is None:
-                    continue
-                acc.append(r["compare"][m]["test_acc"] if m != "ours" else r["prune"]["test_acc"])
-                land.append(j[1])
-                status.append(j[2])
-            cell[m] = {"test_acc": acc, "over_budget": land, "status": status}
+            cell[m] = method_cell(rs, m)
         s = [r for r in scp if r["budget"] == b and "failed" not in r]
         cell["scp"] = {"test_acc": [r["prune"]["test_acc"] for r in s],
                        "over_budget": [r["prune"]["measured_over_budget"] for r in s],
                        "status": [r["prune"].get("budget_status", "prune stage") for r in s]}
         fn = {f["seed"]: f for f in fastnas or [] if f["budget"] == b}
-        cell["fastnas"] = {"seeds": [r["seed"] for r in rs if r["seed"] in fn],
-                           "test_acc": [fn[r["seed"]]["test_acc"] for r in rs if r["seed"] in fn],
-                           "over_budget": [fn[r["seed"]]["verdicts"]["fastnas"]["measured_over_budget"]
-                                           for r in rs if r["seed"] in fn],
-                           "status": [fn[r["seed"]]["verdicts"]["fastnas"]["budget_status"] for r in rs if r["seed"] in fn]}
+        ran = [fn[r["seed"]] for r in rs if r["seed"] in fn]
+        cell["fastnas"] = {"seeds": [f["seed"] for f in ran], "test_acc": [f["test_acc"] for f in ran],
+                           "over_budget": [f["verdicts"]["fastnas"]["measured_over_budget"] for f in ran],
+                           "status": [f["verdicts"]["fastnas"]["budget_status"] for f in ran]}
         diffs, best, best_acc = [], [], {}
         for r in rs:
             ours = judged(r, "ours")
@@ -160,16 +163,16 @@ def add_variant(summary: dict[str, Any], variant: list[dict[str, Any]], label: s
     for b, cell in summary.items():
         best = cell["best_peer_test_acc"]
         vs = [v for v in variant if f"{v['budget']:g}" == b and "failed" not in v]
-        acc, land, status, diffs = [], [], [], []
-        for v in vs:
-            j = judged(v, "ours")
-            acc.append(v["prune"]["test_acc"])
-            land.append(j[1])
-            status.append(j[2])
-            if v["seed"] in best and j[2] != "over":
-                diffs.append(v["prune"]["test_acc"] - best[v["seed"]])
-        cell["variant"] = {"label": label, "seeds": [v["seed"] for v in vs], "test_acc": acc, "over_budget": land,
-                           "status": status, "minus_best_peer": diffs}
+        c = method_cell(vs, "ours")
+        c["minus_best_peer"] = [acc - best[v["seed"]] for v, acc, status in zip(vs, c["test_acc"], c["status"])
+                                if v["seed"] in best and status != "over"]
+        cell["variant"] = {"label": label, "seeds": [v["seed"] for v in vs], **c}
+
+
+def _method_row(b: str, label: str, c: dict[str, Any]) -> str:
+    land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
+    bad = c["status"].count("over")
+    return f"| {b} | {label} | {pct_mean_std(c['test_acc'])} | {land or '-'} | {f'in {bad} seed(s)' if bad else 'no'} |"
 
 
 def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -185,21 +188,13 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         unp = cell["unpruned_test_acc"]
         lines.append(f"| {b} | the trained model, unpruned | {pct_mean_std([unp] if unp is not None else [])} | - | - |")
         for m in ("ours", "scp", *PEERS, "fastnas"):
-            c = cell[m]
-            if m == "fastnas" and not c["test_acc"]:
-                continue
-            land = ", ".join(f"{x:.3f}" for x in c["over_budget"])
-            bad = [s for s in c["status"] if s == "over"]
-            lines.append(f"| {b} | {LABELS[m]} | {pct_mean_std(c['test_acc'])} | {land or '-'} | "
-                         f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
+            if m != "fastnas" or cell[m]["test_acc"]:
+                lines.append(_method_row(b, LABELS[m], cell[m]))
         lines.append(f"| {b} | **ours - best peer at the budget** (points, per seed) | "
                      f"{pct_mean_std(cell['ours_minus_best_peer'])} | {', '.join(f'{100 * d:+.2f}' for d in cell['ours_minus_best_peer'])} | "
                      f"best peer: {', '.join(cell['best_peer'])} |")
         if v := cell.get("variant"):
-            bad = [x for x in v["status"] if x == "over"]
-            lines.append(f"| {b} | {v['label']} (seeds {', '.join(map(str, v['seeds']))}) | {pct_mean_std(v['test_acc'])} | "
-                         f"{', '.join(f'{x:.3f}' for x in v['over_budget']) or '-'} | "
-                         f"{'in ' + str(len(bad)) + ' seed(s)' if bad else 'no'} |")
+            lines.append(_method_row(b, f"{v['label']} (seeds {', '.join(map(str, v['seeds']))})", v))
             lines.append(f"| {b} | **{v['label']} - best peer of the same seed** (points) | {pct_mean_std(v['minus_best_peer'])} | "
                          f"{', '.join(f'{100 * d:+.2f}' for d in v['minus_best_peer'])} | |")
     lines += ["", "Measured / budget: compare's verdict (every network read in a pair with the unpruned model, "
