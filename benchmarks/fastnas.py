@@ -46,6 +46,7 @@ import yaml
 from torch import nn
 
 from benchmarks._runner import REPO, machine, write_results
+from benchmarks.latency_model import set_key
 from benchmarks.trained_model import pct_mean_std
 
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=[0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7],
                    help="FLOPs constraints, fractions of the model's")
     p.add_argument("--runs", type=Path, default=None, help="the trained_model benchmark's runs (default: WORK/runs)")
+    p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="params overrides, as the trained_model run of --runs had them (e.g. prune.optimizer.lr=0.01)")
     p.add_argument("--calib-batches", type=int, default=2, help="training batches re-estimating BatchNorm statistics")
     args = p.parse_args(argv)
     _modelopt()  # fail first when it is missing
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     up = args.work / "upstream"
     params = yaml.safe_load((up / "params.yaml").read_text())
+    for assignment in args.sets:
+        set_key(params, assignment)
     target = parse_section(params, "target", TargetConfig)
     prune_cfg = parse_section(params, "prune", PruneConfig)
     cmp_cfg = parse_section(params, "compare", CompareConfig)
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({verdicts['ours']['measured_over_budget']:.3f})", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "modelopt": modelopt.__version__,
-            "step": step, "search_seconds": search_s, "calib_batches": args.calib_batches, "unpruned_test_acc": unpruned_acc,
+            "step": step, "search_seconds": search_s, "calib_batches": args.calib_batches, "work": str(args.work), "overrides": args.sets, "unpruned_test_acc": unpruned_acc,
             "command": "python -m benchmarks.fastnas " + " ".join(argv if argv is not None else sys.argv[1:])}
     subnet_rows = [{k: v for k, v in s.items() if k != "model"} for s in subnets]
     write_results(args.out, "rows.json", {"meta": meta, "subnets": subnet_rows, "rows": rows}, table(meta, subnet_rows, rows))

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from benchmarks._runner import REPO, machine, run_stage, write_params, write_results
+from benchmarks.latency_model import set_key
 from benchmarks.prune_protocol import judged, run_pair
 from benchmarks.your_model import ARCHIVE, make_folder, train_outside
 
@@ -201,11 +202,34 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
               "the median of `compare.timing_readings` such readings); scp: the prune stage's own reading."
               + (" scp not run (`--skip-scp`)." if meta.get("scp_skipped") else "") + (f" {meta['scp_from']}." if meta.get("scp_from") else ""),
               "TensorRT Model Optimizer's FastNAS: " + meta["fastnas"]]
+    if meta.get("overrides"):
+        lines.append(f"Params changed for every method (ours, the peers, scp, FastNAS): {', '.join(meta['overrides'])}.")
     return "\n".join(lines)
 
 
 FASTNAS_NOTE = ("measured by benchmarks/fastnas.py from the same trained model and these runs' budgets "
                 "(benchmarks/results/fastnas/table.md): nvidia-modelopt is not a project dependency.")
+
+
+def fastnas_rows(paths: list[Path], work: Path, sets: list[str]) -> list[dict[str, Any]]:
+    """The rows of benchmarks/fastnas.py result files, each checked to come from the same ``--work``
+    (the same trained model and runs) and the same ``--set`` overrides (the same fine-tuning)."""
+    rows = []
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+            meta, found = result["meta"], result["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--fastnas {path}: not a rows.json of benchmarks/fastnas.py ({err})") from err
+        cmd = meta.get("command", "").split()
+        ran_in = Path(meta.get("work") or (cmd[cmd.index("--work") + 1] if "--work" in cmd else "/tmp/slimdeploy_trained_model"))
+        if ran_in.resolve() != work.resolve():
+            raise ValueError(f"--fastnas {path}: it ran on --work {ran_in}, this run's is {work}")
+        if meta.get("overrides", []) != sets:
+            raise ValueError(f"--fastnas {path}: it ran with --set {meta.get('overrides', []) or 'none'}, "
+                             f"this run has --set {sets or 'none'}: the same fine-tuning for every method")
+        rows += found
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aim", type=float, default=None,
                    help="also run ours with prune.aim set to this (where in the band the allocation aims), judged by "
                         "compare alone (no peers re-run), compared per seed with the same peers")
+    p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="params overrides for every method's runs (ours, the peers, scp, the variant), e.g. "
+                        "prune.optimizer.lr=0.01; the runs then go to WORK/runs_<overrides>")
     p.add_argument("--skip-scp", action="store_true",
                    help="run ours and the peers only (a later run without it adds the scp rows to the finished pairs)")
     p.add_argument("--scp-from", type=Path, default=None,
@@ -237,12 +264,22 @@ def main(argv: list[str] | None = None) -> int:
                         for b, ss in (item.split(":") for item in args.budget_seeds)}
     except ValueError:
         p.error(f"--budget-seeds: expected BUDGET:SEED,SEED,... such as 0.5:0,1,2,3,4, got {args.budget_seeds}")
+    if stray := sorted(set(budget_seeds) - set(args.budgets)):
+        p.error(f"--budget-seeds: budget {', '.join(f'{b:g}' for b in stray)} is not in --budgets "
+                f"({' '.join(f'{b:g}' for b in args.budgets)}); add it there")
+    try:
+        fastnas = fastnas_rows(args.fastnas, args.work, args.sets) if args.fastnas else None
+    except ValueError as err:
+        p.error(str(err))
     if not ARCHIVE.is_file():
         print(f"error: needs {ARCHIVE} (CIFAR-10 JPEGs)", file=sys.stderr)
         return 2
     up = upstream(args.work, args.size, args.per_class, args.val_per_class, args.test_per_class, args.epochs,
                   args.prune_epochs)
     params = yaml.safe_load((up / "params.yaml").read_text())
+    for assignment in args.sets:
+        set_key(params, assignment)
+    tag = "".join(f"_{a}" for a in args.sets)  # each setting has its own runs
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
     aim_params = json.loads(json.dumps(params))
@@ -252,22 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, scp = [], []
     for b in args.budgets:
         for s in budget_seeds.get(b, args.seeds):
-            rows.append(run_pair(up, args.work / "runs", params, b, s, baselines=True))
+            rows.append(run_pair(up, args.work / f"runs{tag}", params, b, s, baselines=True))
             if args.aim is not None:
-                aimed.append(run_pair(up, args.work / f"runs_aim{args.aim:g}", aim_params, b, s, baselines=True))
+                aimed.append(run_pair(up, args.work / f"runs{tag}_aim{args.aim:g}", aim_params, b, s, baselines=True))
             if args.skip_scp:
                 continue
             if args.scp_from is None:
-                scp.append(run_pair(up, args.work / "runs_scp", scp_params, b, s, baselines=False))
+                scp.append(run_pair(up, args.work / f"runs{tag}_scp", scp_params, b, s, baselines=False))
             elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
                 scp.append(run_pair(up, args.scp_from, scp_params, b, s, baselines=False))  # finished: read, not run
-    fastnas = [f for path in args.fastnas for f in json.loads(path.read_text())["rows"]] if args.fastnas else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
             "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE if fastnas is None else (
                 f"its rows (from {', '.join(map(str, args.fastnas))}, written by benchmarks/fastnas.py from these runs) are in the table and "
                 "count as a peer in the seeds it ran"),
-            "scp_skipped": args.skip_scp, "scp_from": None if args.scp_from is None else (
+            "overrides": args.sets, "scp_skipped": args.skip_scp, "scp_from": None if args.scp_from is None else (
                 f"scp rows read from {args.scp_from.name} (an earlier run of this benchmark, not re-run for time; its "
                 "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}

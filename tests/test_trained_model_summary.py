@@ -1,9 +1,11 @@
 """benchmarks/trained_model.py's summary: ours minus the best peer per seed, FastNAS counted as a peer
-only where it ran and did not read over the budget. Built on the committed result rows."""
+only where it ran and did not read over the budget (built on the committed result rows); FastNAS rows of
+another run or fine-tuning, and bad arguments, refused before any work."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,39 @@ def test_a_variant_of_ours_is_compared_with_the_best_peer_of_its_own_seed() -> N
     v = summary["0.3"]["variant"]
     assert v["seeds"] == [r["seed"] for r in rows[:2]]
     assert v["minus_best_peer"] == pytest.approx([d - 0.01 for d in summary["0.3"]["ours_minus_best_peer"][:2]])
+
+
+def test_fastnas_rows_must_come_from_the_same_work_and_settings(tmp_path) -> None:
+    from benchmarks.trained_model import fastnas_rows
+
+    row = _fastnas(0.5, 0, 0.6, "in_band")
+    old = tmp_path / "old.json"  # as the committed files: the --work only in the command, no overrides
+    old.write_text(json.dumps({"meta": {"command": "python -m benchmarks.fastnas --work /w --budgets 0.5"}, "rows": [row]}))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"meta": {"work": "/w", "overrides": ["prune.optimizer.lr=0.01"]}, "rows": [row]}))
+    assert fastnas_rows([old], Path("/w"), []) == [row]
+    assert fastnas_rows([new], Path("/w"), ["prune.optimizer.lr=0.01"]) == [row]
+    with pytest.raises(ValueError, match="--work /w, this run's is /other"):
+        fastnas_rows([old], Path("/other"), [])
+    with pytest.raises(ValueError, match="the same fine-tuning"):
+        fastnas_rows([old], Path("/w"), ["prune.optimizer.lr=0.01"])
+    with pytest.raises(ValueError, match="the same fine-tuning"):
+        fastnas_rows([new], Path("/w"), [])
+    with pytest.raises(ValueError, match="not a rows.json"):
+        fastnas_rows([tmp_path / "missing.json"], Path("/w"), [])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--budgets", "0.5", "--budget-seeds", "0.3:0,1"], "budget 0.3 is not in --budgets"),
+    (["--fastnas", "MISSING"], "not a rows.json"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, says) -> None:
+    from benchmarks.trained_model import main
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as stop:
+        main(["--work", str(work), "--out", str(tmp_path / "out"),
+              *[str(tmp_path / a) if a == "MISSING" else a for a in args]])
+    assert stop.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not work.exists() and not (tmp_path / "out").exists()

@@ -117,6 +117,7 @@ def your_model() -> tuple[list[str], list[list[str]], Refs]:
 
 STREAMING = RESULTS / "streaming/rows.json"
 TRAINED_MODEL = RESULTS / "trained_model/rows.json"
+TRAINED_MODEL_TUNED = RESULTS / "trained_model/lr0.01_padcrop_flip/rows.json"  # --set prune.optimizer.lr=0.01 train.augment=padcrop_flip
 
 
 def streaming() -> tuple[list[str], list[list[str]], Refs]:
@@ -131,12 +132,12 @@ def streaming() -> tuple[list[str], list[list[str]], Refs]:
              f"train images/s ({m['arch']})", "src"], rows, refs)
 
 
-def trained_model() -> tuple[list[str], list[list[str]], Refs]:
+def trained_model(path: Path = TRAINED_MODEL) -> tuple[list[str], list[list[str]], Refs]:
     """Pruning a trained model: every method's held-out accuracy per budget, ours minus the best peer."""
-    d = read_json(TRAINED_MODEL)
+    d = read_json(path)
     refs = Refs()
     m = d["meta"]
-    k = refs.key(TRAINED_MODEL, m["command"], m["machine"])
+    k = refs.key(path, m["command"], m["machine"])
     o = m["outside"]
     unpruned = (f"the trained model, unpruned ({o['train_images']:,} training images, {o['epochs']} epochs outside; "
                 f"held out: {o['test_images']:,})")
