@@ -46,7 +46,7 @@ import yaml
 from torch import nn
 
 from benchmarks._runner import REPO, machine, write_results
-from benchmarks.latency_model import set_key
+from benchmarks.latency_model import check_overrides, set_key
 from benchmarks.trained_model import pct_mean_std
 
 
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="params overrides, as the trained_model run of --runs had them (e.g. prune.optimizer.lr=0.01)")
     p.add_argument("--calib-batches", type=int, default=2, help="training batches re-estimating BatchNorm statistics")
     args = p.parse_args(argv)
+    if problem := check_overrides(args.sets):
+        p.error(problem)
     _modelopt()  # fail first when it is missing
     import modelopt
 

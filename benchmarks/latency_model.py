@@ -30,14 +30,33 @@ import yaml
 from benchmarks._runner import REPO, machine, run_stage, write_params, write_results
 
 
-def set_key(params: dict[str, Any], assignment: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML) into ``params``."""
-    key, _, raw = assignment.partition("=")
+def set_key(params: dict[str, Any], assignment: str, strict: bool = False) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into ``params``. ``strict``: the key must already be
+    there (a misspelt key is a ``KeyError`` naming it, not a new key)."""
+    key, eq, raw = assignment.partition("=")
+    if strict and not eq:
+        raise KeyError(f"{assignment!r}: expected KEY=VALUE, such as prune.optimizer.lr=0.01")
     node = params
     *path, last = key.split(".")
     for part in path:
+        if strict and not isinstance(node.get(part), dict):
+            raise KeyError(f"{key!r}: params have no section {part!r} there")
         node = node.setdefault(part, {})
+    if strict and last not in node:
+        raise KeyError(f"{key!r}: params have no key {last!r} there (keys: {', '.join(node)})")
     node[last] = yaml.safe_load(raw)
+
+
+def check_overrides(assignments: list[str]) -> str | None:
+    """The first problem of ``--set`` ``assignments`` against the project's params.yaml (a key it does not
+    have, no ``=``, a value that is not YAML), or None."""
+    probe = yaml.safe_load((REPO / "params.yaml").read_text())
+    for a in assignments:
+        try:
+            set_key(probe, a, strict=True)
+        except (KeyError, yaml.YAMLError) as err:
+            return f"--set {a}: {err.args[0] if isinstance(err, KeyError) else err}"
+    return None
 
 
 def summary(values: list[float], fmt: str = "{:.3f}") -> str:

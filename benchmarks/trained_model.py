@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from benchmarks._runner import REPO, machine, run_stage, write_params, write_results
-from benchmarks.latency_model import set_key
+from benchmarks.latency_model import check_overrides, set_key
 from benchmarks.prune_protocol import judged, run_pair
 from benchmarks.your_model import ARCHIVE, make_folder, train_outside
 
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if stray := sorted(set(budget_seeds) - set(args.budgets)):
         p.error(f"--budget-seeds: budget {', '.join(f'{b:g}' for b in stray)} is not in --budgets "
                 f"({' '.join(f'{b:g}' for b in args.budgets)}); add it there")
+    if problem := check_overrides(args.sets):
+        p.error(problem)
     try:
         fastnas = fastnas_rows(args.fastnas, args.work, args.sets) if args.fastnas else None
     except ValueError as err:
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     params = yaml.safe_load((up / "params.yaml").read_text())
     for assignment in args.sets:
         set_key(params, assignment)
-    tag = "".join(f"_{a}" for a in args.sets)  # each setting has its own runs
+    tag = "".join(f"_{a}" for a in args.sets).replace("/", "_")  # each setting has its own runs
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
     aim_params = json.loads(json.dumps(params))

@@ -74,6 +74,8 @@ def test_fastnas_rows_must_come_from_the_same_work_and_settings(tmp_path) -> Non
 @pytest.mark.parametrize("args, says", [
     (["--budgets", "0.5", "--budget-seeds", "0.3:0,1"], "budget 0.3 is not in --budgets"),
     (["--fastnas", "MISSING"], "not a rows.json"),
+    (["--set", "prune.optimzer.lr=0.01"], "params have no section 'optimzer'"),
+    (["--set", "prune.optimizer.lr"], "expected KEY=VALUE"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, says) -> None:
     from benchmarks.trained_model import main
@@ -85,3 +87,13 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, says) -> Non
     assert stop.value.code == 2
     assert says in capsys.readouterr().err
     assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_fastnas_refuses_a_misspelt_override_before_any_work(tmp_path, capsys) -> None:
+    from benchmarks.fastnas import main
+
+    with pytest.raises(SystemExit) as stop:  # before nvidia-modelopt is even looked for
+        main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--set", "train.augmnt=padcrop_flip"])
+    assert stop.value.code == 2
+    assert "params have no key 'augmnt'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
