@@ -47,7 +47,7 @@ from torch import nn
 
 from benchmarks._runner import REPO, machine, write_results
 from benchmarks.latency_model import check_overrides, set_key
-from benchmarks.trained_model import pct_mean_std
+from benchmarks.trained_model import DEFAULT_WORK, pct_mean_std, runs_dir
 
 
 def _modelopt() -> Any:
@@ -101,13 +101,14 @@ def search_subnets(student: nn.Module, data: Any, step: int, flops: list[float],
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fastnas")
-    p.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--flops", type=float, nargs="+",
                    default=[0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7],
                    help="FLOPs constraints, fractions of the model's")
-    p.add_argument("--runs", type=Path, default=None, help="the trained_model benchmark's runs (default: WORK/runs)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="the trained_model benchmark's runs (default: those of --work and --set, as it names them)")
     p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                    help="params overrides, as the trained_model run of --runs had them (e.g. prune.optimizer.lr=0.01)")
     p.add_argument("--calib-batches", type=int, default=2, help="training batches re-estimating BatchNorm statistics")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in args.budgets:
         for seed in args.seeds:
-            run = (args.runs or args.work / "runs") / f"budget{b:g}_seed{seed}"
+            run = (args.runs or runs_dir(args.work, args.sets)) / f"budget{b:g}_seed{seed}"
             masks = run / "artifacts" / "prune" / "masks.json"
             if not masks.is_file():
                 print(f"skipping budget {b:g} seed {seed}: no prune stage run in {run} (run benchmarks.trained_model)")

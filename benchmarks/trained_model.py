@@ -211,6 +211,14 @@ FASTNAS_NOTE = ("measured by benchmarks/fastnas.py from the same trained model a
                 "(benchmarks/results/fastnas/table.md): nvidia-modelopt is not a project dependency.")
 
 
+DEFAULT_WORK = Path("/tmp/slimdeploy_trained_model")
+
+
+def runs_dir(work: Path, sets: list[str]) -> Path:
+    """Where the pairs of one setting live: ``WORK/runs``, or ``WORK/runs_<KEY=VALUE>...`` with ``--set``."""
+    return work / ("runs" + "".join(f"_{a}" for a in sets).replace("/", "_"))
+
+
 def fastnas_rows(paths: list[Path], work: Path, sets: list[str]) -> list[dict[str, Any]]:
     """The rows of benchmarks/fastnas.py result files, each checked to come from the same ``--work``
     (the same trained model and runs) and the same ``--set`` overrides (the same fine-tuning)."""
@@ -222,7 +230,7 @@ def fastnas_rows(paths: list[Path], work: Path, sets: list[str]) -> list[dict[st
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"--fastnas {path}: not a rows.json of benchmarks/fastnas.py ({err})") from err
         cmd = meta.get("command", "").split()
-        ran_in = Path(meta.get("work") or (cmd[cmd.index("--work") + 1] if "--work" in cmd else "/tmp/slimdeploy_trained_model"))
+        ran_in = Path(meta.get("work") or (cmd[cmd.index("--work") + 1] if "--work" in cmd else DEFAULT_WORK))
         if ran_in.resolve() != work.resolve():
             raise ValueError(f"--fastnas {path}: it ran on --work {ran_in}, this run's is {work}")
         if meta.get("overrides", []) != sets:
@@ -235,7 +243,7 @@ def fastnas_rows(paths: list[Path], work: Path, sets: list[str]) -> list[dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "trained_model")
-    p.add_argument("--work", type=Path, default=Path("/tmp/slimdeploy_trained_model"))
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--val-per-class", type=int, default=50)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     params = yaml.safe_load((up / "params.yaml").read_text())
     for assignment in args.sets:
         set_key(params, assignment)
-    tag = "".join(f"_{a}" for a in args.sets).replace("/", "_")  # each setting has its own runs
+    runs = runs_dir(args.work, args.sets)  # each setting has its own runs
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
     aim_params = json.loads(json.dumps(params))
@@ -291,13 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, scp = [], []
     for b in args.budgets:
         for s in budget_seeds.get(b, args.seeds):
-            rows.append(run_pair(up, args.work / f"runs{tag}", params, b, s, baselines=True))
+            rows.append(run_pair(up, runs, params, b, s, baselines=True))
             if args.aim is not None:
-                aimed.append(run_pair(up, args.work / f"runs{tag}_aim{args.aim:g}", aim_params, b, s, baselines=True))
+                aimed.append(run_pair(up, runs.with_name(f"{runs.name}_aim{args.aim:g}"), aim_params, b, s, baselines=True))
             if args.skip_scp:
                 continue
             if args.scp_from is None:
-                scp.append(run_pair(up, args.work / f"runs{tag}_scp", scp_params, b, s, baselines=False))
+                scp.append(run_pair(up, runs.with_name(f"{runs.name}_scp"), scp_params, b, s, baselines=False))
             elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
                 scp.append(run_pair(up, args.scp_from, scp_params, b, s, baselines=False))  # finished: read, not run
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
