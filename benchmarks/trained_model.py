@@ -21,6 +21,9 @@
    method (``prune.method: scp``) runs as ours with that one key changed (its latency: the prune
    stage's own reading).
 
+``--variant KEY=VALUE ...`` runs ours once more with those params changed (judged by compare alone)
+and compares it per seed with the same peers, which are not re-run.
+
 Writes ``rows.json`` and ``table.md`` (mean ± std over seeds of test accuracy; measured latency /
 budget; ours minus the best peer at the budget, per seed, mean ± std) into ``--out``; the stage
 runs stay in ``--work`` (re-running skips the finished pairs). Needs the CIFAR-10 archive.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,11 +148,13 @@ def summarise(rows: list[dict[str, Any]], scp: list[dict[str, Any]],
             peers = {m: r["compare"][m]["test_acc"] for m in PEERS if (j := judged(r, m)) and j[2] != "over"}
             if (f := fn.get(r["seed"])) and f["verdicts"]["fastnas"]["budget_status"] != "over":
                 peers["fastnas"] = f["test_acc"]
-            if ours is not None and ours[2] != "over" and peers:
-                m = max(peers, key=peers.__getitem__)
+            if not peers:
+                continue
+            m = max(peers, key=peers.__getitem__)
+            best_acc[r["seed"]] = peers[m]  # whether or not ours met the budget: a variant of ours compares with it
+            if ours is not None and ours[2] != "over":
                 diffs.append(r["prune"]["test_acc"] - peers[m])
                 best.append(m)
-                best_acc[r["seed"]] = peers[m]
         cell["ours_minus_best_peer"] = diffs
         cell["best_peer"] = best
         cell["best_peer_test_acc"] = best_acc  # seed -> the best peer's accuracy
@@ -188,6 +194,9 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for b, cell in summary.items():
         unp = cell["unpruned_test_acc"]
         lines.append(f"| {b} | the trained model, unpruned | {pct_mean_std([unp] if unp is not None else [])} | - | - |")
+        if u := meta.get("unpruned_trained"):
+            lines.append(f"| {b} | the trained model, unpruned, fine-tuned as every method (seeds "
+                         f"{', '.join(map(str, u['seeds']))}) | {pct_mean_std(u['test_acc'])} | - | - |")
         for m in ("ours", "scp", *PEERS, "fastnas"):
             if m != "fastnas" or cell[m]["test_acc"]:
                 lines.append(_method_row(b, LABELS[m], cell[m]))
@@ -217,6 +226,27 @@ DEFAULT_WORK = Path("/tmp/slimdeploy_trained_model")
 def runs_dir(work: Path, sets: list[str]) -> Path:
     """Where the pairs of one setting live: ``WORK/runs``, or ``WORK/runs_<KEY=VALUE>...`` with ``--set``."""
     return work / ("runs" + "".join(f"_{a}" for a in sets).replace("/", "_"))
+
+
+def unpruned_reference(up: Path, runs: Path, params: dict[str, Any], budget: float,
+                       seeds: list[int]) -> list[dict[str, Any]]:
+    """Compare's ``unpruned`` method for each seed: the whole trained model fine-tuned as every method
+    is (same distillation, optimizer and epochs). Each pair is run in ``RUNS_unpruned`` on a copy of the
+    finished prune outputs of ``runs``' pair, so the prune stage is not run again."""
+    out = []
+    p = json.loads(json.dumps(params))
+    p["compare"]["methods"] = ["unpruned"]
+    dest = runs.with_name(f"{runs.name}_unpruned")
+    for seed in seeds:
+        src, dst = (d / f"budget{budget:g}_seed{seed}" for d in (runs, dest))
+        if not (src / "metrics" / "prune.json").is_file():
+            raise SystemExit(f"--unpruned-reference: {src} has no finished prune run")
+        if not (dst / "metrics" / "prune.json").is_file():
+            for rel in ("params.yaml", "metrics/prune.json", "artifacts/prune/masks.json", "artifacts/prune/model.pt"):
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / rel, dst / rel)
+        out.append(run_pair(up, dest, p, budget, seed, baselines=True))
+    return out
 
 
 def fastnas_rows(paths: list[Path], work: Path, sets: list[str]) -> list[dict[str, Any]]:
@@ -259,9 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aim", type=float, default=None,
                    help="also run ours with prune.aim set to this (where in the band the allocation aims), judged by "
                         "compare alone (no peers re-run), compared per seed with the same peers")
+    p.add_argument("--variant", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="also run ours with these params changed (on top of --set), judged by compare alone (no peers "
+                        "re-run), compared per seed with the same peers; e.g. prune.taylor_labels=sampled")
     p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                    help="params overrides for every method's runs (ours, the peers, scp, the variant), e.g. "
                         "prune.optimizer.lr=0.01; the runs then go to WORK/runs_<overrides>")
+    p.add_argument("--unpruned-reference", action="store_true",
+                   help="also fine-tune the whole trained model as every method is (compare's unpruned method), once "
+                        "per seed of the first budget, with ours' prune run of that pair reused: the reference none "
+                        "of the pruned networks is held to, the model trained as long")
     p.add_argument("--skip-scp", action="store_true",
                    help="run ours and the peers only (a later run without it adds the scp rows to the finished pairs)")
     p.add_argument("--scp-from", type=Path, default=None,
@@ -275,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     if stray := sorted(set(budget_seeds) - set(args.budgets)):
         p.error(f"--budget-seeds: budget {', '.join(f'{b:g}' for b in stray)} is not in --budgets "
                 f"({' '.join(f'{b:g}' for b in args.budgets)}); add it there")
-    if problem := check_overrides(args.sets):
+    if args.aim is not None and args.variant:
+        p.error("--aim and --variant: give one (--aim A is --variant prune.aim=A)")
+    if problem := check_overrides(args.sets) or check_overrides(args.variant):
         p.error(problem)
     try:
         fastnas = fastnas_rows(args.fastnas, args.work, args.sets) if args.fastnas else None
@@ -292,22 +331,29 @@ def main(argv: list[str] | None = None) -> int:
     runs = runs_dir(args.work, args.sets)  # each setting has its own runs
     scp_params = json.loads(json.dumps(params))
     scp_params["prune"]["method"] = "scp"
-    aim_params = json.loads(json.dumps(params))
-    aim_params["prune"]["aim"] = args.aim
-    aim_params["compare"]["methods"] = []  # compare judges ours alone, with the budget's protocol
-    aimed = []
+    variant = [f"prune.aim={args.aim:g}"] if args.aim is not None else args.variant
+    variant_params = json.loads(json.dumps(params))
+    for assignment in variant:
+        set_key(variant_params, assignment)
+    variant_params["compare"]["methods"] = []  # compare judges ours alone, with the budget's protocol
+    # --aim keeps the folder name its earlier runs have
+    variant_runs = runs.with_name(f"{runs.name}_aim{args.aim:g}" if args.aim is not None else
+                                  runs_dir(args.work, [*args.sets, *variant]).name)
+    varied = []
     rows, scp = [], []
     for b in args.budgets:
         for s in budget_seeds.get(b, args.seeds):
             rows.append(run_pair(up, runs, params, b, s, baselines=True))
-            if args.aim is not None:
-                aimed.append(run_pair(up, runs.with_name(f"{runs.name}_aim{args.aim:g}"), aim_params, b, s, baselines=True))
+            if variant:
+                varied.append(run_pair(up, variant_runs, variant_params, b, s, baselines=True))
             if args.skip_scp:
                 continue
             if args.scp_from is None:
                 scp.append(run_pair(up, runs.with_name(f"{runs.name}_scp"), scp_params, b, s, baselines=False))
             elif (args.scp_from / f"budget{b:g}_seed{s}" / "metrics" / "prune.json").is_file():
                 scp.append(run_pair(up, args.scp_from, scp_params, b, s, baselines=False))  # finished: read, not run
+    unpruned = unpruned_reference(up, runs, params, args.budgets[0], budget_seeds.get(args.budgets[0], args.seeds)) \
+        if args.unpruned_reference else []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"machine": machine(), "date": date.today().isoformat(), "commit": commit, "size": args.size,
             "outside": json.loads((args.work / "outside.json").read_text()), "fastnas": FASTNAS_NOTE if fastnas is None else (
@@ -317,10 +363,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"scp rows read from {args.scp_from.name} (an earlier run of this benchmark, not re-run for time; its "
                 "closed loop took one reading per measurement, prune.loop_readings 1)"),
             "command": "python -m benchmarks.trained_model " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if unpruned:  # the whole model fine-tuned as every method is
+        meta["unpruned_trained"] = {"seeds": [u["seed"] for u in unpruned],
+                                    "test_acc": [u["compare"]["unpruned"]["test_acc"] for u in unpruned]}
     summary = summarise(rows, scp, fastnas)
-    if args.aim is not None:
-        add_variant(summary, aimed, f"ours, prune.aim {args.aim:g}")
-    write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp},
+    if variant:
+        add_variant(summary, varied, "ours, " + ", ".join(a.replace("=", " ") for a in variant))
+    write_results(args.out, "rows.json", {"meta": meta, "summary": summary, "rows": rows, "scp": scp,
+                                          **({"unpruned": unpruned} if unpruned else {})},
                   table(summary, meta))
     print(table(summary, meta))
     return 0

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         net.to(cpu).eval()  # the last epoch's weights, not the best by validation: early epochs are over budget
         soft_acc = None if cfg.method == "taylor" else test_accuracy(net, data, cpu)  # at the expected masks
-        importance, taylor_used = importance_for(cfg, space, data, train_cfg.batch_size, distil, device)
+        importance, taylor_used = importance_for(cfg, space, data, train_cfg.batch_size, distil, device,
+                                                 kd.temperature if kd.mode != "none" else 1.0)
         plain = rebuild(arch, net.net.state_dict())
         reading = BudgetReading.of(backend, student, space.shape, budget, loop_protocol, cfg.loop_readings)
         measure = measure_paired(plain, reading, space)

@@ -288,15 +288,17 @@ def test_prune_slim_compare_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert u["probes"] == [] and u["test_acc_before_finetune"] == c["student"]["test_acc"] and u["measured_ms"] > 0
 
 
-@pytest.mark.parametrize(("normalize", "batches"), [("none", 3), ("group", 100000), ("sqrt", 3)])
+@pytest.mark.parametrize(("normalize", "batches", "labels"),
+                         [("none", 3, "data"), ("group", 100000, "data"), ("sqrt", 3, "sampled")])
 def test_prune_taylor_method_trains_every_epoch_on_the_decided_network(tmp_path: Path, normalize: str,
-                                                                       batches: int) -> None:
+                                                                       batches: int, labels: str) -> None:
     params = _prune_setup(tmp_path, latency_budget=1.0, budget_unit="ms", method="taylor", taylor_batches=batches,
-                          taylor_normalize=normalize)
+                          taylor_normalize=normalize, taylor_labels=labels)
     assert run_prune(tmp_path, params) == 0
     m = json.loads((tmp_path / "m" / "prune.json").read_text())
     assert m["method"] == "taylor" and m["soft_epochs"] == 0 and m["settle_epochs"] == 2
-    assert m["taylor_normalize"] == normalize
+    assert m["taylor_normalize"] == normalize and m["taylor_labels"] == labels
+    assert m["taylor_per_sample"] is (labels == "sampled")  # sampled labels: always per sample
     # the batches the importance was averaged over: at most one epoch's, whatever was asked
     cfg = yaml.safe_load(params.read_text())
     epoch = epoch_steps(len(load_prepared(tmp_path / "prep").train.y), cfg["train"]["batch_size"])

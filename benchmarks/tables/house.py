@@ -145,6 +145,9 @@ def trained_model(path: Path = TRAINED_MODEL) -> tuple[list[str], list[list[str]
     for b, cell in d["summary"].items():
         if cell["unpruned_test_acc"] is not None:
             rows.append([b, unpruned, _pct(cell["unpruned_test_acc"]), "-", k])
+        if u := m.get("unpruned_trained"):
+            rows.append([b, "the trained model, unpruned, fine-tuned as every method is", mean_std(u["test_acc"], 100, 2),
+                         "-", k])
         for name, label in (("ours", "ours (taylor)"), ("scp", "ours, prune.method scp"),
                             ("uniform", "uniform width scaling"), ("tp_norm", "Torch-Pruning group L2 norm"),
                             ("tp_taylor", "Torch-Pruning group Taylor"),
@@ -158,6 +161,12 @@ def trained_model(path: Path = TRAINED_MODEL) -> tuple[list[str], list[list[str]
         rows.append([b, "ours - best peer at the budget (points)" + (f"; best peer per seed: {', '.join(best)}" if best else ""),
                      mean_std(cell["ours_minus_best_peer"], 100, 2, signed=True),
                      ", ".join(f"{100 * x:+.2f}" for x in cell["ours_minus_best_peer"]), k])
+        if v := cell.get("variant"):  # ours with other params (--variant), against the same peers per seed
+            rows.append([b, f"{v['label']} (seeds {', '.join(map(str, v['seeds']))})", mean_std(v["test_acc"], 100, 2),
+                         ", ".join(f"{x:.3f}" for x in v["over_budget"]) or "-", k])
+            rows.append([b, f"{v['label']} - best peer of the same seed (points)",
+                         mean_std(v["minus_best_peer"], 100, 2, signed=True),
+                         ", ".join(f"{100 * x:+.2f}" for x in v["minus_best_peer"]), k])
     return ["budget", "method", "held-out acc % (mean ± std, seeds)", "measured / budget per seed", "src"], rows, refs
 
 

@@ -145,6 +145,13 @@ class PruneConfig(Section):
                                 "averaged over (at most one epoch's)")
     taylor_per_sample: bool = Field(False, description="taylor: average each sample's squared gradient (empirical "
                                     "Fisher) instead of each batch's squared mean gradient (HALP)")
+    taylor_labels: Literal["data", "sampled"] = Field("data", description="taylor: the loss the gradient is of; data = "
+                                                      "the training loss on the data's labels (HALP); sampled = each "
+                                                      "sample's label drawn from the network's own output "
+                                                      "softened by distill.temperature, "
+                                                      "per sample: the mask's Fisher information, how far removing a "
+                                                      "channel moves the outputs (for a trained network whose "
+                                                      "training loss is near zero; always per sample)")
     taylor_normalize: Literal["none", "group", "sqrt"] = Field("none", description="taylor: group = each channel "
                                                                "group's importance over its mean (blocks over the mean "
                                                                "of the groups inside them); sqrt = its square root, "

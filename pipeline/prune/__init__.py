@@ -46,6 +46,7 @@ from pipeline.prune.importance import (
                                    TaylorImportance,
                                    filter_l1,
                                    normalize_importance,
+                                   sampled_label_loss,
                                    taylor_batches,
                                    taylor_importance,
 )
@@ -82,7 +83,7 @@ __all__ = [
     "blocks_only", "closed_loop", "deactivation_prob", "decide_widths", "filter_l1", "gumbel_keep_mask", "harden",
     "history_rows", "importance_for", "inner_groups", "is_live", "joint_training", "kept_indices", "loop_rows",
     "masks_for_widths", "masks_record", "measure_alone", "measure_paired", "measure_reference_budget",
-    "nearest_allowed", "normalize_importance", "prune_groups", "prune_metrics", "prune_space", "rebuild", "schedule",
-    "score", "settle", "share_reference", "smallest_masks", "summary", "taylor_batches", "taylor_importance",
+    "nearest_allowed", "normalize_importance", "prune_groups", "prune_metrics", "prune_space", "rebuild", "sampled_label_loss",
+    "schedule", "score", "settle", "share_reference", "smallest_masks", "summary", "taylor_batches", "taylor_importance",
     "top_mask", "val_cost", "width_rows", "widths_of",
 ]

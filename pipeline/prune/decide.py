@@ -30,16 +30,18 @@ Masks = dict[str, torch.Tensor]
 
 
 def importance_for(cfg: PruneConfig, space: PruneSpace, data: PreparedData, batch_size: int, criterion: Criterion,
-                   device: torch.device) -> tuple[Importance, int | None]:
+                   device: torch.device, temperature: float = 1.0) -> tuple[Importance, int | None]:
     """The criterion ``prune.method`` names, and (taylor) the training batches it averages over:
-    ``prune.taylor_batches``, at most one epoch's."""
+    ``prune.taylor_batches``, at most one epoch's. ``temperature``: the distillation's, at which
+    ``prune.taylor_labels: sampled`` softens the output."""
     if cfg.method == "scp":
         return SoftMaskImportance(), None
     used = min(cfg.taylor_batches, epoch_steps(len(data.train.y), batch_size))
     source = f"{used} training batches of the student" + (
         f" (prune.taylor_batches {cfg.taylor_batches} is more than one epoch)" if used < cfg.taylor_batches else "")
     return TaylorImportance(lambda: taylor_batches(data, batch_size, used, cfg.seed, device), criterion, space.groups,
-                            device, cfg.taylor_per_sample, cfg.taylor_normalize, source), used
+                            device, cfg.taylor_per_sample, cfg.taylor_normalize, source, cfg.taylor_labels,
+                            cfg.seed, temperature), used
 
 
 def val_cost(plain: nn.Module, space: PruneSpace, data: PreparedData, samples: int) -> Callable[[Masks], float]:

@@ -71,13 +71,19 @@ class TaylorImportance(Importance):
 
     def __init__(self, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], criterion: Criterion,
                  groups: list[PruneGroup], device: torch.device, per_sample: bool = False,
-                 normalize: Literal["none", "group", "sqrt"] = "none", source: str = "the given batches") -> None:
+                 normalize: Literal["none", "group", "sqrt"] = "none", source: str = "the given batches",
+                 labels: Literal["data", "sampled"] = "data", seed: int = 0, temperature: float = 1.0) -> None:
         self.batches, self.criterion, self.groups, self.device = batches, criterion, groups, device
         self.per_sample, self.normalize, self.source = per_sample, normalize, source
+        self.labels, self.seed, self.temperature = labels, seed, temperature
 
     def scores(self, net: SoftMaskedNet) -> dict[str, torch.Tensor]:
         try:
-            imp = taylor_importance(net.to(self.device), self.batches(), self.criterion, self.per_sample)
+            if self.labels == "sampled":
+                imp = taylor_importance(net.to(self.device), self.batches(), sampled_label_loss(self.seed, self.temperature),
+                                        True)
+            else:
+                imp = taylor_importance(net.to(self.device), self.batches(), self.criterion, self.per_sample)
         finally:
             net.to(torch.device("cpu")).eval()
         log.info("Taylor importance of %d groups and blocks from %s", len(imp), self.source)
@@ -112,6 +118,26 @@ def taylor_batches(data: PreparedData, batch_size: int, count: int, seed: int,
         if len(idx) < 2:
             return
         yield normalize(data.train.take(idx), mean, std).to(device), data.train.y[idx].to(device)
+
+
+def sampled_label_loss(seed: int, temperature: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                         torch.Tensor]:
+    """A criterion for ``taylor_importance`` (``prune.taylor_labels: sampled``): the cross-entropy of
+    the softened output softmax(z / ``temperature``) against a label drawn from it (seeded), the
+    data's labels unused. Per sample, the expected squared gradient of this loss with respect to a
+    mask is the mask's Fisher information of the softened output: half of it is the second-order
+    rise of KL(p_full || p_masked) at that temperature when the mask goes from 1 to 0, the
+    distillation term's loss for removing that channel. Unlike the training loss of a network that
+    fits its training set (near zero, its gradient left to the few misfits), it does not vanish on
+    the training images."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        soft = logits / temperature
+        drawn = torch.multinomial(torch.softmax(soft.detach().float(), 1).cpu(), 1, generator=generator)
+        return torch.nn.functional.cross_entropy(soft, drawn.squeeze(1).to(logits.device))
+
+    return loss
 
 
 def taylor_importance(net: SoftMaskedNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
