@@ -47,15 +47,15 @@ def set_key(params: dict[str, Any], assignment: str, strict: bool = False) -> No
     node[last] = yaml.safe_load(raw)
 
 
-def check_overrides(assignments: list[str]) -> str | None:
-    """The first problem of ``--set`` ``assignments`` against the project's params.yaml (a key it does not
-    have, no ``=``, a value that is not YAML), or None."""
+def check_overrides(assignments: list[str], flag: str = "--set") -> str | None:
+    """The first problem of ``assignments`` (given with ``flag``) against the project's params.yaml (a
+    key it does not have, no ``=``, a value that is not YAML), or None."""
     probe = yaml.safe_load((REPO / "params.yaml").read_text())
     for a in assignments:
         try:
             set_key(probe, a, strict=True)
         except (KeyError, yaml.YAMLError) as err:
-            return f"--set {a}: {err.args[0] if isinstance(err, KeyError) else err}"
+            return f"{flag} {a}: {err.args[0] if isinstance(err, KeyError) else err}"
     return None
 
 
@@ -75,6 +75,8 @@ def main() -> int:
     for path, what in ((args.data, "prepared data (dvc repro prepare)"), (args.arch, "arch.json (dvc repro search)")):
         if not path.exists():
             p.error(f"{path} does not exist: {what}")
+    if problem := check_overrides(args.set):
+        p.error(problem)
     params = yaml.safe_load(args.params.read_text())
     for a in args.set:
         set_key(params, a)

@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 from benchmarks._runner import machine, run_stage, write_params, write_results
-from benchmarks.latency_model import set_key
+from benchmarks.latency_model import check_overrides, set_key
 from pipeline.prune import Budget
 
 
@@ -314,6 +314,8 @@ def main() -> int:
                    "compare run: with --set 'compare.methods=[]' it scores ours alone)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if problem := check_overrides(args.set):
+        p.error(problem)
     if args.preset:  # today's defaults and the preset (the upstream's own params may be older)
         from pipeline.preset import resolve
 

@@ -145,7 +145,10 @@ SECTIONS = (
      "The same benchmark, trained model and budgets, with two params changed for every method (ours, scp, the peers and "
      "FastNAS alike, `--set prune.optimizer.lr=0.01 train.augment=padcrop_flip`): a fifth of the default fine-tuning "
      "rate, which a trained network wants, and pad-crop-flip augmentation of the 32 px training images (default: "
-     "none). The peers' strongest form measured here.", lambda: trained_model(TRAINED_MODEL_TUNED)),
+     "none). The peers' strongest form measured here. Two more rows (`--variant prune.taylor_labels=sampled "
+     "--unpruned-reference`): ours ranking channels by their Fisher information (`prune.taylor_labels: sampled`), "
+     "against the same peers per seed, and the whole trained model fine-tuned exactly as every method is (compare's "
+     "`unpruned`; one model, shown at both budgets).", lambda: trained_model(TRAINED_MODEL_TUNED)),
     ("FastNAS (TensorRT Model Optimizer) from the same trained model",
      "`benchmarks/fastnas.py` (nvidia-modelopt installed beside the project, not a dependency): one FastNAS search per "
      "FLOPs constraint from the trained model above (one sensitivity map, scored on val/), each subnet measured paired "
@@ -265,6 +268,8 @@ def readme_table() -> str:
     for path, recipe in ((TRAINED_MODEL, "the default fine-tuning"),
                          (TRAINED_MODEL_TUNED, "every method fine-tuned at lr 0.01 with pad-crop-flip")):
         rows.append(_trained_model_row(refs, path, recipe))
+    if "variant" in read_json(TRAINED_MODEL_TUNED)["summary"]["0.5"]:
+        rows.append(_trained_model_row(refs, TRAINED_MODEL_TUNED, "the same peers; ours with", variant=True))
     run_s, exits = make_run_summary()
     k = refs.key(FRESH_CLONES, "", "")
     rows.append([f"`make run` (digits default), fresh clones: wall time, install excluded ({exits})", run_s,
@@ -275,22 +280,28 @@ def readme_table() -> str:
     return "\n".join(table(header, rows) + ["", *legend])
 
 
-def _trained_model_row(refs: Refs, path: Path, recipe: str) -> list[str]:
-    """The README row of benchmarks/trained_model.py's result ``path`` (``recipe``: how every method was fine-tuned)."""
+def _trained_model_row(refs: Refs, path: Path, recipe: str, variant: bool = False) -> list[str]:
+    """The README row of benchmarks/trained_model.py's result ``path`` (``recipe``: how every method was
+    fine-tuned). ``variant``: the row of ours run with other params (``--variant``), the same peers."""
     tmd = read_json(path)
     tm, tmeta = tmd["summary"], tmd["meta"]
     k = refs.key(path, "", "")
     cells = [tm[b] for b in ("0.5", "0.3")]
     best_tp = [max(("tp_norm", "tp_taylor"), key=lambda m: statistics.mean(c[m]["test_acc"])) for c in cells]
+    ours = [c["variant"] for c in cells] if variant else [c["ours"] for c in cells]
+    lead = [c["variant"]["minus_best_peer"] for c in cells] if variant else [c["ours_minus_best_peer"] for c in cells]
+    what = f"{recipe} {cells[0]['variant']['label'].removeprefix('ours, ')}" if variant else recipe
+    u = tmeta.get("unpruned_trained")  # the whole model fine-tuned as every method (one model: both budgets)
     return [f"a trained resnet18 (outside the pipeline, {tmeta['size']} px, "
-            f"{100 * tmeta['outside']['test_acc_outside']:.1f}% held out), pruned to 0.5 / 0.3 of its latency, {recipe}, "
-            f"{' / '.join(str(len(c['seeds'])) for c in cells)} seeds, held-out acc %; last column: ours - the best of "
+            f"{100 * tmeta['outside']['test_acc_outside']:.1f}% held out), pruned to 0.5 / 0.3 of its latency, {what}, "
+            f"{' / '.join(str(len(o['test_acc'])) for o in ours)} seeds, held-out acc %; last column: ours - the best of "
             "uniform, Torch-Pruning and FastNAS per seed",
-            " / ".join(f"**{mean_std(c['ours']['test_acc'], 100, 1)}**" for c in cells),
+            " / ".join(f"**{mean_std(o['test_acc'], 100, 1)}**" for o in ours),
             " / ".join(mean_std(c["uniform"]["test_acc"], 100, 1) for c in cells),
             " / ".join(f"{mean_std(c[m]['test_acc'], 100, 1)} (group {'L2' if m == 'tp_norm' else 'Taylor'})"
                        for c, m in zip(cells, best_tp)),
-            "-", " / ".join(mean_std(c["ours_minus_best_peer"], 100, 2, signed=True) for c in cells), k]
+            f"{mean_std(u['test_acc'], 100, 1)} ({len(u['seeds'])} seeds; either budget)" if u else "-",
+            " / ".join(mean_std(d, 100, 2, signed=True) for d in lead), k]
 
 
 def render_readme(text: str) -> str:

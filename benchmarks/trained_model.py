@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({' '.join(f'{b:g}' for b in args.budgets)}); add it there")
     if args.aim is not None and args.variant:
         p.error("--aim and --variant: give one (--aim A is --variant prune.aim=A)")
-    if problem := check_overrides(args.sets) or check_overrides(args.variant):
+    if problem := check_overrides(args.sets) or check_overrides(args.variant, "--variant"):
         p.error(problem)
     try:
         fastnas = fastnas_rows(args.fastnas, args.work, args.sets) if args.fastnas else None

@@ -91,6 +91,9 @@ def test_fastnas_rows_must_come_from_the_same_work_and_settings(tmp_path) -> Non
     (["--fastnas", "MISSING"], "not a rows.json"),
     (["--set", "prune.optimzer.lr=0.01"], "params have no section 'optimzer'"),
     (["--set", "prune.optimizer.lr"], "expected KEY=VALUE"),
+    (["--variant", "prune.taylor_label=sampled"], "--variant prune.taylor_label=sampled: 'prune.taylor_label': params "
+                                                  "have no key 'taylor_label'"),
+    (["--aim", "0.9", "--variant", "prune.aim=0.9"], "give one"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, says) -> None:
     from benchmarks.trained_model import main
@@ -100,7 +103,7 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, says) -> Non
         main(["--work", str(work), "--out", str(tmp_path / "out"),
               *[str(tmp_path / a) if a == "MISSING" else a for a in args]])
     assert stop.value.code == 2
-    assert says in capsys.readouterr().err
+    assert says in " ".join(capsys.readouterr().err.split())  # argparse wraps long messages
     assert not work.exists() and not (tmp_path / "out").exists()
 
 
@@ -111,4 +114,17 @@ def test_fastnas_refuses_a_misspelt_override_before_any_work(tmp_path, capsys) -
         main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--set", "train.augmnt=padcrop_flip"])
     assert stop.value.code == 2
     assert "params have no key 'augmnt'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_protocol_refuses_a_misspelt_override_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    from benchmarks.prune_protocol import main
+
+    monkeypatch.setattr("sys.argv", ["prune_protocol", "--upstream", str(tmp_path / "up"), "--out",
+                                     str(tmp_path / "out"), "--set", "prune.taylor_batch=8"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    assert "--set prune.taylor_batch=8: 'prune.taylor_batch': params have no key 'taylor_batch'" in \
+        " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
