@@ -67,7 +67,9 @@ class SoftMaskImportance(Importance):
 class TaylorImportance(Importance):
     """``taylor_importance`` over the batches ``batches()`` yields, on ``device``, then
     ``normalize_importance`` with ``normalize`` (``groups``: every group of the network, fixed
-    ones included). ``net`` is moved to ``device`` and back to the CPU, in eval mode."""
+    ones included). ``labels``: ``data`` takes the gradient of ``criterion`` (per sample with
+    ``per_sample``); ``sampled`` of ``sampled_label_loss(seed, temperature)``, always per sample
+    (the mask's Fisher information). ``net`` is moved to ``device`` and back to the CPU, in eval mode."""
 
     def __init__(self, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], criterion: Criterion,
                  groups: list[PruneGroup], device: torch.device, per_sample: bool = False,
@@ -86,7 +88,8 @@ class TaylorImportance(Importance):
                 imp = taylor_importance(net.to(self.device), self.batches(), self.criterion, self.per_sample)
         finally:
             net.to(torch.device("cpu")).eval()
-        log.info("Taylor importance of %d groups and blocks from %s", len(imp), self.source)
+        log.info("Taylor importance of %d groups and blocks from %s%s", len(imp), self.source,
+                 ", labels drawn from its own output (Fisher)" if self.labels == "sampled" else "")
         return normalize_importance(imp, self.groups, self.normalize)
 
 
