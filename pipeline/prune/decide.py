@@ -16,7 +16,13 @@ from pipeline.config import PruneConfig
 from pipeline.data import PreparedData, normalize
 from pipeline.prune.budget import Budget
 from pipeline.prune.groups import harden, kept_indices, masks_for_widths
-from pipeline.prune.importance import Importance, SoftMaskImportance, TaylorImportance, taylor_batches
+from pipeline.prune.importance import (
+    Importance,
+    SoftMaskImportance,
+    TaylorImportance,
+    sampled_label_loss,
+    taylor_batches,
+)
 from pipeline.prune.knapsack import allocate_widths
 from pipeline.prune.loop import LoopResult, closed_loop
 from pipeline.prune.soft import SoftMaskedNet
@@ -39,9 +45,17 @@ def importance_for(cfg: PruneConfig, space: PruneSpace, data: PreparedData, batc
     used = min(cfg.taylor_batches, epoch_steps(len(data.train.y), batch_size))
     source = f"{used} training batches of the student" + (
         f" (prune.taylor_batches {cfg.taylor_batches} is more than one epoch)" if used < cfg.taylor_batches else "")
+    if cfg.taylor_labels == "sampled":  # the mask's Fisher information: always per sample
+        criterion = sampled_label_loss(cfg.seed, temperature)
+        source += ", labels drawn from its own output (Fisher)"
     return TaylorImportance(lambda: taylor_batches(data, batch_size, used, cfg.seed, device), criterion, space.groups,
-                            device, cfg.taylor_per_sample, cfg.taylor_normalize, source, cfg.taylor_labels,
-                            cfg.seed, temperature), used
+                            device, taylor_per_sample(cfg), cfg.taylor_normalize, source), used
+
+
+def taylor_per_sample(cfg: PruneConfig) -> bool:
+    """Whether the Taylor importance averages each sample's squared gradient: ``prune.taylor_per_sample``,
+    or always with ``prune.taylor_labels: sampled``."""
+    return cfg.taylor_per_sample or cfg.taylor_labels == "sampled"
 
 
 def val_cost(plain: nn.Module, space: PruneSpace, data: PreparedData, samples: int) -> Callable[[Masks], float]:

@@ -67,29 +67,20 @@ class SoftMaskImportance(Importance):
 class TaylorImportance(Importance):
     """``taylor_importance`` over the batches ``batches()`` yields, on ``device``, then
     ``normalize_importance`` with ``normalize`` (``groups``: every group of the network, fixed
-    ones included). ``labels``: ``data`` takes the gradient of ``criterion`` (per sample with
-    ``per_sample``); ``sampled`` of ``sampled_label_loss(seed, temperature)``, always per sample
-    (the mask's Fisher information). ``net`` is moved to ``device`` and back to the CPU, in eval mode."""
+    ones included). ``net`` is moved to ``device`` and back to the CPU, in eval mode."""
 
     def __init__(self, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], criterion: Criterion,
                  groups: list[PruneGroup], device: torch.device, per_sample: bool = False,
-                 normalize: Literal["none", "group", "sqrt"] = "none", source: str = "the given batches",
-                 labels: Literal["data", "sampled"] = "data", seed: int = 0, temperature: float = 1.0) -> None:
+                 normalize: Literal["none", "group", "sqrt"] = "none", source: str = "the given batches") -> None:
         self.batches, self.criterion, self.groups, self.device = batches, criterion, groups, device
         self.per_sample, self.normalize, self.source = per_sample, normalize, source
-        self.labels, self.seed, self.temperature = labels, seed, temperature
 
     def scores(self, net: SoftMaskedNet) -> dict[str, torch.Tensor]:
         try:
-            if self.labels == "sampled":
-                imp = taylor_importance(net.to(self.device), self.batches(), sampled_label_loss(self.seed, self.temperature),
-                                        True)
-            else:
-                imp = taylor_importance(net.to(self.device), self.batches(), self.criterion, self.per_sample)
+            imp = taylor_importance(net.to(self.device), self.batches(), self.criterion, self.per_sample)
         finally:
             net.to(torch.device("cpu")).eval()
-        log.info("Taylor importance of %d groups and blocks from %s%s", len(imp), self.source,
-                 ", labels drawn from its own output (Fisher)" if self.labels == "sampled" else "")
+        log.info("Taylor importance of %d groups and blocks from %s", len(imp), self.source)
         return normalize_importance(imp, self.groups, self.normalize)
 
 

@@ -15,6 +15,7 @@ from pipeline.data import PreparedData
 from pipeline.errors import SlimdeployError
 from pipeline.flops import count_flops, count_params
 from pipeline.prune.budget import Budget
+from pipeline.prune.decide import taylor_per_sample
 from pipeline.prune.groups import kept_indices, widths_of
 from pipeline.prune.loop import LoopResult
 from pipeline.prune.measure import Reference, paired_with
@@ -127,7 +128,7 @@ def prune_metrics(cfg: PruneConfig, budget: Budget, ref: Reference, loop: LoopRe
         "test_acc_student": pruned.student_test_acc, "test_acc": pruned.test_acc,
         "test_acc_soft_expected": training.soft_acc, "allocation": cfg.allocation, "method": cfg.method,
         "taylor_batches": training.taylor_batches if taylor else None,
-        "taylor_per_sample": (cfg.taylor_per_sample or cfg.taylor_labels == "sampled") if taylor else None,
+        "taylor_per_sample": taylor_per_sample(cfg) if taylor else None,
         "taylor_labels": cfg.taylor_labels if taylor else None,
         "taylor_normalize": cfg.taylor_normalize if taylor else None, "channels": cfg.channels,
         "test_acc_at_decision": training.decided_acc, "acc_drop": pruned.student_test_acc - pruned.test_acc,
